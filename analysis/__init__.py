@@ -1,0 +1,1 @@
+"""Analysis: DuckDB event store, metrics in SQL, statistics engine, reports."""

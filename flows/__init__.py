@@ -1,0 +1,1 @@
+"""Flows: Prefect flows and deployments tying the harness together."""

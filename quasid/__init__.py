@@ -1,0 +1,1 @@
+"""QuaSID: collision-qualified semantic IDs, their tokenizers and the SID retrieval/ranking stack."""

@@ -1,0 +1,81 @@
+"""The `quasid` commands that need only the model package: data (and, later, train, eval).
+
+The full console command (`flows.cli`) adds simulate, analyze, run and serve on top; this
+app alone runs on a bare GPU machine (`python -m quasid.cli ...`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="QuaSID A/B harness: data, tokenizers, SID stacks, simulated A/B tests.")
+data_app = typer.Typer(no_args_is_help=True, help="Make, import and inspect datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+@data_app.command("synth")
+def synth(
+    out: Path = typer.Option(..., help="Output folder (items, interactions, world, data card)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same bytes."),
+    items: int = typer.Option(5_000, help="Number of items."),
+    users: int = typer.Option(20_000, help="Number of users."),
+    dim: int = typer.Option(64, help="Content embedding dimension."),
+    mean_interactions: float = typer.Option(10.0, help="Mean logged interactions per user."),
+    days: int = typer.Option(60, help="Days of logged traffic."),
+    cutoff_day: int = typer.Option(45, help="Training cutoff day; new items arrive after it."),
+) -> None:
+    """Generate the built-in synthetic world with its ground truth."""
+    from quasid.data.synthetic import WorldConfig, synthesize
+
+    cfg = WorldConfig(n_items=items, n_users=users, content_dim=dim, seed=seed,
+                      mean_interactions=mean_interactions, days=days, cutoff_day=cutoff_day)
+    card = synthesize(cfg, out, progress=True)
+    console.print(f"wrote {out}: {json.dumps(card['counts'])}")
+
+
+@data_app.command("describe")
+def describe_cmd(
+    data: Path = typer.Argument(..., help="Dataset folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Counts, sparsity, price and category summaries, cohort sizes."""
+    from quasid.data.dataset import load_dataset
+    from quasid.data.describe import describe
+
+    summary = describe(load_dataset(data))
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{summary['name']} ({data})", show_header=True)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for key, value in summary.items():
+        if key == "name":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+        table.add_row(key, _fmt(value) if not isinstance(value, str) else value)
+    console.print(table)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def config_dict(obj: object) -> dict:
+    """A dataclass config as a JSON-ready dict."""
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+if __name__ == "__main__":
+    app()

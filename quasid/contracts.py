@@ -1,0 +1,330 @@
+"""Data contracts: the schemas every file between two steps must follow, and their validator.
+
+One schema per file kind (items, interactions, sid table, assignments, events; see DESIGN.md).
+`validate` checks a polars frame against a schema and raises `ContractError` naming the
+source (file), the column, the first offending rows and what was expected. Nothing is
+coerced: a wrong dtype is an error, not a cast. `write_parquet` validates first and writes
+through a temporary name, so bad input never leaves a partial file behind.
+
+Conventions between the simulator and the analysis (beyond the columns below):
+- user-level cohorts travel in `assignments.parquet` as extra boolean columns
+  (`is_cold_user`, and `cohort_<name>` for user-defined cohorts), so users without events
+  still count (as zeros) in their cohort; events carry `is_cold_item`, `is_cold_user` and
+  event-level `cohort_<name>` flags;
+- the pre-period (every user on control, for CUPED covariates) is written as events of the
+  experiment `<experiment_id>__pre` (see `PRE_PERIOD_SUFFIX`), with the same user ids;
+- `day` counts from 0 at the first day of the experiment's window (or of its pre-period);
+- `manifest.json` holds at least `experiment_id`, `arms` (`{arm: allocation share}`),
+  `control` (the control arm's name), `seed`, `config`, `data_fingerprint` and `counts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+MAX_SHOWN_ROWS = 5
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class ContractError(ValueError):
+    """Input that breaks a data contract: names the source, the column, the rows and the rule."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A row-level rule: `expr` is True on valid rows; `expected` says it in words."""
+
+    expr: pl.Expr
+    expected: str
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its exact dtype, whether nulls are allowed, and extra row rules."""
+
+    name: str
+    dtype: pl.DataType
+    nullable: bool = False
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A file kind: its columns, its unique key and the rules spanning columns."""
+
+    name: str
+    columns: tuple[Column, ...]
+    unique: tuple[str, ...] = ()
+    equal_list_lengths: tuple[str, ...] = field(default=())
+
+    @property
+    def names(self) -> list[str]:
+        """Column names in schema order."""
+        return [c.name for c in self.columns]
+
+    @property
+    def polars_schema(self) -> dict[str, pl.DataType]:
+        """`{name: dtype}`, for building empty or typed frames."""
+        return {c.name: c.dtype for c in self.columns}
+
+    def empty(self) -> pl.DataFrame:
+        """An empty frame with this schema."""
+        return pl.DataFrame(schema=self.polars_schema)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> Check:
+    return Check(pl.col(column).is_in(list(values)), f"one of {', '.join(values)}")
+
+
+def _non_negative(column: str) -> Check:
+    return Check(pl.col(column) >= 0, ">= 0")
+
+
+EVENT_TYPES = ("impression", "click", "order", "cancel")
+PRE_PERIOD_SUFFIX = "__pre"
+COHORT_PREFIX = "cohort_"
+
+ITEMS = Schema(
+    "items",
+    (
+        Column("item_id", pl.Int64(), checks=(_non_negative("item_id"),)),
+        Column("content", pl.List(pl.Float32())),
+        Column("category", pl.String(), nullable=True),
+        Column("price", pl.Float64(), checks=(Check(pl.col("price") > 0, "> 0"),)),
+        Column("is_cold", pl.Boolean()),
+    ),
+    unique=("item_id",),
+    equal_list_lengths=("content",),
+)
+
+INTERACTIONS = Schema(
+    "interactions",
+    (
+        Column("user_id", pl.Int64(), checks=(_non_negative("user_id"),)),
+        Column("item_id", pl.Int64(), checks=(_non_negative("item_id"),)),
+        Column("ts", pl.Int64()),
+        Column("event", pl.String()),
+    ),
+    unique=("user_id", "item_id", "ts"),
+)
+
+SID_TABLE = Schema(
+    "sid table",
+    (
+        Column("item_id", pl.Int64(), checks=(_non_negative("item_id"),)),
+        Column("sid", pl.List(pl.Int16())),
+        Column("tokenizer", pl.String()),
+        Column("collision_rank", pl.Int16(), checks=(_non_negative("collision_rank"),)),
+    ),
+    unique=("item_id",),
+    equal_list_lengths=("sid",),
+)
+
+ASSIGNMENTS = Schema(
+    "assignments",
+    (
+        Column("experiment_id", pl.String()),
+        Column("unit_id", pl.Int64()),
+        Column("arm", pl.String()),
+        Column("bucket", pl.Int32(), checks=(_non_negative("bucket"),)),
+        Column("assigned_at", pl.Int64()),
+    ),
+    unique=("experiment_id", "unit_id"),
+)
+
+EVENTS = Schema(
+    "events",
+    (
+        Column("experiment_id", pl.String()),
+        Column("arm", pl.String()),
+        Column("user_id", pl.Int64()),
+        Column("request_id", pl.Int64()),
+        Column("ts", pl.Int64()),
+        Column("day", pl.Int32(), checks=(_non_negative("day"),)),
+        Column("item_id", pl.Int64()),
+        Column("position", pl.Int16(), checks=(_non_negative("position"),)),
+        Column("event_type", pl.String(), checks=(_one_of("event_type", EVENT_TYPES),)),
+        Column("quantity", pl.Int32(), checks=(_non_negative("quantity"),)),
+        Column("value", pl.Float64(), checks=(_non_negative("value"),)),
+        Column("is_cold_item", pl.Boolean()),
+        Column("is_cold_user", pl.Boolean()),
+    ),
+    unique=("request_id", "item_id", "event_type"),
+)
+
+SCHEMAS = {s.name: s for s in (ITEMS, INTERACTIONS, SID_TABLE, ASSIGNMENTS, EVENTS)}
+
+
+def _show_rows(frame: pl.DataFrame, mask: pl.Series, columns: list[str]) -> str:
+    """The first offending rows as 'row N: col=value, ...' (row numbers are 0-based)."""
+    bad = frame.select(columns).with_row_index("__row").filter(mask).head(MAX_SHOWN_ROWS)
+    parts = []
+    for rec in bad.iter_rows(named=True):
+        row = rec.pop("__row")
+        values = ", ".join(f"{k}={_short(v)}" for k, v in rec.items())
+        parts.append(f"row {row}: {values}")
+    return "; ".join(parts)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(source: str, column: str, count: int, expected: str, rows: str) -> ContractError:
+    plural = "row" if count == 1 else "rows"
+    return ContractError(
+        f"{source}: column '{column}': {count} {plural} break the rule (expected {expected}); "
+        f"first offending {rows}"
+    )
+
+
+def validate(frame: pl.DataFrame, schema: Schema, source: str = "<frame>") -> pl.DataFrame:
+    """Check `frame` against `schema`; return it unchanged or raise `ContractError`.
+
+    Checks, in order: missing columns, exact dtypes, nulls, NaN (also inside list
+    columns), each column's row rules, equal list lengths, and the unique key. Extra
+    columns are allowed and ignored.
+    """
+    missing = [c for c in schema.names if c not in frame.columns]
+    if missing:
+        raise ContractError(
+            f"{source}: missing column(s) {missing} for the {schema.name} schema "
+            f"(expected columns {schema.names}; found {frame.columns})"
+        )
+    for col in schema.columns:
+        actual = frame.schema[col.name]
+        if actual != col.dtype:
+            raise ContractError(
+                f"{source}: column '{col.name}' has dtype {actual}, expected {col.dtype} "
+                f"(the {schema.name} schema; nothing is cast silently)"
+            )
+    for col in schema.columns:
+        series = frame[col.name]
+        if not col.nullable:
+            mask = series.is_null()
+            if mask.any():
+                raise _fail(source, col.name, int(mask.sum()), "no nulls",
+                            _show_rows(frame, mask, [col.name]))
+        nan_mask = _nan_mask(series)
+        if nan_mask is not None and nan_mask.any():
+            raise _fail(source, col.name, int(nan_mask.sum()), "finite numbers, no NaN",
+                        _show_rows(frame, nan_mask, [col.name]))
+        for check in col.checks:
+            ok = frame.select(check.expr.fill_null(True)).to_series()
+            if not ok.all():
+                bad = ~ok
+                raise _fail(source, col.name, int(bad.sum()), f"{col.name} {check.expected}",
+                            _show_rows(frame, bad, [col.name]))
+    for name in schema.equal_list_lengths:
+        lengths = frame[name].list.len()
+        if frame.height and lengths.n_unique() > 1:
+            mode = lengths.mode().sort()[0]
+            bad = lengths != mode
+            raise _fail(source, name, int(bad.sum()), f"every list of length {mode}",
+                        _show_rows(frame.with_columns(lengths.alias(f"len({name})")), bad,
+                                   [f"len({name})"]))
+    if schema.unique:
+        dup = frame.select(pl.struct(list(schema.unique)).is_duplicated()).to_series()
+        if dup.any():
+            raise _fail(source, "+".join(schema.unique), int(dup.sum()),
+                        f"unique ({', '.join(schema.unique)})",
+                        _show_rows(frame, dup, list(schema.unique)))
+    return frame
+
+
+def _nan_mask(series: pl.Series) -> pl.Series | None:
+    """Rows holding a NaN (or inf) in a float column or inside a float list; None otherwise."""
+    dtype = series.dtype
+    if dtype.is_float():
+        return ~series.is_finite().fill_null(True)
+    if isinstance(dtype, pl.List) and dtype.inner.is_float():
+        return series.list.eval(~pl.element().is_finite()).list.any().fill_null(False)
+    return None
+
+
+def validate_references(
+    frame: pl.DataFrame, column: str, known: pl.Series, what: str, source: str = "<frame>"
+) -> None:
+    """Raise `ContractError` if `frame[column]` holds ids absent from `known` (e.g. unknown items)."""
+    bad = ~frame[column].is_in(known.implode())
+    if bad.any():
+        raise _fail(source, column, int(bad.sum()), f"ids present in {what}",
+                    _show_rows(frame, bad, [column]))
+
+
+def read_parquet(path: str | os.PathLike, schema: Schema) -> pl.DataFrame:
+    """Read a Parquet file and validate it; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ContractError(f"{path}: file not found (expected a {schema.name} Parquet file)")
+    return validate(pl.read_parquet(path), schema, source=str(path))
+
+
+def write_parquet(frame: pl.DataFrame, path: str | os.PathLike, schema: Schema) -> Path:
+    """Validate `frame`, then write it atomically (temporary name, then rename).
+
+    Only the schema's columns are written, in schema order, so the bytes depend on the
+    data alone: the same frame gives the same file.
+    """
+    path = Path(path)
+    validate(frame, schema, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(path) as tmp:
+        frame.select(schema.names).write_parquet(tmp, compression="zstd", statistics=True)
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it into place on success, delete it on error."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file (JSON, Markdown) through a temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Stage several files in a temporary folder and move them into `out` only if all succeed.
+
+    Usage: `with staged_dir(out) as tmp: write files into tmp`. On an exception nothing
+    in `out` changes; on success each staged file replaces its namesake in `out`.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
+    try:
+        yield tmp
+        out.mkdir(parents=True, exist_ok=True)
+        for src in sorted(tmp.rglob("*")):
+            if src.is_file():
+                dst = out / src.relative_to(tmp)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

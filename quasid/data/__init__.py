@@ -1,0 +1,1 @@
+"""Data: contracts-conforming datasets, the synthetic world, the Amazon import, splits."""

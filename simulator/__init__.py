@@ -1,0 +1,1 @@
+"""Simulator: logged traffic replay, world model, traffic splitting, cohorts, events."""
