@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 
 from quasid.data.dataset import Dataset
-from quasid.data.splits import COLD_USER_MAX_HISTORY, cold_users, time_split
+from quasid.data.splits import COLD_USER_MAX_HISTORY, cold_users, leave_one_out, time_split
 
 
 def _quantiles(series: pl.Series, qs: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> dict:
@@ -23,7 +23,11 @@ def describe(ds: Dataset) -> dict:
                                             how="left")["len"].fill_null(0)
     prices = items["price"]
     cats = items["category"].fill_null("<null>").value_counts(sort=True)
-    train = inter if ds.cutoff_ts is None else time_split(inter, ds.cutoff_ts)[0]
+    # the training portion: before the cutoff, or (no global time) the leave-one-out train part
+    if ds.cutoff_ts is None:
+        train = leave_one_out(inter, cold_items=items.filter("is_cold")["item_id"]).train
+    else:
+        train = time_split(inter, ds.cutoff_ts)[0]
     out = {
         "name": ds.name,
         "counts": {"users": n_users, "items": n_items, "interactions": inter.height},
@@ -46,7 +50,7 @@ def describe(ds: Dataset) -> dict:
     }
     if ds.cutoff_ts is not None:
         out["cutoff_ts"] = ds.cutoff_ts
-        out["interactions_before_cutoff"] = train.height
+    out["training_interactions"] = train.height
     if ds.world is not None:
         out["world"] = ds.world.summary()
         out["cohorts"]["new_items"] = int(np.sum(ds.world.is_new))
