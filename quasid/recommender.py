@@ -48,3 +48,127 @@ def pad_histories(histories: list[np.ndarray], max_len: int) -> np.ndarray:
         if len(tail):
             out[row, max_len - len(tail):] = tail
     return out
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: a stable, vectorized 64-bit mixer (uint64 in, uint64 out).
+
+    The same input gives the same output in every process and version (unlike Python's
+    `hash`), so it can key per-request randomness and traffic buckets.
+    """
+    with np.errstate(over="ignore"):  # the arithmetic is meant to wrap modulo 2**64
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _first_unique(candidates: np.ndarray, exclude: np.ndarray | None, k: int) -> np.ndarray:
+    """Per row, the column indices of the first `k` candidates that neither repeat an earlier
+    candidate of the row nor appear in the row of `exclude`; -1 where a row runs short."""
+    n, m = candidates.shape
+    order = np.argsort(candidates, axis=1, kind="stable")
+    ranked = np.take_along_axis(candidates, order, axis=1)
+    bad = np.zeros((n, m), dtype=bool)
+    repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (stable sort keeps the first first)
+    np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
+    if exclude is not None and exclude.shape[1]:
+        bad |= (candidates[:, :, None] == exclude[:, None, :]).any(axis=2)
+    pick = np.argsort(bad, axis=1, kind="stable")[:, :k]
+    short = np.take_along_axis(bad, pick, axis=1)
+    return np.where(short, -1, pick)
+
+
+class PopularityRecommender:
+    """The most-interacted items of the training logs first, minus the request's history.
+
+    Deterministic (ties broken by item id); a row's slate depends on its own history only.
+    If fewer than `k` unseen items remain, seen items fill the slate.
+    """
+
+    def __init__(self, item_ids: np.ndarray, counts: np.ndarray, name: str = "popularity"):
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.float64)
+        if item_ids.shape != counts.shape or item_ids.ndim != 1 or not len(item_ids):
+            raise ValueError(f"PopularityRecommender: item_ids {item_ids.shape} and counts "
+                             f"{counts.shape} must be equal-length non-empty 1-d arrays")
+        if len(np.unique(item_ids)) != len(item_ids):
+            raise ValueError("PopularityRecommender: item_ids repeat")
+        order = np.lexsort((item_ids, -counts))
+        self.name = name
+        self.ranked = item_ids[order]
+        total = counts.sum()
+        self.scores = (counts[order] / total if total > 0 else counts[order]).astype(np.float32)
+
+    @classmethod
+    def fit(cls, catalog: np.ndarray, interacted: np.ndarray, name: str = "popularity"
+            ) -> PopularityRecommender:
+        """Rank `catalog` item ids by how often they occur in `interacted` (training logs)."""
+        catalog = np.asarray(catalog, dtype=np.int64)
+        ids, counts = np.unique(np.asarray(interacted, dtype=np.int64), return_counts=True)
+        pos = np.searchsorted(ids, catalog).clip(max=max(len(ids) - 1, 0))
+        hit = (ids[pos] == catalog) if len(ids) else np.zeros(len(catalog), dtype=bool)
+        return cls(catalog, np.where(hit, counts[pos] if len(ids) else 0, 0), name=name)
+
+    def recommend(self, histories: np.ndarray, k: int, users: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` popular items not in each row's history."""
+        _check_k(k, len(self.ranked), self.name)
+        histories = np.asarray(histories, dtype=np.int64)
+        m = min(len(self.ranked), k + histories.shape[1])
+        cand = np.broadcast_to(self.ranked[:m], (len(histories), m))
+        pick = _first_unique(cand, histories, k)
+        short = pick < 0
+        if short.any():  # the catalog minus the history is smaller than k: allow seen items
+            pick = np.where(short, _first_unique(cand, None, k), pick)
+        return cand[0][pick], self.scores[:m][pick]
+
+
+class RandomRecommender:
+    """Uniformly random distinct items from the catalog.
+
+    The draw is keyed on (seed, user, history row) through `mix64`, not on a generator's
+    state, so a request's slate is the same whatever batch or process it is served in.
+    """
+
+    def __init__(self, item_ids: np.ndarray, seed: int = 0, name: str = "random"):
+        self.item_ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+        if not len(self.item_ids):
+            raise ValueError("RandomRecommender: empty catalog")
+        self.seed = int(seed)
+        self.name = name
+
+    def recommend(self, histories: np.ndarray, k: int, users: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """`k` distinct random items per row, ordered by their (uniform) scores."""
+        n_items = len(self.item_ids)
+        _check_k(k, n_items, self.name)
+        histories = np.asarray(histories, dtype=np.int64)
+        key = mix64(np.full(len(histories), self.seed, dtype=np.uint64))
+        if users is not None:
+            key = mix64(key ^ np.asarray(users).astype(np.uint64))
+        for col in range(histories.shape[1]):
+            key = mix64(key ^ histories[:, col].astype(np.uint64))
+        m = 2 * k
+        while True:
+            draws = mix64(key[:, None] ^ mix64(np.arange(m, dtype=np.uint64))[None, :])
+            cand = (draws % np.uint64(n_items)).astype(np.int64)
+            pick = _first_unique(cand, None, k)
+            if (pick >= 0).all() or m >= 64 * n_items:
+                break
+            m *= 2  # rows with too many repeats (tiny catalogs) draw more
+        if (pick < 0).any():
+            raise ValueError(f"{self.name}: could not draw {k} distinct items from {n_items}")
+        items = self.item_ids[np.take_along_axis(cand, pick, axis=1)]
+        u = (np.take_along_axis(draws, pick, axis=1) >> np.uint64(11)).astype(np.float64) / 2**53
+        order = np.argsort(-u, axis=1, kind="stable")  # slate order = descending score
+        return (np.take_along_axis(items, order, axis=1),
+                np.take_along_axis(u, order, axis=1).astype(np.float32))
+
+
+def _check_k(k: int, n_items: int, name: str) -> None:
+    if not 1 <= k <= n_items:
+        raise ValueError(f"{name}: slate size k={k} must be between 1 and the catalog size {n_items}")

@@ -1,0 +1,523 @@
+"""The replay engine: logged requests -> each arm's stack -> slate -> world -> events.
+
+`run_experiment(config, out_dir, n_shards, map_fn)` = `prepare` (check the run directory,
+write the assignment table first, fit the world when asked) -> `run_shard` for every
+shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by default) ->
+`finalize` (the manifest, from the shards' records).
+
+`run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
+the users whose bucket % n_shards == shard; it streams their requests day by day in
+batches (memory grows with one day of one shard, not with the number of days), writes one
+Parquet file per (experiment, day) atomically, and records itself as done last. A rerun
+skips finished shards and rewrites unfinished ones under the same names, so no event is
+ever duplicated. All randomness is keyed on (seed, request id), so the events are the same
+whatever the number of shards.
+
+Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine's own
+`_simulator/` (plan, fitted world, shard records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from quasid.contracts import ASSIGNMENTS, validate, write_text_atomic
+from quasid.data.dataset import INTERACTIONS_FILE, ITEMS_FILE, WORLD_FILE, Dataset, load_dataset
+from quasid.data.world import DAY_SECONDS
+from quasid.recommender import Recommender
+from simulator.cohorts import Catalog, user_table
+from simulator.config import ExperimentConfig, parse_config
+from simulator.events import event_frame, part_name, partition_dir, write_events, write_parquet_atomic
+from simulator.fitted import CalibrationInputs, FittedWorld, fit_world
+from simulator.splitter import Allocation, assign_arms, assignment_table, held_out
+from simulator.stacks import StackContext, build_stack
+from simulator.traffic import Logs, Traffic, build_traffic
+from simulator.world import TrueWorld, WorldModel, respond
+
+ASSIGNMENTS_FILE = "assignments.parquet"
+MANIFEST_FILE = "manifest.json"
+STATE_DIR = "_simulator"
+PLAN_FILE = "plan.json"
+FITTED_WORLD_FILE = "world.npz"
+COUNT_KEYS = ("requests", "impressions", "clicks", "orders", "cancels", "gmv_cents")
+
+ConfigLike = ExperimentConfig | Mapping | str | Path
+MapFn = Callable[[Callable[[int], dict], Iterable[int]], Iterable[dict]]
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be (re)used with this config or shard count."""
+
+
+def as_config(config: ConfigLike) -> ExperimentConfig:
+    """An `ExperimentConfig` from a model, a dict or a YAML path."""
+    if isinstance(config, (str, Path)):
+        from simulator.config import load_config
+
+        return load_config(config)
+    return parse_config(dict(config) if isinstance(config, Mapping) else config)
+
+
+def data_fingerprint(root: Path) -> str:
+    """sha256 over the dataset files the simulation reads (items, interactions, world)."""
+    h = hashlib.sha256()
+    for name in (ITEMS_FILE, INTERACTIONS_FILE, WORLD_FILE):
+        path = Path(root) / name
+        if path.exists():
+            h.update(name.encode())
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def allocation_of(cfg: ExperimentConfig) -> Allocation:
+    """The config's traffic split as an `Allocation`."""
+    return Allocation(tuple((a.name, a.allocation) for a in cfg.arms), salt=cfg.layer_salt,
+                      offset=cfg.bucket_offset, holdout=cfg.holdout.share,
+                      holdout_salt=cfg.holdout.salt)
+
+
+# ---------------------------------------------------------------- the shared context
+
+
+@dataclass
+class Context:
+    """Everything a shard needs besides its users: data, requests, catalog, world, stacks."""
+
+    cfg: ExperimentConfig
+    dataset: Dataset
+    logs: Logs
+    traffic: Traffic
+    catalog: Catalog
+    stack_context: StackContext
+    world: WorldModel | None = None
+
+
+_CONTEXT: dict[tuple[str, str], Context] = {}
+
+
+def load_context(cfg: ExperimentConfig) -> Context:
+    """Load the dataset and derive the requests (cached per config within a process)."""
+    key = (cfg.fingerprint(), "")
+    if key in _CONTEXT:
+        return _CONTEXT[key]
+    dataset = load_dataset(cfg.data.path)
+    if not 1 <= cfg.slate_size <= dataset.items.height:
+        raise ValueError(f"slate_size {cfg.slate_size} must be between 1 and the number of "
+                         f"items ({dataset.items.height}) in {cfg.data.path}")
+    logs = Logs.from_interactions(dataset.interactions)
+    end_ts = dataset.datacard.get("end_ts")
+    traffic = build_traffic(logs, dataset.cutoff_ts, end_ts, cfg.days, cfg.pre_days,
+                            cfg.data.window_start, cfg.data.window_last, cfg.data.pre_last,
+                            source=str(cfg.data.path))
+    if traffic.experiment.height == 0:
+        raise ValueError(f"{cfg.data.path}: the experiment window {traffic.window} holds no "
+                         "logged interactions")
+    catalog = Catalog.from_items(dataset.items, cfg.cohorts)
+    cold = catalog.is_cold[catalog.rows(logs.item, source=str(cfg.data.path))]
+    stack_ctx = StackContext(catalog=catalog.item_ids, train_items=logs.item[traffic.train & ~cold],
+                             seed=cfg.seed, arm="")
+    ctx = Context(cfg, dataset, logs, traffic, catalog, stack_ctx)
+    _CONTEXT.clear()  # one experiment's data at a time: memory stays bounded
+    _CONTEXT[key] = ctx
+    return ctx
+
+
+def _world(ctx: Context, out: Path) -> WorldModel:
+    if ctx.world is None:
+        if ctx.cfg.world.kind == "truth":
+            if ctx.dataset.world is None:
+                raise ValueError(f"{ctx.cfg.data.path}: world.kind 'truth' needs a synthetic "
+                                 f"dataset with {WORLD_FILE}; use world.kind: fitted")
+            ctx.world = TrueWorld(ctx.dataset.world)
+        else:
+            path = out / STATE_DIR / FITTED_WORLD_FILE
+            if not path.exists():
+                raise RunDirError(f"{path}: the fitted world is missing; run prepare first")
+            ctx.world = FittedWorld.load(path)
+    return ctx.world
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _plan(cfg: ExperimentConfig, n_shards: int) -> dict:
+    return {"config_fingerprint": cfg.fingerprint(), "n_shards": n_shards,
+            "data_fingerprint": data_fingerprint(cfg.data.path)}
+
+
+def _check_plan(out: Path, plan: dict) -> bool:
+    """True if `out` already holds this plan; error if it holds another; False if none."""
+    path = out / STATE_DIR / PLAN_FILE
+    if not path.exists():
+        if (out / "events").exists() or (out / MANIFEST_FILE).exists():
+            raise RunDirError(f"{out}: holds events or a manifest but no {STATE_DIR}/{PLAN_FILE}; "
+                              "use an empty output directory")
+        return False
+    old = json.loads(path.read_text())
+    for key, what in (("config_fingerprint", "config"), ("n_shards", "shard count"),
+                      ("data_fingerprint", "data")):
+        if old.get(key) != plan[key]:
+            raise RunDirError(
+                f"{out}: holds a run with another {what} ({key} {old.get(key)!r}, now "
+                f"{plan[key]!r}); resume it with the same config and shard count, or use a "
+                "fresh output directory (events of two plans would mix)")
+    return True
+
+
+def window_units(ctx: Context) -> pl.DataFrame:
+    """Users with at least one request in the window, and the time of their first one."""
+    return (ctx.traffic.experiment.group_by("user_id")
+            .agg(pl.col("ts").min().alias("assigned_at"))
+            .rename({"user_id": "unit_id"}).sort("unit_id"))
+
+
+def build_assignments(cfg: ExperimentConfig, ctx: Context | None = None) -> pl.DataFrame:
+    """The assignment table (with cohort flags), rebuilt from the config's salt alone."""
+    ctx = ctx or load_context(cfg)
+    units = window_units(ctx)
+    users = user_table(ctx.logs.user[ctx.traffic.train], units["unit_id"].to_numpy(), cfg.cohorts)
+    flags = [c for c in users.columns if c not in ("user_id", "n_history")]
+    units = units.join(users.rename({"user_id": "unit_id"}), on="unit_id", how="left")
+    return assignment_table(cfg.experiment_id, units, allocation_of(cfg), extra=flags)
+
+
+def prepare(config: ConfigLike, out_dir: str | Path, n_shards: int = 1) -> dict:
+    """Check the run directory, write the assignments (first) and the fitted world; the plan."""
+    cfg = as_config(config)
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    out = Path(out_dir)
+    plan = _plan(cfg, n_shards)
+    resumed = _check_plan(out, plan)
+    ctx = load_context(cfg)
+    assignments = build_assignments(cfg, ctx)
+    if assignments.height == 0:
+        raise ValueError(f"experiment {cfg.experiment_id}: no user falls in any arm "
+                         f"(allocations {[a.allocation for a in cfg.arms]})")
+    write_parquet_atomic(assignments, out / ASSIGNMENTS_FILE)
+    if cfg.world.kind == "fitted" and not (resumed and (out / STATE_DIR / FITTED_WORLD_FILE).exists()):
+        _fit_and_save_world(ctx, out)
+    write_text_atomic(json.dumps(plan, indent=2, sort_keys=True) + "\n", out / STATE_DIR / PLAN_FILE)
+    return plan
+
+
+def _fit_and_save_world(ctx: Context, out: Path) -> FittedWorld:
+    cfg, logs, traffic = ctx.cfg, ctx.logs, ctx.traffic
+    rows = traffic.experiment["request_id"].to_numpy()
+    cal_rows = None
+    if traffic.clock == "logged" and cfg.world.calibration.source == "impressions":
+        start = traffic.window[0]
+        in_log = (logs.ts >= start - cfg.world.calibration.log_days * DAY_SECONDS) & (logs.ts < start)
+        cal_rows = np.flatnonzero(in_log)
+    inputs = CalibrationInputs(
+        interactions=ctx.dataset.interactions,
+        items=ctx.dataset.items,
+        window_users=logs.user[rows],
+        window_histories=logs.histories(rows, cfg.history_len),
+        train_items=ctx.stack_context.train_items,
+        calibration_users=None if cal_rows is None else logs.user[cal_rows],
+        calibration_histories=None if cal_rows is None else logs.histories(cal_rows, cfg.history_len),
+        calibration_request_ids=cal_rows,
+        truth=TrueWorld(ctx.dataset.world) if ctx.dataset.world is not None else None,
+        slate_size=cfg.slate_size,
+        seed=cfg.seed,
+    )
+    world = fit_world(inputs, cfg.world.fit, cfg.world.calibration)
+    world.save(out / STATE_DIR / FITTED_WORLD_FILE)
+    ctx.world = world
+    return world
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _marker(out: Path, shard: int, n_shards: int) -> Path:
+    return out / STATE_DIR / "shards" / f"shard-{shard:05d}-of-{n_shards:05d}.json"
+
+
+def _read_plan(out: Path, cfg: ExperimentConfig, n_shards: int) -> dict:
+    path = out / STATE_DIR / PLAN_FILE
+    if not path.exists():
+        raise RunDirError(f"{path}: missing; call prepare (or run_experiment) before run_shard")
+    plan = json.loads(path.read_text())
+    if plan["config_fingerprint"] != cfg.fingerprint() or plan["n_shards"] != n_shards:
+        raise RunDirError(f"{out}: prepared for another config or shard count "
+                          f"({plan['n_shards']} shards); prepare this one in a fresh directory")
+    return plan
+
+
+def _remove_stale_temps(out: Path, shard: int, n_shards: int) -> None:
+    """Temporary files a killed run of this shard left behind (never read: not *.parquet)."""
+    events = out / "events"
+    if events.exists():
+        for tmp in events.glob(f"*/*/.{part_name(shard, n_shards)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path,
+              stacks: Mapping[str, Recommender] | None = None,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """Simulate one shard (users with bucket % n_shards == shard); returns its counts.
+
+    Needs a prepared run directory (`prepare`). Skips the shard if it is already done.
+    `stacks` overrides the config's stack per arm name; `progress(n)` is called after each
+    batch with the number of requests it served.
+    """
+    cfg = as_config(config)
+    out = Path(out_dir)
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    _read_plan(out, cfg, n_shards)
+    marker = _marker(out, shard, n_shards)
+    if marker.exists():
+        return json.loads(marker.read_text())
+    _remove_stale_temps(out, shard, n_shards)
+    ctx = load_context(cfg)
+    world = _world(ctx, out)
+    served = _stacks(cfg, ctx, stacks)
+    assignments = validate(pl.read_parquet(out / ASSIGNMENTS_FILE), ASSIGNMENTS,
+                           source=str(out / ASSIGNMENTS_FILE))
+    mine = assignments.filter(pl.col("bucket") % n_shards == shard)
+    arm_names = [a.name for a in cfg.arms]
+    counts = {}
+    files = []
+    for period in ("pre", "experiment"):
+        requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
+        requests = requests.join(mine.select("unit_id"), left_on="user_id", right_on="unit_id",
+                                 how="semi").sort("request_id")
+        exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+        counts[period] = {}
+        for day in sorted(requests["day"].unique().to_list()):
+            frame = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
+                                  requests.filter(pl.col("day") == day), progress)
+            path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
+            write_events(frame, path)
+            files.append(str(path.relative_to(out)))
+            _add_counts(counts[period], frame)
+    record = {"shard": shard, "n_shards": n_shards, "counts": counts, "files": files}
+    write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", marker)
+    return record
+
+
+def _stacks(cfg: ExperimentConfig, ctx: Context, overrides: Mapping[str, Recommender] | None
+            ) -> dict[str, Recommender]:
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {a.name for a in cfg.arms}
+    if unknown:
+        raise ValueError(f"stacks given for unknown arms {sorted(unknown)}")
+    out = {}
+    for arm in cfg.arms:
+        if arm.name in overrides:
+            out[arm.name] = overrides[arm.name]
+        else:
+            sctx = StackContext(ctx.stack_context.catalog, ctx.stack_context.train_items,
+                                cfg.seed, arm.name, dict(arm.options))
+            out[arm.name] = build_stack(arm, sctx)
+    return out
+
+
+def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
+                  stacks: dict[str, Recommender], assignments: pl.DataFrame, arm_names: list[str],
+                  period: str, requests: pl.DataFrame,
+                  progress: Callable[[int], None] | None) -> pl.DataFrame:
+    """Events of one day of one shard (requests sorted by id), in batches."""
+    units = assignments["unit_id"].to_numpy()
+    flag_cols = [c for c in assignments.columns if c.startswith("is_cold_user")
+                 or c.startswith("cohort_")]
+    arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
+                                                     return_dtype=pl.Int64).to_numpy())
+    click_factor = np.ones(len(arm_names))
+    order_factor = np.ones(len(arm_names))
+    if period == "experiment":
+        for effect in cfg.effects:
+            target = click_factor if effect.on == "click" else order_factor
+            target[arm_names.index(effect.arm)] *= effect.factor
+    control = arm_names.index(cfg.control_arm)
+    k = cfg.slate_size
+    frames = []
+    exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+    for start in range(0, requests.height, cfg.batch_size):
+        batch = requests.slice(start, cfg.batch_size)
+        req = {c: batch[c].to_numpy() for c in ("request_id", "user_id", "ts", "day")}
+        unit_row = np.searchsorted(units, req["user_id"])
+        arm = arm_of_unit[unit_row] if period == "experiment" else np.full(len(unit_row), control)
+        hist = ctx.logs.histories(req["request_id"], cfg.history_len)
+        items = np.empty((len(unit_row), k), dtype=np.int64)
+        item_rows = np.empty((len(unit_row), k), dtype=np.int64)
+        for a in np.unique(arm):
+            sel = arm == a
+            slate, _ = stacks[arm_names[a]].recommend(hist[sel], k, req["user_id"][sel])
+            items[sel] = _check_slate(slate, int(sel.sum()), k, arm_names[a])
+            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{arm_names[a]}' stack")
+        responses = respond(world, req["user_id"], items, req["request_id"], cfg.seed,
+                            click_factor[arm], order_factor[arm])
+        item_flags = {"is_cold_item": ctx.catalog.is_cold[item_rows],
+                      **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
+        user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
+        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses,
+                                  ctx.catalog.price[item_rows], item_flags, user_flags))
+        if progress is not None:
+            progress(len(unit_row))
+    return pl.concat(frames)
+
+
+def _check_slate(slate: np.ndarray, n: int, k: int, arm: str) -> np.ndarray:
+    slate = np.asarray(slate)
+    if slate.shape != (n, k):
+        raise ValueError(f"arm '{arm}': the stack returned slates of shape {slate.shape}, "
+                         f"expected {(n, k)}")
+    ordered = np.sort(slate, axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError(f"arm '{arm}': the stack returned a slate with a repeated item")
+    return slate
+
+
+def _add_counts(acc: dict, frame: pl.DataFrame) -> None:
+    summary = frame.group_by("arm", "event_type").agg(
+        pl.len().alias("n"), (pl.col("value") * 100).round().sum().cast(pl.Int64).alias("cents"))
+    requests = frame.group_by("arm").agg(pl.col("request_id").n_unique().alias("n"))
+    for arm, n in requests.iter_rows():
+        acc.setdefault(arm, dict.fromkeys(COUNT_KEYS, 0))["requests"] += int(n)
+    names = {"impression": "impressions", "click": "clicks", "order": "orders", "cancel": "cancels"}
+    for arm, event, n, cents in summary.iter_rows():
+        row = acc[arm]
+        row[names[event]] += int(n)
+        if event == "order":
+            row["gmv_cents"] += int(cents)
+        elif event == "cancel":
+            row["gmv_cents"] -= int(cents)
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def finalize(config: ConfigLike, out_dir: str | Path, n_shards: int) -> dict:
+    """Write `manifest.json` from the shard records (all must be done); returns it."""
+    cfg = as_config(config)
+    out = Path(out_dir)
+    plan = _read_plan(out, cfg, n_shards)
+    missing = [s for s in range(n_shards) if not _marker(out, s, n_shards).exists()]
+    if missing:
+        raise RunDirError(f"{out}: shards {missing} are not done; rerun to finish them")
+    totals: dict = {"pre": {}, "experiment": {}}
+    for s in range(n_shards):
+        record = json.loads(_marker(out, s, n_shards).read_text())
+        for period, arms in record["counts"].items():
+            for arm, row in arms.items():
+                acc = totals[period].setdefault(arm, dict.fromkeys(COUNT_KEYS, 0))
+                for key in COUNT_KEYS:
+                    acc[key] += row[key]
+    assignments = pl.read_parquet(out / ASSIGNMENTS_FILE)
+    users = dict(assignments.group_by("arm").len().sort("arm").iter_rows())
+    ctx = load_context(cfg)
+    units = window_units(ctx)["unit_id"].to_numpy()
+    alloc = allocation_of(cfg)
+    arm, _ = assign_arms(units, alloc)
+    n_held = int(held_out(units, alloc).sum())
+    world = _world(ctx, out)
+    manifest = {
+        "experiment_id": cfg.experiment_id,
+        "pre_experiment_id": cfg.pre_experiment_id if cfg.pre_days > 0 else None,
+        "arms": {a.name: a.allocation for a in cfg.arms},
+        "control": cfg.control_arm,
+        "seed": cfg.seed,
+        "salt": cfg.layer_salt,
+        "bucket_offset": cfg.bucket_offset,
+        "holdout": cfg.holdout.model_dump(),
+        "config": cfg.model_dump(mode="json"),
+        "config_fingerprint": plan["config_fingerprint"],
+        "data_fingerprint": plan["data_fingerprint"],
+        "data": {"path": str(cfg.data.path), "name": ctx.dataset.name,
+                 "clock": ctx.traffic.clock, "window": list(ctx.traffic.window)},
+        "slate_size": cfg.slate_size,
+        "days": cfg.days,
+        "pre_days": cfg.pre_days,
+        "n_shards": n_shards,
+        "effects": [e.model_dump() for e in cfg.effects],
+        "cohorts": {c.column: {"level": c.level, "expr": c.expr} for c in cfg.cohorts},
+        "world": world.describe(),
+        "counts": {
+            "units_in_window": int(len(units)),
+            "held_out": n_held,
+            "not_allocated": int((arm < 0).sum()) - n_held,
+            "users": {a: int(users.get(a, 0)) for a in users},
+            "experiment": totals["experiment"],
+            "pre": totals["pre"],
+        },
+    }
+    write_text_atomic(json.dumps(manifest, indent=2, sort_keys=True) + "\n", out / MANIFEST_FILE)
+    return manifest
+
+
+def run_experiment(config: ConfigLike, out_dir: str | Path, n_shards: int = 1,
+                   map_fn: MapFn | None = None, stacks: Mapping[str, Recommender] | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   on_prepared: Callable[[int], None] | None = None) -> dict:
+    """Run a whole experiment into `out_dir`; returns the manifest.
+
+    `map_fn(fn, shards)` maps `fn(shard) -> record` over the shard numbers (default: in
+    this process, one after another); e.g. a Prefect task runner's `.map` or a Dask
+    client's. `fn` is a `functools.partial` of `run_shard`, picklable when `stacks` is.
+    `on_prepared(total_requests)` is called once the plan is in place (progress bars).
+    """
+    cfg = as_config(config)
+    prepare(cfg, out_dir, n_shards)
+    if on_prepared is not None:
+        on_prepared(total_requests(cfg, out_dir, n_shards))
+    fn = partial(_shard_job, cfg, n_shards=n_shards, out_dir=str(out_dir), stacks=stacks,
+                 progress=progress if map_fn is None else None)
+    if map_fn is None:
+        for shard in range(n_shards):
+            fn(shard)
+    else:
+        list(map_fn(fn, range(n_shards)))
+    return finalize(cfg, out_dir, n_shards)
+
+
+def _shard_job(cfg: ExperimentConfig, shard: int, n_shards: int, out_dir: str,
+               stacks: Mapping[str, Recommender] | None,
+               progress: Callable[[int], None] | None) -> dict:
+    """`run_shard` with the shard number first-positional-after-config (for partial + map)."""
+    return run_shard(cfg, shard, n_shards, out_dir, stacks=stacks, progress=progress)
+
+
+def total_requests(config: ConfigLike, out_dir: str | Path, n_shards: int) -> int:
+    """Requests still to serve (both periods) in the shards not yet done."""
+    cfg = as_config(config)
+    out = Path(out_dir)
+    ctx = load_context(cfg)
+    assignments = pl.read_parquet(out / ASSIGNMENTS_FILE)
+    todo = [s for s in range(n_shards) if not _marker(out, s, n_shards).exists()]
+    users = assignments.filter((pl.col("bucket") % n_shards).is_in(todo)).select("unit_id")
+    return sum(r.join(users, left_on="user_id", right_on="unit_id", how="semi").height
+               for r in (ctx.traffic.pre, ctx.traffic.experiment))
+
+
+def summary_table(manifest: dict) -> list[dict]:
+    """Per arm of the experiment period: users, requests, CTR, orders, GMV (for people)."""
+    rows = []
+    counts = manifest["counts"]
+    for arm in manifest["arms"]:
+        c = counts["experiment"].get(arm, dict.fromkeys(COUNT_KEYS, 0))
+        n_users = counts["users"].get(arm, 0)
+        gmv = c["gmv_cents"] / 100
+        rows.append({
+            "arm": arm, "users": n_users, "requests": c["requests"],
+            "impressions": c["impressions"], "clicks": c["clicks"],
+            "ctr": c["clicks"] / c["impressions"] if c["impressions"] else 0.0,
+            "orders": c["orders"], "completed_orders": c["orders"] - c["cancels"],
+            "conversion": c["orders"] / c["clicks"] if c["clicks"] else 0.0,
+            "gmv": gmv, "gmv_per_user": gmv / n_users if n_users else 0.0,
+        })
+    return rows
+

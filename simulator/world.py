@@ -1,0 +1,129 @@
+"""The world model: how users respond to a slate, behind one interface.
+
+A world gives, for requests (users) and their slates (items, one column per position):
+- p(click) at each position: position bias x the user's preference;
+- p(order | click): preference and the user's price sensitivity;
+- a cancel rate (a share of orders is cancelled) and the quantity law
+  (quantity = 1 + Poisson(quantity_extra)).
+`respond` turns these into outcomes with per-request randomness: every uniform is a hash
+of (seed, request id, position, stage), so an outcome does not depend on batching or
+sharding. Effect injection multiplies one arm's click or order probability by a factor.
+
+Implementations: `TrueWorld` (the synthetic world's ground truth, `quasid.data.world`) and
+`simulator.fitted.FittedWorld` (fitted on logs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from scipy.stats import poisson
+
+from quasid.data.world import World
+from simulator.hashing import hash_ids, mix64, to_uniform
+
+STAGES = {"click": 1, "order": 2, "cancel": 3, "quantity": 4}
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """Per (request, position): p(click) and p(order | click)."""
+
+    click: np.ndarray
+    order: np.ndarray
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """Anything that says how likely users are to click and order what they are shown."""
+
+    name: str
+    cancel_rate: float
+    quantity_extra: float
+
+    def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
+        """users (n,), items (n, k) slates (column = position) -> (n, k) probabilities."""
+        ...
+
+    def describe(self) -> dict:
+        """JSON-ready parameters for the manifest."""
+        ...
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
+
+
+class TrueWorld:
+    """The synthetic world's ground truth (see `quasid.data.world` for the model)."""
+
+    name = "truth"
+
+    def __init__(self, world: World):
+        self.world = world
+        self.cancel_rate = float(world.cancel_rate)
+        self.quantity_extra = float(world.quantity_extra)
+
+    def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
+        """p(click) = position_bias[k] sigmoid(a + click_bias); p(order | click) =
+        sigmoid(order_bias + order_slope a + g)."""
+        w = self.world
+        k = items.shape[1]
+        if k > len(w.position_bias):
+            raise ValueError(f"slate size {k} exceeds the world's {len(w.position_bias)} positions")
+        u = np.broadcast_to(np.asarray(users)[:, None], items.shape)
+        a = w.affinity(u, items)
+        click = w.position_bias[:k][None, :] * _sigmoid(a + w.click_bias)
+        order = _sigmoid(w.order_bias + w.order_slope * a + w.price_utility(u, items))
+        return Probabilities(click, order)
+
+    def describe(self) -> dict:
+        """The truth's scalar parameters."""
+        w = self.world
+        return {"kind": "truth", "click_bias": float(w.click_bias),
+                "order_bias": float(w.order_bias), "order_slope": float(w.order_slope),
+                "cancel_rate": self.cancel_rate, "quantity_extra": self.quantity_extra,
+                "position_bias": [round(float(x), 6) for x in w.position_bias[:10]]}
+
+
+@dataclass(frozen=True)
+class Responses:
+    """Outcomes per (request, position); quantity is 0 where there is no order."""
+
+    click: np.ndarray
+    order: np.ndarray
+    cancel: np.ndarray
+    quantity: np.ndarray
+
+
+def request_keys(seed: int, request_ids: np.ndarray) -> np.ndarray:
+    """One 64-bit key per request: the root of all of its randomness."""
+    return hash_ids(np.uint64(seed), np.asarray(request_ids, dtype=np.int64))
+
+
+def stage_uniforms(keys: np.ndarray, k: int, stage: str) -> np.ndarray:
+    """(n, k) uniforms for one stage, a pure function of (request key, position, stage)."""
+    salt = mix64(np.uint64(STAGES[stage] << 32) + np.arange(k, dtype=np.uint64))
+    return to_uniform(mix64(keys[:, None] ^ salt[None, :]))
+
+
+def respond(world: WorldModel, users: np.ndarray, items: np.ndarray, request_ids: np.ndarray,
+            seed: int, click_factor: np.ndarray | float = 1.0,
+            order_factor: np.ndarray | float = 1.0) -> Responses:
+    """Draw the outcomes of slates `items` (n, k); factors (scalar or per request) inject effects."""
+    n, k = items.shape
+    p = world.probabilities(users, items)
+    p_click = np.minimum(1.0, p.click * np.reshape(click_factor, (-1, 1)))
+    p_order = np.minimum(1.0, p.order * np.reshape(order_factor, (-1, 1)))
+    keys = request_keys(seed, request_ids)
+    click = stage_uniforms(keys, k, "click") < p_click
+    order = click & (stage_uniforms(keys, k, "order") < p_order)
+    cancel = order & (stage_uniforms(keys, k, "cancel") < world.cancel_rate)
+    quantity = np.zeros((n, k), dtype=np.int32)
+    if order.any():
+        u = stage_uniforms(keys, k, "quantity")[order]
+        extra = poisson.ppf(u, world.quantity_extra) if world.quantity_extra > 0 else 0 * u
+        quantity[order] = 1 + np.maximum(extra, 0).astype(np.int32)
+    return Responses(click, order, cancel, quantity)
