@@ -1,0 +1,153 @@
+"""Training batches that put useful pairs together.
+
+A random batch rarely holds the pairs the qualification is about: in a catalog of N items a
+given look-alike partner lands in a batch of B with probability B/N, and most in-batch pairs
+share no code at all. So each batch is B/2 anchors (every item once per epoch, in a seeded
+random order) plus one partner per anchor, drawn by kind:
+- `collab` share: a collaborative positive (co-interacted in the training logs), the
+  contrastive positive; an anchor without one gets a content neighbour instead;
+- `knn` share: one of the anchor's `neighbours` nearest items by content cosine. Harmful
+  look-alikes (content cosine 0.90-0.97) and near-duplicates (~0.99) are content
+  neighbours, so they meet in batches and CVPM / HaMR see them;
+- `sid` share: the item next to the anchor in the lexicographic order of the current SIDs
+  (refreshed after each epoch's evaluation), i.e. the item sharing the longest code prefix:
+  an actual collision or near-collision, whatever the content says.
+Items may appear twice in a batch (CVPM masks the pair). Shapes are fixed (B rows, B/2
+contrastive pairs with 0/1 weights). All draws come from one CPU `torch.Generator`, so a
+seed gives the same batches on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quasid.pairs import PairIndex
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: rows into the fit items and what the losses need."""
+
+    rows: torch.Tensor  # (B,) int64 item rows (duplicates possible)
+    x: torch.Tensor  # (B, d) standardized content
+    unit: torch.Tensor  # (B, d) L2-normalized raw content (for content cosines)
+    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P
+    anchor: torch.Tensor  # (A,) contrastive anchor positions in the batch
+    target: torch.Tensor  # (A,) their partners' positions
+    pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
+
+
+def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), CPU."""
+    n = unit.shape[0]
+    k = max(1, min(k, n - 1))
+    out = []
+    for start in range(0, n, chunk):
+        sims = unit[start:start + chunk].float() @ unit.float().T
+        own = torch.arange(start, min(start + chunk, n), device=unit.device)
+        sims[own - start, own] = float("-inf")
+        out.append(sims.topk(k, dim=1).indices.cpu())
+    return torch.cat(out)
+
+
+def lexicographic_partner(codes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N,) for each row, its neighbour in SID order sharing the longer code prefix (ties drawn)."""
+    codes = codes.cpu()
+    n = codes.shape[0]
+    order = torch.arange(n)
+    for level in reversed(range(codes.shape[1])):
+        order = order[torch.argsort(codes[order, level], stable=True)]
+    ordered = codes[order]
+
+    def prefix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a == b).long().cumprod(dim=1).sum(dim=1)
+
+    prev_pos = (torch.arange(n) - 1).clamp_min(0)
+    next_pos = (torch.arange(n) + 1).clamp_max(n - 1)
+    p_prev = torch.where(torch.arange(n) > 0, prefix(ordered, ordered[prev_pos]), -1)
+    p_next = torch.where(torch.arange(n) < n - 1, prefix(ordered, ordered[next_pos]), -1)
+    coin = torch.rand(n, generator=generator) < 0.5
+    take_prev = (p_prev > p_next) | ((p_prev == p_next) & coin)
+    pos = torch.where(take_prev, prev_pos, next_pos)
+    partner = torch.empty(n, dtype=torch.int64)
+    partner[order] = order[pos]
+    return partner
+
+
+class BatchSampler:
+    """Anchors + partners (see the module docstring) over the N fit items, on `device`."""
+
+    def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
+                 generator: torch.Generator, mix: tuple[float, float, float] = (0.5, 0.25, 0.25),
+                 neighbours: int = 8, need_positive: bool = True):
+        n = x.shape[0]
+        if n < 2:
+            raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(f"BatchSampler: batch_size must be even and >= 2, got {batch_size}")
+        if min(mix) < 0 or not math.isclose(sum(mix), 1.0):
+            raise ValueError(f"BatchSampler: mix (collab, knn, sid) must be >= 0 and sum to 1, "
+                             f"got {mix}")
+        self.x, self.unit = x, F.normalize(content.float(), dim=1)
+        self.pairs, self.generator = pairs, generator
+        self.n, self.anchors = n, batch_size // 2
+        self.need_positive = need_positive
+        self.n_collab = round(self.anchors * mix[0])
+        self.n_sid = round(self.anchors * mix[2])
+        self.knn = content_neighbours(self.unit, neighbours)
+        self.sid_partner: torch.Tensor | None = None
+        self._order = torch.arange(n)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps that take every item as an anchor once."""
+        return math.ceil(self.n / self.anchors)
+
+    def new_epoch(self) -> None:
+        """Draw this epoch's anchor order."""
+        perm = torch.randperm(self.n, generator=self.generator)
+        pad = self.steps_per_epoch * self.anchors - self.n
+        self._order = torch.cat([perm, perm[:pad]]) if pad <= self.n else perm.repeat(
+            math.ceil((self.n + pad) / self.n))[: self.n + pad]
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Refresh the SID partners from the current codes of all N items."""
+        self.sid_partner = lexicographic_partner(codes, self.generator)
+
+    def batch(self, step: int) -> Batch:
+        """The batch of `step` within the current epoch."""
+        a = self.anchors
+        anchors = self._order[step * a:(step + 1) * a]
+        pick = torch.randint(self.knn.shape[1], (a,), generator=self.generator)
+        partner = self.knn[anchors, pick]
+        collab = self.pairs.draw_partner(anchors[:self.n_collab], self.generator)
+        has_pos = collab >= 0
+        partner[:self.n_collab] = torch.where(has_pos, collab, partner[:self.n_collab])
+        if self.sid_partner is not None and self.n_sid:
+            partner[a - self.n_sid:] = self.sid_partner[anchors[a - self.n_sid:]]
+        weight = torch.zeros(a)
+        weight[:self.n_collab] = has_pos.float()
+        device = self.x.device
+        rows = torch.cat([anchors, partner]).to(device, non_blocking=True)
+        index = torch.arange(a, device=device)
+        return Batch(
+            rows=rows,
+            x=self.x[rows],
+            unit=self.unit[rows],
+            positive=self.pairs.mask(rows) if self.need_positive else None,
+            anchor=index,
+            target=index + a,
+            pair_weight=weight.to(device, non_blocking=True),
+        )
+
+    def state(self) -> dict:
+        """What a checkpoint needs to resume the same batch stream (with the generator state)."""
+        return {"sid_partner": self.sid_partner}
+
+    def load_state(self, state: dict) -> None:
+        """Restore `state()`."""
+        self.sid_partner = state.get("sid_partner")
