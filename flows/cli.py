@@ -7,7 +7,10 @@ DuckDB) happen inside each command, so `quasid --help` stays fast.
 
 from __future__ import annotations
 
+from analysis.cli import analyze_cmd
 from quasid.cli import app
+
+app.command("analyze")(analyze_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,494 @@
+"""Metric registry and the SQL that turns events into per-arm sufficient statistics.
+
+A metric is data: SQL expressions over one event row, summed per unit (user), plus a type:
+- `mean`: the per-unit sum of `numerator` (GMV per user, completed orders per user);
+- `proportion`: whether the per-unit sum of `numerator` is positive (buyer rate);
+- `ratio`: Σ numerator / Σ denominator over units, analysed by the delta method (CTR).
+Optional: `cap_quantile` (winsorize the per-unit values at that quantile of all units,
+pooled over arms) and `cuped` (the same per-unit metric over the pre-period events is the
+covariate). Adding a metric is a few lines:
+
+    register(Metric("add_to_cart_per_user", "mean", "(event_type = 'add_to_cart')::INT"))
+
+Metrics are sums of event expressions on purpose: sums add up over days, shards and
+segments (gbstats' rule), so one pass over the events at (user, day) grain serves every
+metric, every event-level segment (a FILTER), every day and the cumulative daily looks.
+
+All aggregation runs in DuckDB; Python receives per-arm `Moments` (n, sums, sums of
+squares and cross-products), never rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+
+from analysis.stats import Moments
+from analysis.store import AnalysisError, Segment, StoreInfo
+
+KINDS = ("mean", "proportion", "ratio")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Poisson(1) CDF at 0..7: a bootstrap weight is the number of thresholds a uniform passes.
+_POISSON_CDF = (0.36787944117144233, 0.7357588823428847, 0.9196986029286058,
+                0.9810118431238462, 0.9963401531726563, 0.9994058151824183,
+                0.9999167588507119, 0.9999898508837226)
+_U64 = 18446744073709551616.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric: per-event SQL expressions summed per unit, and how to analyse them."""
+
+    name: str
+    kind: str
+    numerator: str
+    denominator: str | None = None
+    cap_quantile: float | None = None
+    cuped: bool = True
+    primary: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise AnalysisError(f"metric name {self.name!r}: expected lower-case letters, digits "
+                                f"and underscores")
+        if self.kind not in KINDS:
+            raise AnalysisError(f"metric {self.name!r}: kind {self.kind!r}, expected one of {KINDS}")
+        if (self.kind == "ratio") != (self.denominator is not None):
+            raise AnalysisError(f"metric {self.name!r}: a denominator is required for ratio "
+                                f"metrics and only for them (kind {self.kind!r})")
+        if self.cap_quantile is not None and not 0.0 < self.cap_quantile < 1.0:
+            raise AnalysisError(f"metric {self.name!r}: cap_quantile {self.cap_quantile!r}, "
+                                f"expected a number in (0, 1)")
+
+    @property
+    def is_ratio(self) -> bool:
+        """Whether the metric is a ratio of sums (delta method)."""
+        return self.kind == "ratio"
+
+    def method(self, covariate: bool) -> str:
+        """The test this metric uses, with or without its pre-period covariate."""
+        if self.is_ratio:
+            return "cuped_delta" if covariate else "delta"
+        return "cuped" if covariate else "welch"
+
+
+GMV = "CASE event_type WHEN 'order' THEN value WHEN 'cancel' THEN -value ELSE 0 END"
+COMPLETED = "CASE event_type WHEN 'order' THEN 1 WHEN 'cancel' THEN -1 ELSE 0 END"
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def register(metric: Metric, *, replace: bool = False) -> Metric:
+    """Add `metric` to the registry (`replace=True` to redefine an existing name)."""
+    if metric.name in REGISTRY and not replace:
+        raise AnalysisError(f"metric {metric.name!r} is already registered (pass replace=True)")
+    REGISTRY[metric.name] = metric
+    return metric
+
+
+for _m in (
+    Metric("gmv_per_user", "mean", GMV, primary=True,
+           description="GMV per user: order value minus cancelled value"),
+    Metric("completed_orders_per_user", "mean", COMPLETED, primary=True,
+           description="completed orders per user: orders minus cancels"),
+    Metric("cold_item_completed_orders_per_user", "mean",
+           f"CASE WHEN is_cold_item THEN {COMPLETED} ELSE 0 END", primary=True,
+           description="completed orders of cold-start items per user"),
+    Metric("buyer_rate", "proportion", COMPLETED,
+           description="share of users with at least one completed order"),
+    Metric("ctr", "ratio", "(event_type = 'click')", "(event_type = 'impression')",
+           description="clicks per impression"),
+    Metric("conversion", "ratio", "(event_type = 'order')", "(event_type = 'click')",
+           description="orders per click"),
+    Metric("aov", "ratio", GMV, COMPLETED, description="average order value: GMV per completed order"),
+):
+    register(_m)
+
+
+def get_metrics(names: Iterable[str] | None = None) -> list[Metric]:
+    """The registered metrics named (all of them, in registry order, when `names` is None)."""
+    if names is None:
+        return list(REGISTRY.values())
+    names = list(names)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise AnalysisError(f"unknown metric(s) {unknown}; registered metrics: {sorted(REGISTRY)}")
+    if not names:
+        raise AnalysisError("no metrics requested")
+    return [REGISTRY[n] for n in names]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Statistics of one metric in one segment: each arm's `Moments`.
+
+    The variables are the metric's (y, or numerator and denominator), followed by the
+    same from the pre-period when `covariate` is True.
+    """
+
+    metric: Metric
+    segment: str
+    arms: dict[str, Moments]
+    covariate: bool
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Everything the tests need: the cells, the cumulative daily looks, unit counts."""
+
+    cells: list[Cell]
+    cumulative: dict[str, dict[str, Moments]]   # metric → arm → Moments over looks (axis 0)
+    days: list[int]
+    unit_counts: dict[str, int]
+    caps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Column layout of the SQL: unique expressions × event-level segments."""
+
+    metrics: tuple[Metric, ...]
+    segments: tuple[Segment, ...]
+    arms: tuple[str, ...]
+    covariate: bool
+    exprs: tuple[str, ...]
+
+    @property
+    def event_segments(self) -> list[Segment]:
+        return [s for s in self.segments if s.level in ("all", "event")]
+
+    def col(self, expr: str, segment: Segment, prefix: str = "s") -> str:
+        """Column holding the per-unit sum of `expr` in the event segment of `segment`."""
+        j = self.event_segments.index(segment) if segment.level == "event" else 0
+        return f"{prefix}{self.exprs.index(expr)}_{j}"
+
+
+def _plan(metrics: list[Metric], info: StoreInfo) -> _Plan:
+    exprs: list[str] = []
+    for m in metrics:
+        for e in (m.numerator, m.denominator):
+            if e is not None and e not in exprs:
+                exprs.append(e)
+    return _Plan(tuple(metrics), info.segments, tuple(info.manifest.arms),
+                 info.has_pre_period and any(m.cuped for m in metrics), tuple(exprs))
+
+
+def _sums_sql(plan: _Plan) -> list[str]:
+    """`SUM(expr) [FILTER (WHERE flag)] AS s<i>_<j>` for every expression × event segment."""
+    out = []
+    for j, seg in enumerate(plan.event_segments):
+        flt = f" FILTER (WHERE {seg.column})" if seg.level == "event" else ""
+        for i, expr in enumerate(plan.exprs):
+            out.append(f"SUM(({expr})::DOUBLE){flt} AS s{i}_{j}")
+    return out
+
+
+def _sum_cols(plan: _Plan) -> list[str]:
+    return [f"s{i}_{j}" for j in range(len(plan.event_segments)) for i in range(len(plan.exprs))]
+
+
+def per_unit_sql(plan: _Plan) -> str:
+    """The one pass over the experiment's events: per (user, day) sums and arm counts."""
+    arm_counts = [f"count(*) FILTER (WHERE arm = '{a}') AS arm_{k}" for k, a in enumerate(plan.arms)]
+    cols = ", ".join(["count(*) AS n_events", *arm_counts, *_sums_sql(plan)])
+    return f"SELECT user_id, day, {cols} FROM exp_events GROUP BY user_id, day"
+
+
+def _value(plan: _Plan, metric: Metric, part: str, segment: Segment, table: str,
+           caps: dict[str, float], pre: bool = False) -> str:
+    """SQL of one per-unit variable: the numerator ('y') or denominator ('x'), capped."""
+    expr = metric.numerator if part == "y" else metric.denominator
+    assert expr is not None
+    col = f"{table}.{plan.col(expr, segment, 'p' if pre else 's')}"
+    if metric.kind == "proportion":
+        col = f"({col} > 0)::DOUBLE"
+    key = _cap_key(metric, part, pre)
+    if key in caps:
+        col = f"LEAST({col}, {caps[key]!r})"
+    return col
+
+
+def _cap_key(metric: Metric, part: str, pre: bool) -> str:
+    return f"{metric.name}.{'pre_' if pre else ''}{part}"
+
+
+def _variables(plan: _Plan, metric: Metric, segment: Segment, table: str, caps: dict[str, float],
+               covariate: bool) -> list[str]:
+    parts = ["y", "x"] if metric.is_ratio else ["y"]
+    out = [_value(plan, metric, p, segment, table, caps) for p in parts]
+    if covariate:
+        out += [_value(plan, metric, p, segment, table, caps, pre=True) for p in parts]
+    return out
+
+
+def _moment_aggs(variables: list[str], flt: str | None, prefix: str,
+                 post_only: bool = False, n_post: int = 0) -> list[str]:
+    """Aggregates for n, Σv and Σvᵢvⱼ (i ≤ j), named `<prefix>_n`, `_s<i>`, `_c<i>_<j>`.
+
+    With `post_only`, only those involving one of the first `n_post` variables (the rest,
+    pre-period only, come from the whole population elsewhere).
+    """
+    f = f" FILTER (WHERE {flt})" if flt else ""
+    aggs = [f"count(*){f} AS {prefix}_n"]
+    k = len(variables)
+    for i in range(k):
+        if not post_only or i < n_post:
+            aggs.append(f"SUM({variables[i]}){f} AS {prefix}_s{i}")
+    for i in range(k):
+        for j in range(i, k):
+            if not post_only or i < n_post:
+                aggs.append(f"SUM({variables[i]} * {variables[j]}){f} AS {prefix}_c{i}_{j}")
+    return aggs
+
+
+def _read_moments(row: dict, prefix: str, k: int, base: Moments | None = None,
+                  n_post: int = 0) -> Moments:
+    """Moments from a result row (missing sums are 0: no unit had a value).
+
+    With `base` (the whole population's moments), `n` and the pre-period-only entries
+    (variables from index `n_post` on) are taken from it.
+    """
+    n = float(row[f"{prefix}_n"]) if base is None else float(base.n)
+    sums = np.zeros(k)
+    cross = np.zeros((k, k))
+    for i in range(k):
+        pre_only = base is not None and i >= n_post
+        sums[i] = base.sums[i] if pre_only else _num(row.get(f"{prefix}_s{i}"))
+        for j in range(i, k):
+            value = base.cross[i, j] if pre_only else _num(row.get(f"{prefix}_c{i}_{j}"))
+            cross[i, j] = cross[j, i] = value
+    return Moments(np.float64(n), sums, cross)
+
+
+def _num(value: object) -> float:
+    return 0.0 if value is None else float(value)
+
+
+def _fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
+    cur = con.execute(sql)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def aggregate_units(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
+    """Build the temporary per-unit tables: `user_day`, `user_pre`, `unit_totals`."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE user_day AS {per_unit_sql(plan)}")
+    sums = _sum_cols(plan)
+    if plan.covariate:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE user_pre AS
+            SELECT user_id, {', '.join(_sums_sql(plan))} FROM pre_events GROUP BY user_id""")
+    flags = [s.column for s in plan.segments if s.level == "user"]
+    pre_cols = "".join(f", COALESCE(p.{c}, 0) AS p{c[1:]}" for c in sums) if plan.covariate else ""
+    pre_join = "LEFT JOIN user_pre p USING (user_id)" if plan.covariate else ""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE unit_totals AS
+        SELECT u.user_id, u.arm {''.join(f', u.{c}' for c in flags)},
+               {', '.join(f'COALESCE(t.{c}, 0) AS {c}' for c in sums)} {pre_cols}
+        FROM units u
+        LEFT JOIN (SELECT user_id, {', '.join(f'SUM({c}) AS {c}' for c in sums)}
+                   FROM user_day GROUP BY user_id) t USING (user_id)
+        {pre_join}""")
+
+
+def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
+    """Every event's arm must be its user's assigned arm; every arm must have events."""
+    assigned = "CASE u.arm " + " ".join(
+        f"WHEN '{a}' THEN d.arm_{k}" for k, a in enumerate(plan.arms)) + " ELSE -1 END"
+    where = f"FROM user_day d LEFT JOIN units u USING (user_id) WHERE u.arm IS NULL OR {assigned} <> d.n_events"
+    n_bad, n_users, n_unassigned = con.execute(
+        f"SELECT count(*), count(DISTINCT d.user_id), count(*) FILTER (WHERE u.arm IS NULL) {where}"
+    ).fetchone()
+    if n_bad:
+        sample = con.execute(f"SELECT d.user_id, u.arm {where} ORDER BY d.user_id, d.day LIMIT 5"
+                             ).fetchall()
+        users = sorted({r[0] for r in sample})
+        examples = con.execute(f"""
+            SELECT user_id, day, arm, count(*) FROM exp_events
+            WHERE user_id IN ({', '.join(str(u) for u in users)})
+            GROUP BY ALL ORDER BY ALL LIMIT 10""").fetchall()
+        shown = "; ".join(f"user {u} day {d}: {n} event(s) with arm={a!r}" for u, d, a, n in examples)
+        raise AnalysisError(
+            f"events/: column 'arm': {n_users} user(s) ({n_bad} user-days) have events whose arm "
+            f"disagrees with assignments.parquet ({n_unassigned} user-days of users not assigned "
+            f"at all); assigned: " + ", ".join(f"user {u}={a!r}" for u, a in sample)
+            + f"; their events: {shown}")
+    per_arm = dict(con.execute("""SELECT u.arm, sum(d.n_events) FROM user_day d
+                                  JOIN units u USING (user_id) GROUP BY u.arm""").fetchall())
+    silent = [a for a in plan.arms if not per_arm.get(a)]
+    if silent:
+        raise AnalysisError(f"events/: arm(s) {silent} have assigned units but no events "
+                            f"(events per arm: {per_arm})")
+
+
+def _caps(con: duckdb.DuckDBPyConnection, plan: _Plan) -> dict[str, float]:
+    """Winsorization thresholds: each capped variable's quantile over all units, pooled arms."""
+    exprs: dict[str, str] = {}
+    all_seg = plan.segments[0]
+    for m in plan.metrics:
+        if m.cap_quantile is None:
+            continue
+        for part in (["y", "x"] if m.is_ratio else ["y"]):
+            exprs[_cap_key(m, part, False)] = (_value(plan, m, part, all_seg, "unit_totals", {}),
+                                               m.cap_quantile)
+            if plan.covariate and m.cuped:
+                exprs[_cap_key(m, part, True)] = (
+                    _value(plan, m, part, all_seg, "unit_totals", {}, pre=True), m.cap_quantile)
+    if not exprs:
+        return {}
+    keys = list(exprs)
+    row = con.execute("SELECT " + ", ".join(f"quantile_cont({e}, {q!r})" for e, q in exprs.values())
+                      + " FROM unit_totals").fetchone()
+    return {k: float(v) for k, v in zip(keys, row)}
+
+
+def _segment_cells(con: duckdb.DuckDBPyConnection, plan: _Plan,
+                   caps: dict[str, float]) -> tuple[list[Cell], dict[str, dict[str, Moments]]]:
+    """Cells of `all` and every cohort segment, from `unit_totals` (one scan, GROUP BY arm)."""
+    aggs, layout = [], []
+    for s_idx, seg in enumerate(plan.segments):
+        flt = seg.column if seg.level == "user" else None
+        for m_idx, m in enumerate(plan.metrics):
+            cov = plan.covariate and m.cuped
+            variables = _variables(plan, m, seg, "unit_totals", caps, cov)
+            prefix = f"m{m_idx}_g{s_idx}"
+            aggs += _moment_aggs(variables, flt, prefix)
+            layout.append((m, seg, prefix, len(variables), cov))
+    rows = {r["arm"]: r for r in _fetch_dicts(
+        con, f"SELECT arm, {', '.join(aggs)} FROM unit_totals GROUP BY arm")}
+    cells, all_cells = [], {}
+    for m, seg, prefix, k, cov in layout:
+        arms = {a: _read_moments(rows[a], prefix, k) for a in plan.arms}
+        cells.append(Cell(m, seg.name, arms, cov))
+        if seg.level == "all":
+            all_cells[m.name] = arms
+    return cells, all_cells
+
+
+def _daily_sql(plan: _Plan, caps: dict[str, float], table: str, day_col: str) -> tuple[str, list]:
+    """Per-(arm, day) moments of the per-unit daily (or cumulative) values in `table`.
+
+    Units without events that day add only to n (their values are 0); pre-period-only sums
+    come from the whole population, so the SQL computes only the terms with a daily value.
+    """
+    aggs, layout = [], []
+    all_seg = plan.segments[0]
+    for m_idx, m in enumerate(plan.metrics):
+        cov = plan.covariate and m.cuped
+        post = _variables(plan, m, all_seg, "d", caps, False)
+        pre = _variables(plan, m, all_seg, "t", caps, True)[len(post):] if cov else []
+        prefix = f"m{m_idx}"
+        aggs += _moment_aggs(post + pre, None, prefix, post_only=True, n_post=len(post))
+        layout.append((m, prefix, len(post) + len(pre), len(post), cov))
+    sql = (f"SELECT t.arm, d.{day_col} AS look, {', '.join(aggs)} FROM {table} d "
+           f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.{day_col}")
+    return sql, layout
+
+
+def _daily_moments(con: duckdb.DuckDBPyConnection, plan: _Plan, caps: dict[str, float],
+                   all_cells: dict[str, dict[str, Moments]], days: list[int], table: str,
+                   day_col: str) -> dict[str, dict[str, list[Moments]]]:
+    sql, layout = _daily_sql(plan, caps, table, day_col)
+    rows = {(r["arm"], r["look"]): r for r in _fetch_dicts(con, sql)}
+    out: dict[str, dict[str, list[Moments]]] = {}
+    for m, prefix, k, n_post, _cov in layout:
+        out[m.name] = {}
+        for a in plan.arms:
+            base = all_cells[m.name][a]
+            series = []
+            for d in days:
+                row = rows.get((a, d), {})  # absent: nobody in the arm had events that day
+                series.append(_read_moments(row, prefix, k, base=base, n_post=n_post))
+            out[m.name][a] = series
+    return out
+
+
+def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo) -> Statistics:
+    """Aggregate the store's events into per-arm statistics for every metric and segment.
+
+    Segments: `all`, each cohort, and `day=<d>` (that day's events); plus the cumulative
+    statistics at the end of each day (the sequential looks) for the `all` segment.
+    """
+    plan = _plan(metrics, info)
+    aggregate_units(con, plan)
+    check_event_arms(con, plan)
+    caps = _caps(con, plan)
+    cells, all_cells = _segment_cells(con, plan, caps)
+    last_day = con.execute("SELECT max(day) FROM user_day").fetchone()[0]
+    days = list(range(int(last_day) + 1))
+    daily = _daily_moments(con, plan, caps, all_cells, days, "user_day", "day")
+    for m in plan.metrics:
+        cov = plan.covariate and m.cuped
+        for i, d in enumerate(days):
+            cells.append(Cell(m, f"day={d}", {a: daily[m.name][a][i] for a in plan.arms}, cov))
+    _cumulate(con, plan, last_day)
+    cum = _daily_moments(con, plan, caps, all_cells, days, "user_cum", "look")
+    cumulative = {name: {a: Moments.stack(series) for a, series in by_arm.items()}
+                  for name, by_arm in cum.items()}
+    counts = dict(con.execute("SELECT arm, count(*) FROM units GROUP BY arm").fetchall())
+    return Statistics(cells, cumulative, days, {a: int(counts[a]) for a in plan.arms}, caps)
+
+
+def _cumulate(con: duckdb.DuckDBPyConnection, plan: _Plan, last_day: int) -> None:
+    """`user_cum`: each user's running sums at the end of every day from their first event on."""
+    cols = [f"s{i}_0" for i in range(len(plan.exprs))]
+    windows = ", ".join(f"SUM({c}) OVER w AS {c}" for c in cols)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE user_cum AS
+        SELECT user_id, {', '.join(cols)}, unnest(range(day, next_day)) AS look FROM (
+            SELECT user_id, day, {windows},
+                   lead(day, 1, {int(last_day) + 1}) OVER (PARTITION BY user_id ORDER BY day)
+                       AS next_day
+            FROM user_day
+            WINDOW w AS (PARTITION BY user_id ORDER BY day ROWS UNBOUNDED PRECEDING))""")
+
+
+def bootstrap_replicates(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo,
+                         caps: dict[str, float], replicates: int, seed: int = 0
+                         ) -> dict[tuple[str, str], dict[str, Moments]]:
+    """Poisson-bootstrap moments of the mean metrics in `all` and cohort segments.
+
+    Each replicate weighs every unit by a Poisson(1) draw (a hash of unit, replicate and
+    seed, so reruns agree); the weighted moments are the replicate's statistics. Needs the
+    temporary tables of `collect` on the same connection. Returns (metric, segment) → arm →
+    Moments with a leading replicate axis.
+    """
+    plan = _plan(metrics, info)
+    u = f"hash(xor(hash(t.user_id * {replicates} + r.b), {int(seed)}::UBIGINT))::DOUBLE / {_U64}"
+    weight = " + ".join(f"(u >= {p!r})::INTEGER" for p in _POISSON_CDF)
+    aggs, layout = [], []
+    for s_idx, seg in enumerate(plan.segments):
+        flt = seg.column if seg.level == "user" else None
+        for m_idx, m in enumerate(plan.metrics):
+            if m.kind != "mean":
+                continue
+            cov = plan.covariate and m.cuped
+            variables = _variables(plan, m, seg, "t", caps, cov)
+            prefix = f"m{m_idx}_g{s_idx}"
+            f = f" FILTER (WHERE {flt})" if flt else ""
+            aggs.append(f"SUM(w){f} AS {prefix}_n")
+            for i, v in enumerate(variables):
+                aggs.append(f"SUM(w * {v}){f} AS {prefix}_s{i}")
+                for j in range(i, len(variables)):
+                    aggs.append(f"SUM(w * {v} * {variables[j]}){f} AS {prefix}_c{i}_{j}")
+            layout.append((m, seg, prefix, len(variables)))
+    if not layout:
+        return {}
+    rows = _fetch_dicts(con, f"""
+        SELECT arm, b, {', '.join(aggs)} FROM (
+            SELECT *, {weight} AS w FROM (
+                SELECT t.*, r.b, {u} AS u FROM unit_totals t CROSS JOIN range({replicates}) r(b)))
+        t GROUP BY arm, b ORDER BY arm, b""")
+    by_arm: dict[str, list[dict]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r)
+    out = {}
+    for m, seg, prefix, k in layout:
+        out[(m.name, seg.name)] = {
+            a: Moments.stack([_read_moments(r, prefix, k) for r in by_arm[a]]) for a in plan.arms}
+    return out

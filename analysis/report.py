@@ -1,0 +1,263 @@
+"""The report: one document model rendered twice, as Markdown and as self-contained HTML.
+
+Order matters: the sample-ratio check comes first (a mismatch voids everything below it),
+then power (is the run able to see the effect it is looking for?), then the results.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis.engine import Analysis
+
+
+@dataclass(frozen=True)
+class Block:
+    """A piece of the document: heading, paragraph, alert, table or image."""
+
+    kind: str  # "h2" | "h3" | "p" | "alert" | "ok" | "table" | "img" | "list"
+    text: str = ""
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    items: tuple[str, ...] = ()
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f}%"
+
+
+def _p(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "<1e-4" if x < 1e-4 else f"{x:.4f}"
+
+
+def _ci(lo: float | None, hi: float | None, fmt) -> str:
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def _result_table(rows: list[dict], alpha: float, with_segment: bool) -> Block:
+    header = (("segment",) if with_segment else ()) + (
+        "metric", "arm", "control", "treatment", "uplift", f"{100 * (1 - alpha):g}% CI",
+        "abs. effect", "abs. CI", "p", "p adj.", "n (c / t)", "method")
+    body = []
+    for r in rows:
+        sig = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
+        body.append(((r["segment"],) if with_segment else ()) + (
+            r["metric"] + (" **" if sig else ""), r["arm"], _num(r["control_mean"]),
+            _num(r["treatment_mean"]), _pct(r["rel_effect"]),
+            _ci(r["ci_low"], r["ci_high"], _pct), _num(r["abs_effect"]),
+            _ci(r["abs_ci_low"], r["abs_ci_high"], _num), _p(r["p_value"]), _p(r["p_adjusted"]),
+            f"{r['n_control']} / {r['n_treatment']}", r["method"]))
+    return Block("table", header=header, rows=tuple(body))
+
+
+def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
+    """The report as blocks, in reading order."""
+    res, d = analysis.results, analysis.details
+    alpha = d["alpha"]
+    srm = res["srm"]
+    doc = [Block("h1", f"A/B analysis: {d['experiment_id']}"),
+           Block("p", f"Run `{d['run_dir']}`; control `{d['control']}`, treatment(s) "
+                      f"{', '.join(f'`{t}`' for t in d['treatments'])}; α = {alpha:g}; "
+                      f"{len(d['days'])} day(s); pre-period for CUPED: "
+                      f"{'yes' if d['pre_period'] else 'no (CUPED off)'}.")]
+
+    doc.append(Block("h2", "1. Sample ratio mismatch (SRM) check"))
+    if srm["mismatch"]:
+        doc.append(Block("alert", f"SAMPLE RATIO MISMATCH: χ² p = {srm['p_value']:.3g} < "
+                                  f"{srm['threshold']:g}. The arms' unit counts do not match the "
+                                  f"configured allocation, so assignment or logging is broken and "
+                                  f"NONE of the results below can be trusted until it is fixed."))
+    else:
+        doc.append(Block("ok", f"No sample ratio mismatch: χ² = {srm['statistic']:.3g}, "
+                               f"p = {srm['p_value']:.3g} (alarm below {srm['threshold']:g})."))
+    doc.append(Block("table", header=("arm", "expected share", "expected units", "observed units"),
+                     rows=tuple((a, f"{srm['expected_shares'][a]:.4f}",
+                                 f"{srm['expected_counts'][a]:.1f}", str(srm["observed_counts"][a]))
+                                for a in srm["expected_shares"])))
+    if plots:
+        doc.append(Block("img", "srm"))
+
+    doc.append(Block("h2", "2. Power: minimum detectable effects of the primary metrics"))
+    doc.append(Block("p", f"MDE = smallest true effect this run detects with {100 * d['power']:g}% "
+                          f"power at α = {alpha:g} (two-sided), given its units, allocation and "
+                          f"duration; target uplift {100 * d['target_uplift']:g}%."))
+    items = []
+    for p in d["power_analysis"]:
+        head = (f"`{p['metric']}` ({p['arm']}, {p['method']}): MDE {_num(p['mde_abs'])} absolute, "
+                f"{_pct(p['mde_rel']).lstrip('+')} relative.")
+        if p["underpowered"]:
+            ratio = (p["units_needed_for_target"] or float("inf")) / max(p["units"], 1)
+            items.append(f"{head} UNDERPOWERED: the run cannot reliably detect a "
+                         f"{100 * p['target_uplift']:g}% uplift (power "
+                         f"{_pct(p['power_at_target']).lstrip('+')}); that needs about "
+                         f"{_num(p['units_needed_for_target'], 3)} units in these arms "
+                         f"({ratio:.1f}× this run) at the same allocation.")
+        else:
+            items.append(f"{head} Powered for a {100 * p['target_uplift']:g}% uplift (power "
+                         f"{_pct(p['power_at_target']).lstrip('+')}).")
+    doc.append(Block("list", items=tuple(items) or ("no primary metric analysed",)))
+
+    rows = res["rows"]
+    overall = [r for r in rows if r["segment"] == "all"]
+    cohorts = [r for r in rows if r["segment"] not in ("all",) and not r["segment"].startswith("day=")]
+    daily = [r for r in rows if r["segment"].startswith("day=")]
+    doc.append(Block("h2", "3. Results: all users"))
+    doc.append(Block("p", f"Uplift = (treatment − control) / control; `**` marks adjusted p < "
+                          f"{alpha:g} ({'Holm' if d['correction'] == 'holm' else 'Benjamini-Hochberg'}"
+                          f" across all {len(rows)} rows). CUPED rows show unadjusted means and "
+                          f"the covariate-adjusted effect."))
+    doc.append(_result_table(overall, alpha, with_segment=False))
+    if plots:
+        doc.append(Block("img", "forest"))
+    doc.append(Block("h2", "4. Segments (cohorts)"))
+    doc.append(_result_table(cohorts, alpha, with_segment=True) if cohorts
+               else Block("p", "No cohort columns in this run."))
+    doc.append(Block("h2", "5. By day (that day's events)"))
+    doc.append(_result_table(daily, alpha, with_segment=True))
+
+    doc.append(Block("h2", "6. Sequential looks: always-valid p-values (mSPRT)"))
+    doc.append(Block("p", "Cumulative effect at the end of each day. The always-valid p-value and "
+                          "CI (mixture SPRT) stay valid however often you look; the fixed-horizon "
+                          "p-value is valid only at the planned end."))
+    for s in d["sequential"]:
+        doc.append(Block("h3", f"{s['metric']} ({s['arm']}, {s['method']})"))
+        doc.append(Block("table", header=("day", "uplift", "always-valid CI", "always-valid p",
+                                          "fixed p", "MDE (rel.)"),
+                         rows=tuple((str(day), _pct(s["rel_effect"][i]),
+                                     _ci(s["ci_low_always_valid"][i], s["ci_high_always_valid"][i],
+                                         _pct),
+                                     _p(s["p_value_always_valid"][i]), _p(s["p_value_fixed"][i]),
+                                     _pct(s["mde_rel"][i]).lstrip("+"))
+                                    for i, day in enumerate(s["day"]))))
+    if plots and d["sequential"]:
+        doc.append(Block("img", "sequential"))
+
+    doc.append(Block("h2", "7. Method notes"))
+    notes = [
+        "Per-user sums are computed in DuckDB over the run's Parquet; users assigned but without "
+        "events count as zeros. Means: Welch t-test; ratios: delta method; relative uplift CIs: "
+        "delta method; CUPED: regression on the same metric over the pre-period "
+        f"(`<experiment>__pre`), θ pooled within arms.",
+        f"Multiplicity: {d['correction']} across every row of results.json.",
+    ]
+    if d["cuped"]:
+        vr = [c["variance_reduction"] for c in d["cuped"] if c["segment"] == "all"]
+        if vr:
+            notes.append("CUPED variance reduction (segment all): " + ", ".join(
+                f"{c['metric']} {100 * (c['variance_reduction'] or 0):.1f}%"
+                for c in d["cuped"] if c["segment"] == "all"))
+    if d["caps"]:
+        notes.append("Capped per-user values (winsorized at the configured quantile): " + ", ".join(
+            f"{k} ≤ {_num(v)}" for k, v in d["caps"].items()))
+    if d["bootstrap"]["replicates"]:
+        notes.append(f"Bootstrap: {d['bootstrap']['replicates']} Poisson replicates; rows with "
+                     f"method `+bootstrap` have percentile CIs (p-values stay analytic).")
+    for s in d["skipped"]:
+        notes.append(f"Not tested: {s['metric']} / {s['segment']} / {s['arm']}: {s['reason']}.")
+    doc.append(Block("list", items=tuple(notes)))
+    return doc
+
+
+def to_markdown(doc: list[Block]) -> str:
+    """Render the document as Markdown (images point at `plots/<name>.png`)."""
+    out = []
+    for b in doc:
+        if b.kind == "h1":
+            out.append(f"# {b.text}\n")
+        elif b.kind == "h2":
+            out.append(f"## {b.text}\n")
+        elif b.kind == "h3":
+            out.append(f"### {b.text}\n")
+        elif b.kind == "p":
+            out.append(b.text + "\n")
+        elif b.kind == "alert":
+            out.append(f"> **🚨 {b.text}**\n")
+        elif b.kind == "ok":
+            out.append(f"> ✅ {b.text}\n")
+        elif b.kind == "list":
+            out.append("\n".join(f"- {i}" for i in b.items) + "\n")
+        elif b.kind == "table":
+            out.append("| " + " | ".join(b.header) + " |")
+            out.append("|" + "---|" * len(b.header))
+            out.extend("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+                       for row in b.rows)
+            out.append("")
+        elif b.kind == "img":
+            out.append(f"![{b.text}](plots/{b.text}.png)\n")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f2f4f4; } td:first-child, th:first-child { text-align: left; }
+.alert { background: #c0392b; color: white; padding: 1em; font-size: 1.2em; font-weight: bold; }
+.ok { background: #e9f7ef; border-left: 6px solid #27ae60; padding: 0.6em; }
+img { max-width: 100%; }
+code { background: #f4f6f6; padding: 0 3px; }
+"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then turn `code` spans into <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(doc: list[Block], images: dict[str, bytes], title: str) -> str:
+    """Render the document as one self-contained HTML page (PNGs embedded as base64)."""
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+           f"</title><style>{_CSS}</style></head><body>"]
+    for b in doc:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "alert":
+            out.append(f"<div class='alert'>🚨 {_inline(b.text)}</div>")
+        elif b.kind == "ok":
+            out.append(f"<div class='ok'>✅ {_inline(b.text)}</div>")
+        elif b.kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                           for row in b.rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "img" and b.text in images:
+            data = base64.b64encode(images[b.text]).decode("ascii")
+            out.append(f"<p><img alt='{b.text}' src='data:image/png;base64,{data}'></p>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(analysis: Analysis, out: Path, plots: bool = True) -> None:
+    """Write `report.md`, `report.html` and `plots/*.png` into `out` (a staging folder)."""
+    from analysis.plots import forest_plot, sequential_plot, srm_plot
+
+    alpha = analysis.details["alpha"]
+    images: dict[str, bytes] = {}
+    if plots:
+        images["srm"] = srm_plot(analysis.results["srm"])
+        images["forest"] = forest_plot(analysis.results["rows"], alpha)
+        if analysis.details["sequential"]:
+            images["sequential"] = sequential_plot(analysis.details["sequential"], alpha)
+        (out / "plots").mkdir(exist_ok=True)
+        for name, png in images.items():
+            (out / "plots" / f"{name}.png").write_bytes(png)
+    doc = build_document(analysis, plots=plots)
+    (out / "report.md").write_text(to_markdown(doc))
+    (out / "report.html").write_text(
+        to_html(doc, images, f"A/B analysis: {analysis.details['experiment_id']}"))
