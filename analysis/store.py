@@ -93,11 +93,18 @@ class StoreInfo:
 
 
 @contextlib.contextmanager
-def connect(db_path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the store file, yield the connection, always close it (DuckDB locks the file)."""
+def connect(db_path: Path, read_only: bool = False,
+            threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the store file, yield the connection, always close it (DuckDB locks the file).
+
+    `threads=1` makes every float sum happen in one fixed order (byte-identical results);
+    more threads may change sums in their last bits from one run to the next.
+    """
     con = duckdb.connect(str(db_path), read_only=read_only)
     try:
         con.execute("SET enable_progress_bar = false")
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
         yield con
     finally:
         con.close()

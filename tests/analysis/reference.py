@@ -64,12 +64,14 @@ def welch(yc: np.ndarray, yt: np.ndarray) -> tuple[float, float]:
     return float(yt.mean() - yc.mean()), float(sps.ttest_ind(yt, yc, equal_var=False).pvalue)
 
 
-def delta_ratio(yc, xc, yt, xt) -> tuple[float, float]:
-    """(difference of ratios, its delta-method standard error) from per-unit linearization."""
+def delta_ratio(yc, xc, yt, xt) -> tuple[float, float, float]:
+    """(difference of ratios, its delta-method standard error, Welch-Satterthwaite df)
+    from the per-unit linearization (y - r x) / mean(x)."""
     def arm(y, x):
         r = y.sum() / x.sum()
         lin = (y - r * x) / x.mean()
         return r, lin.var(ddof=1) / len(y)
     rc, vc = arm(yc, xc)
     rt, vt = arm(yt, xt)
-    return rt - rc, float(np.sqrt(vc + vt))
+    df = (vc + vt) ** 2 / (vc**2 / (len(yc) - 1) + vt**2 / (len(yt) - 1))
+    return rt - rc, float(np.sqrt(vc + vt)), float(df)
