@@ -159,7 +159,8 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
     for job, res, pa in zip(jobs, results, p_adj):
         rows.append({
             "metric": job.metric.name, "segment": job.segment, "arm": job.arm,
-            "control_mean": _finite(res.control_mean), "treatment_mean": _finite(res.treatment_mean),
+            "control_mean": _finite(res.control_mean),
+            "treatment_mean": _finite(res.treatment_mean),
             "abs_effect": _finite(res.abs_effect), "rel_effect": _finite(res.rel_effect),
             "ci_low": _finite(res.ci_low), "ci_high": _finite(res.ci_high),
             "abs_ci_low": _finite(res.abs_ci_low), "abs_ci_high": _finite(res.abs_ci_high),
@@ -171,7 +172,8 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
 
 
 def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments: list[str],
-                covariate_methods: dict[tuple[str, str], str], config: AnalysisConfig) -> list[dict]:
+                covariate_methods: dict[tuple[str, str], str],
+                config: AnalysisConfig) -> list[dict]:
     """Always-valid (mSPRT) p-values and CIs of the cumulative effect at the end of each day."""
     out = []
     tcfg = stats.TestConfig(config.alpha)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -59,7 +60,8 @@ class Metric:
             raise AnalysisError(f"metric name {self.name!r}: expected lower-case letters, digits "
                                 f"and underscores")
         if self.kind not in KINDS:
-            raise AnalysisError(f"metric {self.name!r}: kind {self.kind!r}, expected one of {KINDS}")
+            raise AnalysisError(f"metric {self.name!r}: kind {self.kind!r}, "
+                                f"expected one of {KINDS}")
         if (self.kind == "ratio") != (self.denominator is not None):
             raise AnalysisError(f"metric {self.name!r}: a denominator is required for ratio "
                                 f"metrics and only for them (kind {self.kind!r})")
@@ -107,7 +109,8 @@ for _m in (
            description="clicks per impression"),
     Metric("conversion", "ratio", "(event_type = 'order')", "(event_type = 'click')",
            description="orders per click"),
-    Metric("aov", "ratio", GMV, COMPLETED, description="average order value: GMV per completed order"),
+    Metric("aov", "ratio", GMV, COMPLETED,
+           description="average order value: GMV per completed order"),
 ):
     register(_m)
 
@@ -159,6 +162,7 @@ class _Plan:
     arms: tuple[str, ...]
     covariate: bool
     exprs: tuple[str, ...]
+    events_dir: Path
 
     @property
     def event_segments(self) -> list[Segment]:
@@ -177,7 +181,8 @@ def _plan(metrics: list[Metric], info: StoreInfo) -> _Plan:
             if e is not None and e not in exprs:
                 exprs.append(e)
     return _Plan(tuple(metrics), info.segments, tuple(info.manifest.arms),
-                 info.has_pre_period and any(m.cuped for m in metrics), tuple(exprs))
+                 info.has_pre_period and any(m.cuped for m in metrics), tuple(exprs),
+                 info.run_dir / "events")
 
 
 def _sums_sql(plan: _Plan) -> list[str]:
@@ -200,7 +205,8 @@ def _sum_cols(plan: _Plan) -> list[str]:
 
 def per_unit_sql(plan: _Plan) -> str:
     """The one pass over the experiment's events: per (user, day) sums and arm counts."""
-    arm_counts = [f"count(*) FILTER (WHERE arm = '{a}') AS arm_{k}" for k, a in enumerate(plan.arms)]
+    arm_counts = [f"count(*) FILTER (WHERE arm = '{a}') AS arm_{k}"
+                  for k, a in enumerate(plan.arms)]
     cols = ", ".join(["count(*) AS n_events", *arm_counts, *_sums_sql(plan)])
     return f"SELECT user_id, day, {cols} FROM exp_events GROUP BY user_id, day"
 
@@ -305,29 +311,30 @@ def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
     """Every event's arm must be its user's assigned arm; every arm must have events."""
     assigned = "CASE u.arm " + " ".join(
         f"WHEN '{a}' THEN d.arm_{k}" for k, a in enumerate(plan.arms)) + " ELSE -1 END"
-    where = f"FROM user_day d LEFT JOIN units u USING (user_id) WHERE u.arm IS NULL OR {assigned} <> d.n_events"
+    where = (f"FROM user_day d LEFT JOIN units u USING (user_id) "
+             f"WHERE u.arm IS NULL OR {assigned} <> d.n_events")
     n_bad, n_users, n_unassigned = con.execute(
         f"SELECT count(*), count(DISTINCT d.user_id), count(*) FILTER (WHERE u.arm IS NULL) {where}"
     ).fetchone()
     if n_bad:
-        sample = con.execute(f"SELECT d.user_id, u.arm {where} ORDER BY d.user_id, d.day LIMIT 5"
+        sample = con.execute(f"SELECT DISTINCT d.user_id, u.arm {where} ORDER BY d.user_id LIMIT 5"
                              ).fetchall()
-        users = sorted({r[0] for r in sample})
         examples = con.execute(f"""
-            SELECT user_id, day, arm, count(*) FROM exp_events
-            WHERE user_id IN ({', '.join(str(u) for u in users)})
+            SELECT user_id, arm, count(*), count(DISTINCT day) FROM exp_events
+            WHERE user_id IN ({', '.join(str(u) for u, _ in sample)})
             GROUP BY ALL ORDER BY ALL LIMIT 10""").fetchall()
-        shown = "; ".join(f"user {u} day {d}: {n} event(s) with arm={a!r}" for u, d, a, n in examples)
+        shown = "; ".join(f"user {u}: {n} event(s) on {d} day(s) with arm={a!r}"
+                          for u, a, n, d in examples)
         raise AnalysisError(
-            f"events/: column 'arm': {n_users} user(s) ({n_bad} user-days) have events whose arm "
-            f"disagrees with assignments.parquet ({n_unassigned} user-days of users not assigned "
-            f"at all); assigned: " + ", ".join(f"user {u}={a!r}" for u, a in sample)
-            + f"; their events: {shown}")
+            f"{plan.events_dir}: column 'arm': {n_users} user(s) ({n_bad} user-days) have events "
+            f"whose arm disagrees with assignments.parquet ({n_unassigned} user-days of users "
+            f"not assigned at all); assigned: "
+            + ", ".join(f"user {u}={a!r}" for u, a in sample) + f"; their events: {shown}")
     per_arm = dict(con.execute("""SELECT u.arm, sum(d.n_events) FROM user_day d
                                   JOIN units u USING (user_id) GROUP BY u.arm""").fetchall())
     silent = [a for a in plan.arms if not per_arm.get(a)]
     if silent:
-        raise AnalysisError(f"events/: arm(s) {silent} have assigned units but no events "
+        raise AnalysisError(f"{plan.events_dir}: arm(s) {silent} have assigned units but no events "
                             f"(events per arm: {per_arm})")
 
 

@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 SIGNIFICANT = "#c0392b"
 NEUTRAL = "#34495e"
@@ -17,7 +18,7 @@ NEUTRAL = "#34495e"
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)  # the callers' tight_layout already fits the text
     return buf.getvalue()
 
 
@@ -46,8 +47,8 @@ def forest_plot(rows: list[dict], alpha: float) -> bytes:
                     sig = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
                     color = SIGNIFICANT if sig else NEUTRAL
                     mid = 100 * r["rel_effect"]
-                    ax.errorbar(mid, y, xerr=[[mid - 100 * r["ci_low"]], [100 * r["ci_high"] - mid]],
-                                fmt="o", color=color, capsize=3, ms=4)
+                    err = [[mid - 100 * r["ci_low"]], [100 * r["ci_high"] - mid]]
+                    ax.errorbar(mid, y, xerr=err, fmt="o", color=color, capsize=3, ms=4)
                 y += 1
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -89,6 +90,10 @@ def sequential_plot(sequential: list[dict], alpha: float) -> bytes:
                      label="fixed-horizon p")
         ax2.axhline(alpha, color=SIGNIFICANT, lw=0.8, ls="--", label=f"α = {alpha:g}")
         ax2.set_ylim(top=1.5)
+        ax2.yaxis.set_major_locator(LogLocator(numticks=6))
+        # plain-text labels: the default log labels are mathtext, slow to lay out
+        ax2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax2.yaxis.set_minor_formatter(NullFormatter())
         ax2.tick_params(labelsize=8)
         if i == 0:
             ax2.legend(fontsize=7, loc="lower left")

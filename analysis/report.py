@@ -110,13 +110,14 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
 
     rows = res["rows"]
     overall = [r for r in rows if r["segment"] == "all"]
-    cohorts = [r for r in rows if r["segment"] not in ("all",) and not r["segment"].startswith("day=")]
+    cohorts = [r for r in rows
+               if r["segment"] != "all" and not r["segment"].startswith("day=")]
     daily = [r for r in rows if r["segment"].startswith("day=")]
     doc.append(Block("h2", "3. Results: all users"))
+    correction = "Holm" if d["correction"] == "holm" else "Benjamini-Hochberg"
     doc.append(Block("p", f"Uplift = (treatment − control) / control; `**` marks adjusted p < "
-                          f"{alpha:g} ({'Holm' if d['correction'] == 'holm' else 'Benjamini-Hochberg'}"
-                          f" across all {len(rows)} rows). CUPED rows show unadjusted means and "
-                          f"the covariate-adjusted effect."))
+                          f"{alpha:g} ({correction} across all {len(rows)} rows). CUPED rows "
+                          f"show unadjusted means and the covariate-adjusted effect."))
     doc.append(_result_table(overall, alpha, with_segment=False))
     if plots:
         doc.append(Block("img", "forest"))
@@ -252,8 +253,11 @@ def write_report(analysis: Analysis, out: Path, plots: bool = True) -> None:
     if plots:
         images["srm"] = srm_plot(analysis.results["srm"])
         images["forest"] = forest_plot(analysis.results["rows"], alpha)
-        if analysis.details["sequential"]:
-            images["sequential"] = sequential_plot(analysis.details["sequential"], alpha)
+        primary = {m["name"] for m in analysis.details["metrics"] if m["primary"]}
+        looks = [s for s in analysis.details["sequential"] if s["metric"] in primary] \
+            or analysis.details["sequential"]
+        if looks:
+            images["sequential"] = sequential_plot(looks, alpha)
         (out / "plots").mkdir(exist_ok=True)
         for name, png in images.items():
             (out / "plots" / f"{name}.png").write_bytes(png)

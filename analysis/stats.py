@@ -226,17 +226,20 @@ def _compare(control: Moments, treatment: Moments, config: TestConfig, *, ratio:
     )
 
 
-def welch_test(control: Moments, treatment: Moments, config: TestConfig = TestConfig()) -> TestResult:
+def welch_test(control: Moments, treatment: Moments,
+               config: TestConfig = TestConfig()) -> TestResult:
     """Two-sided Welch test on the difference of means (moments of one variable y)."""
     return _compare(control, treatment, config, ratio=False, cuped=False, method="welch")
 
 
-def ratio_test(control: Moments, treatment: Moments, config: TestConfig = TestConfig()) -> TestResult:
+def ratio_test(control: Moments, treatment: Moments,
+               config: TestConfig = TestConfig()) -> TestResult:
     """Ratio metric Σy/Σx by the delta method (moments of numerator, denominator)."""
     return _compare(control, treatment, config, ratio=True, cuped=False, method="delta")
 
 
-def cuped_test(control: Moments, treatment: Moments, config: TestConfig = TestConfig()) -> TestResult:
+def cuped_test(control: Moments, treatment: Moments,
+               config: TestConfig = TestConfig()) -> TestResult:
     """Mean metric adjusted by its pre-period covariate (moments of y, covariate)."""
     return _compare(control, treatment, config, ratio=False, cuped=True, method="cuped")
 
@@ -388,7 +391,8 @@ def adjust(p_values: np.ndarray, method: str) -> np.ndarray:
 def mde(se: np.ndarray, *, alpha: float = 0.05, power: float = 0.8) -> np.ndarray:
     """Minimum detectable absolute effect of a two-sided test at `alpha` with `power`,
     given the effect's standard error: (z₁₋α/₂ + z_power) · se, with
-    se = √(σ²_c/n_c + σ²_t/n_t) for the planned sample sizes (CUPED-adjusted σ² where used)."""
+    se = √(σ²_c/n_c + σ²_t/n_t) for the planned sample sizes (CUPED-adjusted σ² where
+    used)."""
     return (sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * np.asarray(se)
 
 

@@ -63,8 +63,8 @@ class Manifest:
         arms = raw["arms"]
         if (not isinstance(arms, dict) or len(arms) < 2
                 or not all(isinstance(v, (int, float)) and v > 0 for v in arms.values())):
-            raise AnalysisError(f"{path}: 'arms' is {arms!r}; expected {{arm: allocation share > 0}} "
-                                f"with two or more arms")
+            raise AnalysisError(f"{path}: 'arms' is {arms!r}; expected "
+                                f"{{arm: allocation share > 0}} with two or more arms")
         if raw["control"] not in arms:
             raise AnalysisError(f"{path}: control {raw['control']!r} is not one of the arms "
                                 f"{sorted(arms)}")
@@ -87,6 +87,7 @@ class StoreInfo:
     """What the views hold: the experiment, its segments, whether a pre-period exists."""
 
     manifest: Manifest
+    run_dir: Path
     db_path: Path
     segments: tuple[Segment, ...]
     has_pre_period: bool
@@ -173,8 +174,9 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
         glob = _sql_str(str(events_dir / "**" / "*.parquet"))
         con.execute(f"""
             CREATE OR REPLACE VIEW events AS
-            SELECT * FROM read_parquet({glob}, hive_partitioning = true, union_by_name = true,
-                                       hive_types = {{'experiment_id': VARCHAR, 'day': INTEGER}})""")
+            SELECT * FROM read_parquet(
+                {glob}, hive_partitioning = true, union_by_name = true,
+                hive_types = {{'experiment_id': VARCHAR, 'day': INTEGER}})""")
         e_cols = _columns(con, "events")
         _check_columns(e_cols, EVENTS.names, events_dir, "events")
         con.execute(f"""CREATE OR REPLACE VIEW exp_events AS
@@ -193,7 +195,7 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
     segments = (Segment("all", "all"),
                 *(Segment(segment_name(c), "user", c) for c in user_flags),
                 *(Segment(segment_name(c), "event", c) for c in event_flags))
-    return StoreInfo(manifest, db_path, segments, has_pre_period=pre in experiments)
+    return StoreInfo(manifest, run_dir, db_path, segments, has_pre_period=pre in experiments)
 
 
 def _check_arms(manifest: Manifest, counts: dict[str, int], source: Path) -> None:
