@@ -1,0 +1,152 @@
+"""The offline benchmark (issue 5) on one GPU: every dataset x tokenizer x seed in parallel processes.
+
+Each run trains the tokenizer, then the stack (retriever + ranker) on the leave-one-out
+training part, fits the final score's retrieval weight on the validation items and scores
+the test items (`quasid.evaluate.eval_run`). The small models leave one GPU mostly idle, so
+`--jobs` runs share it; runs are ordered seed-major, so a deadline cuts seeds, not
+tokenizers. At `--deadline` seconds unfinished runs are stopped and reported as failed;
+the finished ones are aggregated per dataset (`quasid.evaluate.offline_eval(reuse_only=True)`).
+Then the serving speed of the first finished stack is measured: the retriever's constrained
+beam search (beam 20, top-10) and the whole stack's `recommend`, on the device and the CPU,
+over the dataset's real test histories.
+
+    python benchmarks/offline_eval.py --data beauty=DIR --data toys=DIR \
+        --tokenizers rqvae,rqkmeans,uniform,adasid,quasid,rqvae+hamr,adasid+hamr --seeds 3 \
+        --out /tmp/bench --export $OUT --device cuda --jobs 21 --deadline 480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", action="append", required=True, help="NAME=DIR (repeatable)")
+    parser.add_argument("--tokenizers", required=True)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", required=True, help="work folder (runs, stacks, results)")
+    parser.add_argument("--export", default=None, help="copy <name>.json, <name>.md, throughput.json here")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--deadline", type=float, default=None, help="seconds before unfinished runs stop")
+    parser.add_argument("--overrides", default="", help="stack config overrides (JSON)")
+    parser.add_argument("--tokenizer-epochs", type=int, default=None)
+    parser.add_argument("--tokenizer-overrides", default="", help="tokenizer overrides (JSON)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    datasets = dict(d.split("=", 1) for d in args.data)
+    tokenizers = [t for t in args.tokenizers.split(",") if t]
+    kwargs = dict(device=args.device, overrides=json.loads(args.overrides) if args.overrides else None,
+                  tokenizer_epochs=args.tokenizer_epochs,
+                  tokenizer_overrides=json.loads(args.tokenizer_overrides) if args.tokenizer_overrides else None)
+    out = Path(args.out)
+    tasks = [(name, tok, seed) for seed in range(args.seeds) for tok in tokenizers for name in datasets]
+    _run_all(tasks, datasets, out, args, kwargs, started)
+
+    from quasid.evaluate import offline_eval
+
+    export = Path(args.export) if args.export else None
+    summary = {}
+    for name, data in datasets.items():
+        try:
+            res = offline_eval(data, tokenizers, args.seeds, out / name, reuse_only=True,
+                               progress=False, **kwargs)
+        except RuntimeError as exc:  # no run of this dataset finished
+            print(f"{name}: {exc}", flush=True)
+            continue
+        summary[name] = res
+        print((out / name / "results.md").read_text(), flush=True)
+        if export:
+            export.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / name / "results.json", export / f"{name}.json")
+            shutil.copy(out / name / "results.md", export / f"{name}.md")
+    speed = _throughput(datasets, tokenizers, args, out)
+    print(json.dumps(speed, indent=1), flush=True)
+    if export:
+        (export / "throughput.json").write_text(json.dumps(speed, indent=2) + "\n")
+    print(f"total {time.perf_counter() - started:.0f}s", flush=True)
+
+
+def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
+    """Run every task in a process pool; stop what is unfinished at the deadline."""
+    from quasid.evaluate import eval_run
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    pool = mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)
+    pending = {}
+    for name, tok, seed in tasks:
+        run_dir = out / name / "runs" / tok / f"seed{seed}"
+        pending[name, tok, seed] = pool.apply_async(
+            eval_run, (datasets[name], tok, seed, run_dir), dict(threads=threads, **kwargs))
+    pool.close()
+    while pending:
+        for key in [k for k, r in pending.items() if r.ready()]:
+            res = pending.pop(key)
+            elapsed = time.perf_counter() - started
+            try:
+                m = res.get()
+                print(f"[{elapsed:5.0f}s] {key}: stack ndcg@10 {m['stack']['all']['ndcg@10']:.4f} "
+                      f"retrieval ndcg@10 {m['retrieval']['all']['ndcg@10']:.4f} "
+                      f"timings {m['timings']} {m['summary']['timings']}", flush=True)
+            except Exception as exc:  # reported; the aggregation lists it as failed
+                print(f"[{elapsed:5.0f}s] {key}: FAILED {type(exc).__name__}: {exc}", flush=True)
+        if args.deadline and time.perf_counter() - started > args.deadline and pending:
+            print(f"deadline: stopping {len(pending)} unfinished runs: {sorted(pending)}", flush=True)
+            pool.terminate()
+            break
+        time.sleep(1.0)
+    pool.join()
+
+
+def _throughput(datasets, tokenizers, args, out) -> dict:
+    """Serving speed of the first finished stack: beam search alone and the whole stack."""
+    import numpy as np
+    import torch
+
+    from quasid.data.dataset import load_dataset
+    from quasid.evaluate import loo_requests
+    from quasid.retrieval import beam_throughput
+    from quasid.stack import Stack
+
+    for name, data in datasets.items():
+        for tok in tokenizers:
+            path = out / name / "runs" / tok / "seed0" / "stack.pt"
+            if path.exists():
+                break
+        if path.exists():
+            break
+    else:
+        return {}
+    if args.export:
+        shutil.copy(path, Path(args.export) / f"stack_{name}_{tok}_seed0.pt")
+    hist, _ = loo_requests(load_dataset(data).interactions, 20)
+    result = {"stack": str(path), "requests": int(len(hist)), "beam": 20, "k": 10}
+    torch.set_num_threads(os.cpu_count() or 1)
+    for device in dict.fromkeys([args.device, "cpu"]):
+        stack = Stack.load(path, device=device)
+        n = len(hist) if device != "cpu" else min(len(hist), 1024)
+        beam_rps = beam_throughput(stack.retriever, stack.rows_of(hist[:n]), beam=20,
+                                   repeats=3 if device != "cpu" else 1)
+        stack.recommend(hist[:1024], 10)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stack.recommend(hist[:n], 10)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        result[device] = {"beam_search_requests_per_s": round(beam_rps, 1),
+                          "stack_requests_per_s": round(n / (time.perf_counter() - t0), 1),
+                          "requests": n, "threads": torch.get_num_threads(),
+                          "name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Offline evaluation: leave-one-out HR@K and NDCG@K over the full item set (the TIGER protocol).
+
+Per user, the last interaction is the test target and everything before it (at most the
+model's history length) the request. Cold items' interactions are dropped from training
+only (`leave_one_out(cold_items=...)`), so a cold item can be a test target; the `cold`
+segment is the requests whose target is a cold item. Both the full stack's slates
+(retriever -> ranker) and the retriever's beam alone (ordered by log p, as TIGER reports)
+are scored. With one relevant item per request, HR@K = [rank < K] and
+NDCG@K = [rank < K] / log2(rank + 2) (rank 0-based).
+
+`offline_eval` runs tokenizers x seeds: train the tokenizer (`quasid.training.train_tokenizer`),
+train a stack on the leave-one-out training part, evaluate, and aggregate mean and standard
+deviation over seeds into `results.json` and `results.md`. Each run's metrics are cached in
+`out/runs/<tokenizer>/seed<k>/metrics.json` (reused when the settings match), and runs can
+go in parallel processes sharing one GPU (`jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from quasid.contracts import SID_TABLE, read_parquet, staged_dir, write_text_atomic
+
+KS = (5, 10)
+METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
+SEGMENTS = ("all", "cold")
+STAGES = ("stack", "retrieval")
+METRICS_FILE = "metrics.json"
+
+
+def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:
+    """Per-request HR@k and NDCG@k of ranked item ids (n, >= max k) against one target each (n,)."""
+    ranked, targets = np.asarray(ranked), np.asarray(targets)
+    if ranked.ndim != 2 or len(ranked) != len(targets) or ranked.shape[1] < max(ks):
+        raise ValueError(f"ranked {ranked.shape} / targets {targets.shape}: expected (n, >= {max(ks)}) "
+                         "and (n,)")
+    match = ranked[:, : max(ks)] == targets[:, None]
+    rank = np.where(match.any(axis=1), match.argmax(axis=1), np.iinfo(np.int64).max)
+    out = {}
+    for k in ks:
+        hit = rank < k
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+    return out
+
+
+def loo_requests(interactions: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(histories (n_users, max_len), targets (n_users,)): each user's last item and what came before."""
+    from quasid.stack import sequence_windows
+
+    hist, items, _, is_last = sequence_windows(interactions, max_len)
+    keep = is_last & (hist[:, -1] >= 0)  # a user with a single interaction has no request
+    return hist[keep], items[keep]
+
+
+def drop_last(interactions: pl.DataFrame) -> pl.DataFrame:
+    """Each user's interactions without the last one (so the validation item becomes the last)."""
+    ordered = interactions.sort(["user_id", "ts", "item_id"])
+    return ordered.filter(pl.int_range(pl.len()).over("user_id") < pl.len().over("user_id") - 1)
+
+
+def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
+                   ) -> dict:
+    """Leave-one-out metrics of a `quasid.stack.Stack`: {stage: {segment: {metric: mean}}, "n": {...}}.
+
+    split="test" scores each user's last item; "valid" the second-to-last (for tuning).
+    """
+    if split not in ("test", "valid"):
+        raise ValueError(f"split={split!r}: expected 'test' or 'valid'")
+    if split == "valid":
+        interactions = drop_last(interactions)
+    max_len = max(stack.cfg.retriever.max_history, stack.cfg.ranker.max_history)
+    hist, targets = loo_requests(interactions, max_len)
+    cold_ids = items.filter(pl.col("is_cold"))["item_id"].to_numpy()
+    cold = np.isin(targets, cold_ids)
+    k = max(KS)
+    slate, _, beam = stack.slates(hist, k)
+    ranked = {"stack": slate, "retrieval": beam[:, :k]}
+    out: dict = {"n": {"all": int(len(targets)), "cold": int(cold.sum())}}
+    for stage, slate in ranked.items():
+        per = hit_ndcg(slate, targets)
+        out[stage] = {seg: {m: float(v[mask].mean()) if mask.any() else float("nan")
+                            for m, v in per.items()}
+                      for seg, mask in (("all", np.ones_like(cold)), ("cold", cold))}
+    return out
+
+
+def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Path, *,
+             device: str = "cpu", overrides: dict | None = None, tokenizer_epochs: int | None = None,
+             tokenizer_overrides: dict | None = None, split: str = "test",
+             save_stack: bool = True, threads: int | None = None, reuse_only: bool = False
+             ) -> dict:
+    """One tokenizer x seed: SIDs, stack, metrics; writes and returns `run_dir/metrics.json`'s content.
+
+    Reuses `run_dir/tokenizer/sids.parquet` if present; reuses the metrics if the settings
+    match. `reuse_only`: never train; a run without matching metrics raises `FileNotFoundError`.
+    """
+    import torch
+
+    from quasid.data.dataset import load_dataset
+    from quasid.data.splits import leave_one_out
+    from quasid.stack import stack_config, train_stack
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
+                "overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
+                "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.exists():
+        cached = json.loads(metrics_path.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    if reuse_only:
+        raise FileNotFoundError(f"{metrics_path}: no finished run with these settings")
+    started = time.perf_counter()
+    sids_path = run_dir / "tokenizer" / "sids.parquet"
+    tokenizer_s = 0.0
+    if not sids_path.exists():
+        from quasid.training import train_tokenizer
+
+        train_tokenizer(Path(data_dir), tokenizer, run_dir / "tokenizer", device=device,
+                        epochs=tokenizer_epochs, seed=seed, overrides=tokenizer_overrides)
+        tokenizer_s = time.perf_counter() - started
+    sid_table = read_parquet(sids_path, SID_TABLE)
+    ds = load_dataset(data_dir)
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    train = leave_one_out(ds.interactions, cold_items=cold).train
+    cfg = stack_config(overrides)
+    # the blend weight is fitted on validation requests, so only when testing on the test split
+    valid = (loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
+             if split == "test" else None)
+    stack, summary = train_stack(ds.items, sid_table, train, cfg, device=device, seed=seed,
+                                 valid=valid, source=str(sids_path))
+    t0 = time.perf_counter()
+    result = evaluate_stack(stack, ds.items, ds.interactions, split)
+    result.update(settings=settings, summary=summary,
+                  timings={"tokenizer_s": round(tokenizer_s, 1),
+                           "eval_s": round(time.perf_counter() - t0, 1),
+                           "total_s": round(time.perf_counter() - started, 1)})
+    if save_stack:
+        stack.save(run_dir / "stack.pt")
+    write_text_atomic(json.dumps(result, indent=2, sort_keys=True) + "\n", metrics_path)
+    return result
+
+
+def aggregate(runs: list[dict], stage: str = "stack") -> list[dict]:
+    """Rows (one per tokenizer x segment) of mean and sample std over seeds of one stage's metrics."""
+    rows = []
+    tokenizers = list(dict.fromkeys(r["settings"]["tokenizer"] for r in runs))
+    for tok in tokenizers:
+        mine = [r for r in runs if r["settings"]["tokenizer"] == tok]
+        for seg in SEGMENTS:
+            row = {"tokenizer": tok, "segment": seg}
+            for m in METRICS:
+                values = np.array([r[stage][seg][m] for r in mine], dtype=np.float64)
+                row[m] = float(np.mean(values))
+                row[f"{m}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row["seeds"] = len(mine)
+            row["requests"] = int(mine[0]["n"][seg])
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    """A Markdown table of `aggregate` rows, metrics as mean ± std."""
+    head = "| tokenizer | segment | " + " | ".join(METRICS) + " | seeds | requests |"
+    lines = [f"### {title}", "", head, "|" + " --- |" * (len(METRICS) + 4)]
+    for r in rows:
+        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_std']:.4f}" for m in METRICS)
+        lines.append(f"| {r['tokenizer']} | {r['segment']} | {cells} | {r['seeds']} | {r['requests']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_dir(out_dir: Path, tokenizer: str, seed: int) -> Path:
+    return out_dir / "runs" / tokenizer / f"seed{seed}"
+
+
+def offline_eval(
+    data_dir: str | Path,
+    tokenizers: list[str],
+    seeds: int,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    jobs: int = 1,
+    overrides: dict | None = None,
+    tokenizer_epochs: int | None = None,
+    tokenizer_overrides: dict | None = None,
+    split: str = "test",
+    reuse_only: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate each tokenizer over `seeds` seeds (0..seeds-1); write `results.json` and `results.md`.
+
+    `results.json` = {"rows": [...]} (the full stack: retriever -> ranker), one row per
+    tokenizer x segment (`all`, `cold`) with the means over seeds of hr@5, hr@10, ndcg@5,
+    ndcg@10 and their sample standard deviations (`_std`), plus `retrieval_rows` (the
+    retriever's beam alone, TIGER's protocol), `failed` runs and the settings. `jobs` > 1
+    runs that many tokenizer x seed runs at once in separate processes (on one GPU, the
+    small models then keep it busy). A failed run is reported, not fatal, unless all fail.
+    `reuse_only`: aggregate the finished runs only (runs missing are reported as failed).
+    """
+    if not tokenizers or seeds < 1:
+        raise ValueError(f"tokenizers={tokenizers}, seeds={seeds}: expected at least one of each")
+    out_dir = Path(out_dir)
+    tasks = [(tok, s) for tok in tokenizers for s in range(seeds)]
+    kwargs = dict(device=device, overrides=overrides, tokenizer_epochs=tokenizer_epochs,
+                  tokenizer_overrides=tokenizer_overrides, split=split, reuse_only=reuse_only)
+    done: dict[tuple[str, int], dict] = {}
+    failed: dict[str, str] = {}
+    log = _logger(progress)
+    started = time.perf_counter()
+    if jobs <= 1:
+        for tok, s in tasks:
+            try:
+                done[tok, s] = eval_run(data_dir, tok, s, _run_dir(out_dir, tok, s), **kwargs)
+                log(f"{tok} seed {s}: {_brief(done[tok, s])}")
+            except Exception as exc:  # one broken tokenizer must not sink the whole benchmark
+                failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
+                log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}\n{traceback.format_exc()}")
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(eval_run, str(data_dir), tok, s, _run_dir(out_dir, tok, s),
+                                   threads=threads, **kwargs): (tok, s) for tok, s in tasks}
+            for fut in as_completed(futures):
+                tok, s = futures[fut]
+                try:
+                    done[tok, s] = fut.result()
+                    log(f"{tok} seed {s}: {_brief(done[tok, s])} "
+                        f"[{time.perf_counter() - started:.0f}s]")
+                except Exception as exc:
+                    failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
+                    log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}")
+    runs = [done[t] for t in tasks if t in done]
+    if not runs:
+        raise RuntimeError(f"offline_eval: every run failed: {failed}")
+    results = {
+        "rows": aggregate(runs, "stack"),
+        "retrieval_rows": aggregate(runs, "retrieval"),
+        "failed": failed,
+        "data": str(data_dir),
+        "device": device,
+        "seeds": seeds,
+        "settings": {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
+                     "tokenizer_overrides": tokenizer_overrides or {}, "split": split},
+        "timings": {f"{t}/seed{s}": done[t, s]["timings"] for t, s in tasks if (t, s) in done},
+    }
+    md = (f"# Offline evaluation: {data_dir}\n\nLeave-one-out over the full item set, mean ± "
+          f"sample std over seeds ({seeds} requested).\n\n"
+          + markdown_table(results["rows"], "Stack (retriever -> ranker)") + "\n"
+          + markdown_table(results["retrieval_rows"], "Retriever beam alone (TIGER protocol)"))
+    if failed:
+        md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in failed.items())
+    with staged_dir(out_dir) as tmp:
+        write_text_atomic(json.dumps(results, indent=2) + "\n", tmp / "results.json")
+        write_text_atomic(md, tmp / "results.md")
+    return results
+
+
+def _brief(run: dict) -> str:
+    s, r = run["stack"]["all"], run["retrieval"]["all"]
+    return (f"stack hr@10 {s['hr@10']:.4f} ndcg@10 {s['ndcg@10']:.4f}; "
+            f"retrieval hr@10 {r['hr@10']:.4f} ndcg@10 {r['ndcg@10']:.4f}")
+
+
+def _logger(enabled: bool):
+    if not enabled:
+        return lambda msg: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda msg: console.log(msg)

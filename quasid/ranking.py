@@ -1,0 +1,171 @@
+"""SID ranker: scores (user history, candidate item) pairs from SID-token features.
+
+Item representation: the sum of one embedding per SID level (each level its own table)
+plus an item-ID embedding that only warm items (those with training interactions) have:
+a cold item is represented by its SID tokens alone, which is what lets the ranker score
+items it never saw. During training each item's ID embedding is hidden with probability
+`id_dropout`, so the SID embeddings learn to carry the item on their own. Each item also
+gets a bias built the same way (per-level biases + an ID bias for warm items).
+
+User representation: a small Transformer encoder over the history's item representations
+(left-padded, newest last) followed by a summary token; its output is the user vector.
+Logit = <user, item> + item bias; trained with binary cross-entropy on the logged next item
+(label 1) against uniformly sampled warm items (label 0), the positive weighing as much as
+all negatives together, so sigmoid(logit) is p(order | user, item) on balanced odds (a
+propensity comparable across candidates, not a calibrated rate). The GMV-aware score is
+p(order) * price ** alpha (alpha = 0: plain p(order)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quasid.retrieval import autocast, bucketed_batches, trim_padding
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Ranker size and training schedule."""
+
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    dropout: float = 0.1
+    max_history: int = 20
+    negatives: int = 32
+    id_dropout: float = 0.2
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+
+class Ranker(nn.Module):
+    """Scores candidate item rows for a batch of item-row histories."""
+
+    def __init__(self, sid: np.ndarray, warm: np.ndarray, cfg: RankerConfig = RankerConfig()):
+        """sid: (n_items, L) semantic SID codes per item row; warm: (n_items,) has training data."""
+        super().__init__()
+        self.cfg = cfg
+        sid = np.asarray(sid, dtype=np.int64)
+        vocab = sid.max(axis=0) + 1
+        offsets = np.concatenate([[0], np.cumsum(vocab)[:-1]])
+        self.register_buffer("sid", torch.from_numpy(sid), persistent=False)
+        self.register_buffer("sid_tokens", torch.from_numpy(sid + offsets), persistent=False)
+        self.register_buffer("warm", torch.as_tensor(np.asarray(warm, dtype=bool)), persistent=False)
+        n_items, n_sid = sid.shape[0], int(vocab.sum())
+        d = cfg.d_model
+        self.sid_emb = nn.Embedding(n_sid, d)
+        self.id_emb = nn.Embedding(n_items, d)
+        self.sid_bias = nn.Embedding(n_sid, 1)
+        self.id_bias = nn.Embedding(n_items, 1)
+        for table in (self.sid_emb, self.id_emb):
+            nn.init.normal_(table.weight, std=0.02)
+        for table in (self.sid_bias, self.id_bias):
+            nn.init.zeros_(table.weight)
+        self.pos = nn.Embedding(cfg.max_history + 1, d)
+        self.summary = nn.Parameter(torch.zeros(d))
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 4 * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
+
+    def _id_keep(self, rows: torch.Tensor) -> torch.Tensor:
+        keep = self.warm[rows.clamp(min=0)] & (rows >= 0)
+        if self.training and self.cfg.id_dropout > 0:
+            keep &= torch.rand(rows.shape, device=rows.device) >= self.cfg.id_dropout
+        return keep
+
+    def item_repr(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vectors (..., d), biases (...)) of item rows; -1 rows give zeros."""
+        safe = rows.clamp(min=0)
+        keep = self._id_keep(rows)[..., None].float()
+        tokens = self.sid_tokens[safe]
+        vec = self.sid_emb(tokens).sum(-2) + keep * self.id_emb(safe)
+        bias = self.sid_bias(tokens).sum(-2) + keep * self.id_bias(safe)
+        valid = (rows >= 0)[..., None].float()
+        return vec * valid, (bias * valid)[..., 0]
+
+    def user_repr(self, histories: torch.Tensor) -> torch.Tensor:
+        """User vectors (B, d) from item-row histories (B, H), -1 padded, newest last."""
+        h = trim_padding(histories[:, -self.cfg.max_history:])
+        b, n = h.shape
+        vec, _ = self.item_repr(h)
+        x = torch.cat([vec, self.summary.expand(b, 1, -1)], dim=1)
+        x = x + self.pos(torch.arange(n, -1, -1, device=h.device))[None]
+        pad = torch.cat([h < 0, torch.zeros((b, 1), dtype=torch.bool, device=h.device)], dim=1)
+        return self.encoder(x, src_key_padding_mask=pad)[:, -1]
+
+    def logits(self, histories: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N) of candidate rows (B, N) for each request's history."""
+        user = self.user_repr(histories)
+        vec, bias = self.item_repr(candidates)
+        return torch.einsum("bd,bnd->bn", user, vec).float() + bias.float()
+
+    def loss(self, histories: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+             ) -> torch.Tensor:
+        """Binary cross-entropy: the target (label 1) against sampled negatives (label 0)."""
+        logit = self.logits(histories, torch.cat([targets[:, None], negatives], dim=1))
+        # the positive weighs as much as all negatives together (balanced odds)
+        return (F.softplus(-logit[:, 0]) + F.softplus(logit[:, 1:]).mean(dim=1)).mean()
+
+
+def gmv_score(logits: torch.Tensor, price: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """The GMV-aware ranking score p(order) * price ** alpha, with p(order) = sigmoid(logits)."""
+    p = torch.sigmoid(logits.float())
+    return p * price.pow(alpha) if alpha else p
+
+
+def train_ranker(
+    model: Ranker,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    negative_pool: np.ndarray,
+    *,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
+    """Train on (history rows (N, H), target row (N,)); negatives drawn uniformly from `negative_pool`.
+
+    Returns the mean loss per epoch; `progress` is an optional callable(epoch, loss).
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    hist = torch.as_tensor(histories, dtype=torch.int64, device=device)
+    tgt = torch.as_tensor(targets, dtype=torch.int64, device=device)
+    pool = torch.as_tensor(negative_pool, dtype=torch.int64, device=device)
+    if len(pool) == 0:
+        raise ValueError("negative_pool: expected at least one warm item to sample negatives from")
+    n = len(tgt)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(1, math.ceil(n / cfg.batch_size)) * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and ID dropout draws
+    losses = []
+    model.train()
+    lengths = (np.asarray(histories) >= 0).sum(axis=1)
+    for epoch in range(cfg.epochs):
+        neg_idx = torch.randint(len(pool), (n, cfg.negatives), generator=gen).to(device)
+        total_loss = torch.zeros((), device=device)
+        for batch in bucketed_batches(lengths, cfg.batch_size, gen):
+            idx = torch.as_tensor(batch, device=device)
+            with autocast(device):
+                loss = model.loss(hist[idx], tgt[idx], pool[neg_idx[idx]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.detach() * len(idx)
+        losses.append(float(total_loss) / n)
+        if progress is not None:
+            progress(epoch, losses[-1])
+    model.eval()
+    return losses

@@ -1,0 +1,317 @@
+"""Generative retrieval over SIDs (TIGER-style): a small encoder-decoder Transformer.
+
+Input: the user's recent items (item rows, left-padded with -1, newest last), each spelled
+as its full code (SID levels + collision rank, see `quasid.trie`), one token per level,
+followed by an always-present end token (so an empty history still has something to
+attend to). Output: the next item's code, one level at a time. Each level has its own
+token range in one shared vocabulary (token = level offset + code), so the embedding and
+output layers are shared while levels never mix.
+
+Decoding is beam search constrained by the `SidTrie`: at each level a beam may only extend
+its prefix with a token that leads to an existing item, so every result is a real item.
+Beams of one request share the encoder memory: the decoder folds the beams into the
+cross-attention's query axis instead of copying the memory once per beam.
+The item score is log p(code) = the sum of the per-level log-probabilities (softmax over
+the level's full vocabulary, as the model was trained; invalid tokens are then excluded).
+`score_items` computes the same number by teacher forcing for any items, the brute-force
+reference the beam search is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quasid.trie import PAD, SidTrie
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Model size and training schedule.
+
+    Defaults: TIGER's width (d_model 128) at half its depth and feed-forward size and a short
+    schedule, chosen from validation learning curves on Beauty under the GPU budget of the
+    offline benchmark (benchmarks/README.md).
+    """
+
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    """Encoder layers and decoder layers (each)."""
+    d_ff: int = 512
+    dropout: float = 0.1
+    max_history: int = 20
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.035
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    beam: int = 20
+    """Beam width at serving time (and the number of items a beam search returns)."""
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Transformer decoder layer whose cross-attention serves all beams of a request at once."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(d_ff, d_model))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor,
+                causal: torch.Tensor) -> torch.Tensor:
+        """x: (B, W, t, d) W beams per request; memory: (B, S, d); memory_pad: (B, S) True = pad."""
+        b, w, t, d = x.shape
+        flat = x.reshape(b * w, t, d)
+        h = self.norm1(flat)
+        flat = flat + self.drop(self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0])
+        h = self.norm2(flat).reshape(b, w * t, d)
+        cross = self.cross_attn(h, memory, memory, key_padding_mask=memory_pad, need_weights=False)[0]
+        flat = flat + self.drop(cross.reshape(b * w, t, d))
+        flat = flat + self.drop(self.ff(self.norm3(flat)))
+        return flat.reshape(b, w, t, d)
+
+
+class Retriever(nn.Module):
+    """Encoder-decoder over SID tokens, tied to one SID table through its trie."""
+
+    def __init__(self, trie: SidTrie, cfg: RetrieverConfig = RetrieverConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.trie = trie
+        depth = trie.depth
+        offsets = np.concatenate([[0], np.cumsum(trie.vocab)]).astype(np.int64)
+        self.n_tokens = int(offsets[-1])
+        self.pad_token, self.end_token, self.bos_token = self.n_tokens, self.n_tokens + 1, self.n_tokens + 2
+        self.register_buffer("offsets", torch.from_numpy(offsets[:-1]), persistent=False)
+        self.register_buffer("item_tokens", trie.codes + self.offsets, persistent=False)
+        level = torch.full((self.n_tokens,), -1, dtype=torch.int64)
+        for d in range(depth):
+            level[offsets[d]:offsets[d + 1]] = d
+        # additive mask restricting the output softmax at level d to level d's tokens
+        self.register_buffer("level_mask", torch.where(level[None, :] == torch.arange(depth)[:, None],
+                                                       0.0, -math.inf), persistent=False)
+        d = cfg.d_model
+        self.embed = nn.Embedding(self.n_tokens + 3, d, padding_idx=self.pad_token)
+        self.enc_pos = nn.Embedding(cfg.max_history * depth + 1, d)
+        self.dec_pos = nn.Embedding(depth, d)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
+        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout)
+                                     for _ in range(cfg.n_layers))
+        self.dec_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, self.n_tokens)
+
+    @property
+    def depth(self) -> int:
+        """Tokens per item (SID levels + collision suffix)."""
+        return self.trie.depth
+
+    def encode(self, histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory (B, S, d), padding mask (B, S)) of item-row histories (B, H), -1 padded."""
+        h = trim_padding(histories[:, -self.cfg.max_history:])
+        b, n = h.shape
+        tokens = torch.where((h >= 0)[..., None], self.item_tokens[h.clamp(min=0)], self.pad_token)
+        tokens = torch.cat([tokens.reshape(b, n * self.depth),
+                            torch.full((b, 1), self.end_token, device=h.device)], dim=1)
+        # positions count back from the end token, so the newest item always sits at the same place
+        pos = torch.arange(tokens.shape[1] - 1, -1, -1, device=h.device)
+        x = self.embed(tokens) + self.enc_pos(pos)[None]
+        pad = tokens == self.pad_token
+        return self.encoder(x, src_key_padding_mask=pad), pad
+
+    def decode(self, memory: torch.Tensor, memory_pad: torch.Tensor, prefix: torch.Tensor
+               ) -> torch.Tensor:
+        """Hidden states (B, W, t+1, d) after BOS + `prefix` tokens (B, W, t) (global token ids)."""
+        b, w, t = prefix.shape
+        tokens = torch.cat([torch.full((b, w, 1), self.bos_token, device=prefix.device), prefix], 2)
+        x = self.embed(tokens) + self.dec_pos.weight[: t + 1]
+        causal = torch.ones((t + 1, t + 1), dtype=torch.bool, device=prefix.device).triu(1)
+        for layer in self.decoder:
+            x = layer(x, memory, memory_pad, causal)
+        return self.dec_norm(x)
+
+    def level_log_probs(self, hidden: torch.Tensor, levels: torch.Tensor | int) -> torch.Tensor:
+        """Log-softmax over each position's level vocabulary, as (..., n_tokens) global ids."""
+        logits = self.head(hidden).float() + self.level_mask[levels]
+        return torch.log_softmax(logits, dim=-1)
+
+    def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over requests of -log p(target code | history) (summed over levels)."""
+        memory, pad = self.encode(histories)
+        target = self.item_tokens[targets]  # (B, D)
+        hidden = self.decode(memory, pad, target[:, None, :-1])[:, 0]  # (B, D, d)
+        logits = self.head(hidden).float() + self.level_mask  # (B, D, n_tokens)
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / len(targets)
+
+    @torch.inference_mode()
+    def score_items(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """log p(item) by teacher forcing for candidate item rows (B, n): the brute-force reference."""
+        memory, pad = self.encode(histories)
+        target = self.item_tokens[rows]  # (B, n, D)
+        lp = self.level_log_probs(self.decode(memory, pad, target[..., :-1]),
+                                  torch.arange(self.depth, device=rows.device))
+        return lp.gather(-1, target[..., None])[..., 0].sum(-1)
+
+    @torch.inference_mode()
+    def beam_search(self, histories: torch.Tensor, beam: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top items by log p(code), constrained to the trie: (rows (B, beam), scores (B, beam)).
+
+        Sorted best first; where fewer than `beam` items exist, the tail is row -1 with
+        score -inf.
+        """
+        beam = beam or self.cfg.beam
+        trie = self.trie
+        memory, pad = self.encode(histories)
+        b, dev = histories.shape[0], histories.device
+        node = torch.zeros((b, 1), dtype=torch.int64, device=dev)
+        score = torch.zeros((b, 1), device=dev)
+        prefix = torch.zeros((b, 1, 0), dtype=torch.int64, device=dev)
+        for d in range(trie.depth):
+            w = node.shape[1]
+            lp = self.level_log_probs(self.decode(memory, pad, prefix)[:, :, -1], d)  # (B, W, V)
+            tok, nxt = trie.padded(d)
+            child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]  # (B, W, F)
+            fan = child_tok.shape[2]
+            cand = lp.gather(2, (child_tok.clamp(min=0) + int(self.offsets[d])))
+            cand = torch.where(child_tok >= 0, cand + score[..., None], -math.inf)
+            score, idx = cand.reshape(b, w * fan).topk(min(beam, w * fan), dim=1)
+            parent = idx // fan
+            node = child_node.reshape(b, w * fan).gather(1, idx)
+            new_tok = child_tok.reshape(b, w * fan).gather(1, idx) + self.offsets[d]
+            prefix = torch.cat([prefix.gather(1, parent[..., None].expand(-1, -1, d)),
+                                new_tok[..., None]], dim=2)
+        rows = torch.where(torch.isfinite(score), node, PAD)
+        if rows.shape[1] < beam:
+            fill = beam - rows.shape[1]
+            rows = torch.cat([rows, torch.full((b, fill), PAD, device=dev)], 1)
+            score = torch.cat([score, torch.full((b, fill), -math.inf, device=dev)], 1)
+        return rows, score
+
+    def to(self, *args, **kwargs):  # keep the trie's tensors with the model
+        out = super().to(*args, **kwargs)
+        device = next(self.parameters()).device
+        self.trie = self.trie.to(device)
+        return out
+
+    def config_dict(self) -> dict:
+        """Config as a plain dict (for saving)."""
+        return asdict(self.cfg)
+
+
+def trim_padding(histories: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row (at least one column stays)."""
+    longest = int((histories >= 0).sum(dim=1).max()) if histories.numel() else 0
+    return histories[:, histories.shape[1] - max(1, longest):]
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator
+                     ) -> list[np.ndarray]:
+    """Shuffled batches of indices whose members have similar lengths (less padding to compute).
+
+    Indices are shuffled, cut into chunks of 32 batches, sorted by length within a chunk,
+    batched, and the batches shuffled: random order, similar lengths inside a batch.
+    """
+    n = len(lengths)
+    perm = torch.randperm(n, generator=gen).numpy()
+    chunk = batch_size * 32
+    batches = []
+    for start in range(0, n, chunk):
+        idx = perm[start:start + chunk]
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        batches.extend(idx[b:b + batch_size] for b in range(0, len(idx), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (the small matmuls are launch-bound, bf16 halves the traffic); off on CPU."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+
+def train_retriever(
+    model: Retriever,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    *,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
+    """Train on (history rows (N, H), target row (N,)) windows; returns the mean loss per epoch.
+
+    AdamW with linear warm-up then cosine decay; batches in a seeded random order.
+    `progress` is an optional callable(epoch, loss) for reporting.
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    hist = torch.as_tensor(histories, dtype=torch.int64, device=device)
+    tgt = torch.as_tensor(targets, dtype=torch.int64, device=device)
+    n = len(tgt)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup_steps, total))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws
+    losses = []
+    model.train()
+    lengths = (np.asarray(histories) >= 0).sum(axis=1)
+    for epoch in range(cfg.epochs):
+        total_loss = torch.zeros((), device=device)
+        for batch in bucketed_batches(lengths, cfg.batch_size, gen):
+            idx = torch.as_tensor(batch, device=device)
+            with autocast(device):
+                loss = model.loss(hist[idx], tgt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            total_loss += loss.detach() * len(idx)
+        losses.append(float(total_loss) / n)
+        if progress is not None:
+            progress(epoch, losses[-1])
+    model.eval()
+    return losses
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.inference_mode()
+def beam_throughput(model: Retriever, histories: np.ndarray, *, beam: int = 20,
+                    batch_size: int = 1024, repeats: int = 3) -> float:
+    """Requests per second of `beam_search` over `histories` (best of `repeats` passes)."""
+    device = next(model.parameters()).device
+    hist = torch.as_tensor(histories, dtype=torch.int64, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first pass warms up kernels and caches
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for s in range(0, len(hist), batch_size):
+            with autocast(device):
+                model.beam_search(hist[s:s + batch_size], beam)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return len(hist) / best

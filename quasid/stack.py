@@ -1,0 +1,449 @@
+"""The SID stack an arm serves: generative retrieval (+ popularity fill) -> SID ranker -> top-K.
+
+Built from one tokenizer's SID table. Per batch of requests:
+1. the retriever's constrained beam search proposes `beam` items (cold items included:
+   their SIDs come from content);
+2. the most popular training items not already proposed fill the candidate set up to
+   `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
+3. the ranker scores every candidate, p(order) * price ** price_alpha, and the best `k`
+   form the slate.
+Everything is batched tensors on one device; item ids are mapped to rows (positions in the
+SID table sorted by item id) on the way in and back on the way out.
+
+`build_stack` trains a stack from a dataset folder and a SID table and saves it;
+`Stack.load` reads it back. Training data: the interactions before `ds.cutoff_ts` when the
+dataset has a cutoff, else the leave-one-out training part (cold items dropped), and then
+the weight of the retriever's log p in the final score is fitted on the validation items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from quasid.contracts import SID_TABLE, ContractError, read_parquet, staged_dir
+from quasid.ranking import Ranker, RankerConfig, gmv_score, train_ranker
+from quasid.recommender import PAD
+from quasid.retrieval import Retriever, RetrieverConfig, autocast, train_retriever
+from quasid.trie import SidTrie, full_codes
+
+STACK_FILE = "stack.pt"
+SUMMARY_FILE = "stack.json"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Everything that shapes a stack; `overrides` dicts map onto these fields."""
+
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    candidates: int = 50
+    """Candidate set size handed to the ranker (beam results, then popularity fill)."""
+    price_alpha: float = 0.0
+    """GMV-aware ranking: score = p(order) * price ** price_alpha."""
+    retrieval_weight: float = 1.0
+    """p(order) = sigmoid(ranker logit + retrieval_weight * retriever log p(item))."""
+    weight_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    """Weights `fit_retrieval_weight` tries on validation requests."""
+    exclude_history: bool = False
+    """Drop items the user already has from the candidates."""
+    batch_size: int = 1024
+    """Requests per device batch when serving."""
+
+
+def stack_config(overrides: dict | None = None) -> StackConfig:
+    """`StackConfig` with `overrides` applied, e.g. `{"retriever": {"epochs": 5}, "candidates": 40}`.
+
+    Unknown keys raise `ValueError` naming them and the known ones.
+    """
+    return _replace(StackConfig(), overrides or {}, "overrides")
+
+
+def _replace(obj, changes: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    kwargs = {}
+    for key, value in changes.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown key '{key}' (expected one of {sorted(known)})")
+        current = getattr(obj, key)
+        kwargs[key] = (_replace(current, value, f"{where}.{key}")
+                       if dataclasses.is_dataclass(current) and isinstance(value, dict) else value)
+    return dataclasses.replace(obj, **kwargs)
+
+
+def config_from_dict(data: dict) -> StackConfig:
+    """Inverse of `dataclasses.asdict` for `StackConfig`."""
+    data = dict(data)
+    retriever = RetrieverConfig(**data.pop("retriever"))
+    ranker = RankerConfig(**data.pop("ranker"))
+    if "weight_grid" in data:
+        data["weight_grid"] = tuple(data["weight_grid"])
+    return StackConfig(retriever=retriever, ranker=ranker, **data)
+
+
+class Stack:
+    """A trained SID stack; implements `quasid.recommender.Recommender`."""
+
+    def __init__(self, item_ids: np.ndarray, retriever: Retriever, ranker: Ranker,
+                 popularity: np.ndarray, price: np.ndarray, cfg: StackConfig,
+                 tokenizer: str = "sid", device: str = "cpu"):
+        """item_ids: (n_items,) sorted ids = rows; popularity: training counts per row; price per row."""
+        self.name = f"sid-stack:{tokenizer}"
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.item_ids = np.array(item_ids, dtype=np.int64)
+        self.popularity = np.array(popularity, dtype=np.int64)
+        self.price = np.array(price, dtype=np.float64)
+        self.retriever = retriever.to(self.device).eval()
+        self.ranker = ranker.to(self.device).eval()
+        # most popular warm items, enough to fill any candidate set after duplicates
+        order = np.argsort(-self.popularity, kind="stable")
+        order = order[self.popularity[order] > 0]
+        fill = cfg.candidates + cfg.retriever.beam + cfg.retriever.max_history
+        self._popular = torch.as_tensor(order[:fill], device=self.device)
+        self._price = torch.as_tensor(self.price, dtype=torch.float32, device=self.device)
+        self._ids = torch.as_tensor(self.item_ids, device=self.device)
+        self._rows_of = row_mapper(self.item_ids, "histories")
+
+    @property
+    def n_items(self) -> int:
+        """Catalog size."""
+        return len(self.item_ids)
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Rows of item ids (PAD stays PAD); unknown ids raise `ContractError` (a ValueError)."""
+        return self._rows_of(item_ids)
+
+    def retrieve(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The retriever's beam alone: (item ids (n, beam), log p) best first; -1 / -inf where short."""
+        rows, scores = [], []
+        for hist in self._batches(histories):
+            with autocast(self.device):
+                r, s = self.retriever.beam_search(hist, self.cfg.retriever.beam)
+            rows.append(r)
+            scores.append(s)
+        if not rows:
+            beam = self.cfg.retriever.beam
+            return np.zeros((0, beam), dtype=np.int64), np.zeros((0, beam), dtype=np.float32)
+        return self._to_ids(rows), torch.cat(scores).float().cpu().numpy()
+
+    def recommend(self, histories: np.ndarray, k: int, users: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Slates (item ids (n, k), scores (n, k) float32) for left-padded id histories (n, H)."""
+        items, scores, _ = self.slates(histories, k)
+        return items, scores
+
+    def slates(self, histories: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slate ids (n, k), slate scores (n, k) float32, the beam's ids (n, beam)) in one pass."""
+        if k > self.cfg.candidates:
+            raise ValueError(f"k={k}: expected k <= candidates ({self.cfg.candidates})")
+        if k > self.n_items:
+            raise ValueError(f"k={k}: expected k <= the catalog size ({self.n_items})")
+        items, scores, beams = [], [], []
+        for hist in self._batches(histories):
+            beam, cand, logit, log_p = self._score_parts(hist)
+            score = self._combine(cand, logit, log_p, self.cfg.retrieval_weight)
+            top, idx = score.topk(k, dim=1)
+            items.append(cand.gather(1, idx))
+            scores.append(top)
+            beams.append(beam)
+        if not items:
+            empty = np.zeros((0, k), dtype=np.int64)
+            return empty, empty.astype(np.float32), np.zeros((0, self.cfg.retriever.beam), np.int64)
+        return (self._to_ids(items), torch.cat(scores).float().cpu().numpy().astype(np.float32),
+                self._to_ids(beams))
+
+    @torch.inference_mode()
+    def _score_parts(self, hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(beam rows, candidate rows, ranker logits, retriever log p) for one batch of row histories."""
+        with autocast(self.device):
+            beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam)
+            cand = self._candidates(hist, beam)
+            logit = self.ranker.logits(hist, cand)
+            log_p = self.retriever.score_items(hist, cand.clamp(min=0))
+        return beam, cand, logit.float(), log_p.float()
+
+    def _combine(self, cand: torch.Tensor, logit: torch.Tensor, log_p: torch.Tensor,
+                 weight: float) -> torch.Tensor:
+        score = gmv_score(logit + weight * log_p, self._price[cand.clamp(min=0)], self.cfg.price_alpha)
+        return torch.where(cand >= 0, score, -math.inf)
+
+    def fit_retrieval_weight(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
+                             ) -> dict[float, float]:
+        """Set `retrieval_weight` to the grid value with the best NDCG@k on (history, target) requests.
+
+        Meant for validation requests (never the test set). Returns {weight: NDCG@k}; ties
+        go to the earlier grid value.
+        """
+        from quasid.evaluate import hit_ndcg
+
+        parts = [self._score_parts(h) for h in self._batches(histories)]
+        found = {}
+        for w in self.cfg.weight_grid:
+            slates = torch.cat([c.gather(1, self._combine(c, lg, lp, w).topk(k, dim=1)[1])
+                                for _, c, lg, lp in parts])
+            ids = torch.where(slates >= 0, self._ids[slates.clamp(min=0)], PAD).cpu().numpy()
+            found[w] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
+        best = max(self.cfg.weight_grid, key=lambda w: found[w])  # max keeps the first of ties
+        self.cfg = dataclasses.replace(self.cfg, retrieval_weight=best)
+        return found
+
+    def _to_ids(self, rows: list[torch.Tensor]) -> np.ndarray:
+        r = torch.cat(rows)
+        return torch.where(r >= 0, self._ids[r.clamp(min=0)], PAD).cpu().numpy().astype(np.int64)
+
+    def _batches(self, histories: np.ndarray):
+        histories = np.asarray(histories, dtype=np.int64)
+        if histories.ndim != 2:
+            raise ValueError(f"histories: expected an (n, H) matrix, got shape {histories.shape}")
+        rows = self.rows_of(histories)
+        for s in range(0, len(rows), self.cfg.batch_size):
+            yield torch.as_tensor(rows[s:s + self.cfg.batch_size], device=self.device)
+
+    def _candidates(self, hist: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
+        """Candidate rows (B, candidates): beam results first, then popular items, no repeats."""
+        pool = torch.cat([beam, self._popular.expand(len(hist), -1)], dim=1)
+        bad = pool < 0
+        # a popular item already proposed by the beam (or in the history) is a repeat
+        dup = (pool[:, :, None] == beam[:, None, :]).any(-1)
+        dup[:, : beam.shape[1]] = False
+        bad |= dup
+        if self.cfg.exclude_history:
+            bad |= (pool[:, :, None] == hist[:, None, :]).any(-1)
+        n = min(self.cfg.candidates, self.n_items)
+        position = torch.arange(pool.shape[1], device=pool.device).expand_as(pool)
+        keep = torch.where(bad, pool.shape[1], position).argsort(dim=1, stable=True)[:, :n]
+        cand = pool.gather(1, keep)
+        return torch.where(bad.gather(1, keep), PAD, cand)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the stack to one file (config, item table, both models), atomically."""
+        path = Path(path)
+        state = {
+            "format": 1,
+            "tokenizer": self.tokenizer,
+            "config": json.dumps(asdict(self.cfg)),
+            "item_ids": torch.as_tensor(self.item_ids),
+            "popularity": torch.as_tensor(self.popularity),
+            "price": torch.as_tensor(self.price),
+            "trie": self.retriever.trie.state_dict(),
+            "warm": self.ranker.warm.cpu(),
+            "sid": self.ranker.sid.cpu(),
+            "retriever": {k: v.cpu() for k, v in self.retriever.state_dict().items()},
+            "ranker": {k: v.cpu() for k, v in self.ranker.state_dict().items()},
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Stack:
+        """Read a stack written by `save` (or the `stack.pt` inside a `build_stack` folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / STACK_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no saved stack (expected a file written by Stack.save)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = config_from_dict(json.loads(state["config"]))
+        trie = SidTrie.from_state_dict(state["trie"])
+        retriever = Retriever(trie, cfg.retriever)
+        retriever.load_state_dict(state["retriever"])
+        ranker = Ranker(state["sid"].numpy(), state["warm"].numpy(), cfg.ranker)
+        ranker.load_state_dict(state["ranker"])
+        return cls(state["item_ids"].numpy(), retriever, ranker, state["popularity"].numpy(),
+                   state["price"].numpy(), cfg, state["tokenizer"], device)
+
+
+def sequence_windows(interactions: pl.DataFrame, max_len: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each interaction with the user's previous `max_len` item ids, in (ts, item_id) order.
+
+    Returns (histories (N, max_len) left-padded with -1, newest last; target item ids (N,);
+    user ids (N,); is_last (N,): the user's last interaction). Vectorized over all users.
+    """
+    ordered = interactions.sort(["user_id", "ts", "item_id"])
+    users = ordered["user_id"].to_numpy()
+    items = ordered["item_id"].to_numpy().astype(np.int64)
+    n = len(items)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros((0, max_len), dtype=np.int64), empty, empty, empty.astype(bool)
+    new_user = np.r_[True, users[1:] != users[:-1]]
+    is_last = np.r_[users[1:] != users[:-1], True]
+    start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    idx = np.arange(n)[:, None] - np.arange(max_len, 0, -1)[None, :]
+    hist = np.where(idx >= start[:, None], items[idx.clip(min=0)], PAD)
+    return hist, items, users, is_last
+
+
+def training_windows(interactions: pl.DataFrame, rows_of, max_len: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Every logged interaction after a user's first, as (history rows (N, max_len), target row (N,)).
+
+    `rows_of` maps item ids to rows (PAD stays PAD).
+    """
+    hist, items, _, _ = sequence_windows(interactions, max_len)
+    has_history = hist[:, -1] != PAD
+    return rows_of(hist[has_history]), rows_of(items[has_history])
+
+
+def row_mapper(item_ids: np.ndarray, source: str):
+    """A function mapping item ids to rows of the sorted `item_ids` (PAD stays PAD).
+
+    Unknown ids raise `ContractError` naming `source`.
+    """
+    def rows_of(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(item_ids, ids).clip(max=len(item_ids) - 1)
+        bad = (item_ids[pos] != ids) & (ids != PAD)
+        if bad.any():
+            raise ContractError(f"{source}: column 'item_id': ids {np.unique(ids[bad])[:5].tolist()} "
+                                f"have no SID (expected every interaction's item in the sid table)")
+        return np.where(ids == PAD, PAD, pos).astype(np.int64)
+    return rows_of
+
+
+def training_interactions(ds) -> pl.DataFrame:
+    """What a stack trains on: before `ds.cutoff_ts` if the dataset has one, else leave-one-out train."""
+    from quasid.data.splits import leave_one_out, time_split
+
+    if ds.cutoff_ts is not None:
+        return time_split(ds.interactions, ds.cutoff_ts)[0]
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    return leave_one_out(ds.interactions, cold_items=cold).train
+
+
+def _epoch_logger(label: str, epochs: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda epoch, loss: console.log(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.4f}",
+                                           markup=False)
+
+
+def train_stack(
+    items: pl.DataFrame,
+    sid_table: pl.DataFrame,
+    train: pl.DataFrame,
+    cfg: StackConfig = StackConfig(),
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
+    source: str = "<sid table>",
+) -> tuple[Stack, dict]:
+    """Train the retriever and the ranker on `train` interactions; returns (stack, summary).
+
+    `sid_table` must give a SID to exactly the items of `items` (errors name `source`).
+    `valid` = (histories, target ids) of held-out requests: the retrieval weight of the
+    final score is then fitted on them (`Stack.fit_retrieval_weight`), else kept as configured.
+    The summary holds the counts, the per-epoch losses, the fitted weight and the times.
+    """
+    item_ids, codes = full_codes(sid_table, source)
+    catalog = np.sort(items["item_id"].to_numpy())
+    if len(catalog) != len(item_ids) or (catalog != item_ids).any():
+        missing = np.setdiff1d(catalog, item_ids)[:5].tolist()
+        extra = np.setdiff1d(item_ids, catalog)[:5].tolist()
+        raise ContractError(f"{source}: column 'item_id': the sid table does not cover the catalog "
+                            f"(items without a SID: {missing}; SIDs of unknown items: {extra})")
+    rows_of = row_mapper(item_ids, "training interactions")
+    price = items.sort("item_id")["price"].to_numpy()
+    popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
+    warm = popularity > 0
+    if not warm.any():
+        raise ContractError("training interactions: empty (expected logged interactions to train on)")
+    torch.manual_seed(seed)
+    tokenizer = str(sid_table["tokenizer"][0])
+    timings = {}
+
+    start = time.perf_counter()
+    retriever = Retriever(SidTrie.from_codes(codes), cfg.retriever).to(device)
+    hist, tgt = training_windows(train, rows_of, cfg.retriever.max_history)
+    r_loss = train_retriever(retriever, hist, tgt, seed=seed, progress=_epoch_logger(
+        f"retriever[{tokenizer}]", cfg.retriever.epochs, progress))
+    timings["retriever_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ranker = Ranker(codes[:, :-1], warm, cfg.ranker).to(device)
+    if cfg.ranker.max_history != cfg.retriever.max_history:
+        hist, tgt = training_windows(train, rows_of, cfg.ranker.max_history)
+    k_loss = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
+        f"ranker[{tokenizer}]", cfg.ranker.epochs, progress))
+    timings["ranker_s"] = time.perf_counter() - start
+
+    stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
+    weight_fit = None
+    if valid is not None:
+        start = time.perf_counter()
+        weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
+        timings["weight_fit_s"] = time.perf_counter() - start
+    summary = {
+        "tokenizer": tokenizer,
+        "seed": seed,
+        "device": str(device),
+        "config": asdict(cfg),
+        "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
+                   "train_interactions": train.height, "train_windows": len(tgt),
+                   "sid_depth": int(codes.shape[1])},
+        "losses": {"retriever": r_loss, "ranker": k_loss},
+        "retrieval_weight": stack.cfg.retrieval_weight,
+        "weight_fit_ndcg@10": weight_fit,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    return stack, summary
+
+
+def build_stack(
+    data_dir: Path,
+    sids_path: Path,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    overrides: dict | None = None,
+    progress: bool = False,
+) -> Path:
+    """Train a stack on a dataset folder's training interactions and one SID table; save it.
+
+    Writes `out_dir/stack.pt` (load with `Stack.load`) and `out_dir/stack.json` (summary),
+    both or neither. Returns the path of `stack.pt`.
+    """
+    from quasid.contracts import write_text_atomic
+    from quasid.data.dataset import load_dataset
+
+    ds = load_dataset(data_dir)
+    sid_table = read_parquet(sids_path, SID_TABLE)
+    cfg = stack_config(overrides)
+    valid = None
+    if ds.cutoff_ts is None:  # leave-one-out: each user's second-to-last item is held out
+        from quasid.evaluate import drop_last, loo_requests
+
+        valid = loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
+    stack, summary = train_stack(ds.items, sid_table, training_interactions(ds), cfg,
+                                 device=device, seed=seed, valid=valid, progress=progress,
+                                 source=str(sids_path))
+    summary["data"] = str(data_dir)
+    summary["sids"] = str(sids_path)
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        stack.save(tmp / STACK_FILE)
+        write_text_atomic(json.dumps(summary, indent=2, sort_keys=True) + "\n", tmp / SUMMARY_FILE)
+    return out_dir / STACK_FILE
