@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from analysis.cli import analyze_cmd
 from quasid.cli import app
+from simulator.cli import register as register_simulate
 
 app.command("analyze")(analyze_cmd)
+register_simulate(app)
 
 
 def main() -> None:

@@ -66,15 +66,18 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _first_unique(candidates: np.ndarray, exclude: np.ndarray | None, k: int) -> np.ndarray:
+def _first_unique(candidates: np.ndarray, exclude: np.ndarray | None, k: int,
+                  distinct: bool = False) -> np.ndarray:
     """Per row, the column indices of the first `k` candidates that neither repeat an earlier
-    candidate of the row nor appear in the row of `exclude`; -1 where a row runs short."""
+    candidate of the row (unless `distinct` says none do) nor appear in the row of
+    `exclude`; -1 where a row runs short."""
     n, m = candidates.shape
-    order = np.argsort(candidates, axis=1, kind="stable")
-    ranked = np.take_along_axis(candidates, order, axis=1)
     bad = np.zeros((n, m), dtype=bool)
-    repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (stable sort keeps the first first)
-    np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
+    if not distinct:
+        order = np.argsort(candidates, axis=1, kind="stable")
+        ranked = np.take_along_axis(candidates, order, axis=1)
+        repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (a stable sort keeps the first first)
+        np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
     if exclude is not None and exclude.shape[1]:
         bad |= (candidates[:, :, None] == exclude[:, None, :]).any(axis=2)
     pick = np.argsort(bad, axis=1, kind="stable")[:, :k]
@@ -120,10 +123,10 @@ class PopularityRecommender:
         histories = np.asarray(histories, dtype=np.int64)
         m = min(len(self.ranked), k + histories.shape[1])
         cand = np.broadcast_to(self.ranked[:m], (len(histories), m))
-        pick = _first_unique(cand, histories, k)
+        pick = _first_unique(cand, histories, k, distinct=True)
         short = pick < 0
         if short.any():  # the catalog minus the history is smaller than k: allow seen items
-            pick = np.where(short, _first_unique(cand, None, k), pick)
+            pick = np.where(short, _first_unique(cand, None, k, distinct=True), pick)
         return cand[0][pick], self.scores[:m][pick]
 
 

@@ -138,10 +138,12 @@ class FitSpec(_Model):
     """The fitted world's preference model: BPR matrix factorisation (torch, seeded)."""
 
     dim: int = Field(32, ge=2)
-    epochs: int = Field(40, ge=1)
-    batch_size: int = Field(2048, ge=16)
-    lr: float = Field(0.02, gt=0)
-    reg: float = Field(1e-4, ge=0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(4096, ge=16)
+    lr: float = Field(0.05, gt=0)
+    reg: float = Field(0.03, ge=0, description="L2 penalty; strong, because the world should "
+                        "be smooth rather than memorise the logs (measured on the synthetic "
+                        "world: see tests/simulator/test_fitted.py)")
     seed: int = 0
 
 

@@ -9,19 +9,21 @@ favoured by construction. BPR's score difference is a log-odds of preferring one
 another, so s sits on a logit scale up to the calibration below.
 
 Response model (the same form as the synthetic truth's, `quasid.data.world`):
-    p(click | u, i, position k) = (k + 1)^-eta * sigmoid(alpha * s(u, i) + beta)
+    p(click | u, i, position k) = (k + 1)^-eta * sigmoid(alpha * <p_u, q_i> + alpha_b * b_i + beta)
     p(order | click) = sigmoid(beta_o + gamma_s * s(u, i) + gamma_p * log(price_i / ref_i))
 with ref_i the median price of the item's category; cancels at a fixed rate; quantity =
-1 + Poisson(quantity_extra).
+1 + Poisson(quantity_extra). The personal part and the item bias get separate scales
+because logged popularity mixes appeal with exposure (the logging system showed popular
+items more), which the randomised impressions below tell apart.
 
 Calibration (documented in the manifest's `world.calibration`):
-- source `impressions` (logs with impressions and clicks): (alpha, beta, eta) by maximum
-  likelihood on the logged impressions, then beta shifted (bisection) so the expected
-  clicks equal the logged clicks exactly; cancel rate and quantity from the logged orders.
+- source `impressions` (logs with impressions and clicks): (alpha, alpha_b, beta, eta) by
+  maximum likelihood on the logged impressions, then beta shifted (root finding) so the
+  expected clicks equal the logged clicks exactly; cancel rate and quantity from the logged orders.
   A synthetic dataset has no impression logs of its own, so they are drawn from its true
   world under a uniformly random logging policy over the `log_days` before the window
   (the randomised traffic a team would log to measure position bias).
-- source `targets` (no impressions, e.g. Amazon): alpha = `score_scale`, eta =
+- source `targets` (no impressions, e.g. Amazon): alpha = alpha_b = `score_scale`, eta =
   `position_decay`, and beta solved so the mean p(click) over the `reference` stack's
   slates on (a sample of) the window's requests equals `ctr`; these are assumptions.
 - the order model: a logistic regression (statsmodels) of "the logged interaction is an
@@ -55,33 +57,49 @@ def fit_bpr(user_rows: np.ndarray, item_rows: np.ndarray, n_users: int, n_items:
             spec: FitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """BPR-MF with item bias on (user row, item row) pairs: (P, Q, b) as float32 arrays.
 
-    Uniform negatives; Adam; seeded torch generator, so the same inputs give the same
-    factors on the same machine.
+    Uniform negatives; sparse embeddings with SparseAdam (an update touches only the rows
+    of its batch); L2 penalty `reg` on the factors and biases in the batch; a seeded torch
+    generator, so the same inputs give the same factors.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small sparse steps: threads only add synchronisation cost
+    try:
+        return _fit_bpr(user_rows, item_rows, n_users, n_items, spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_bpr(user_rows: np.ndarray, item_rows: np.ndarray, n_users: int, n_items: int,
+             spec: FitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gen = torch.Generator().manual_seed(spec.seed)
-    users = torch.as_tensor(user_rows, dtype=torch.long)
-    items = torch.as_tensor(item_rows, dtype=torch.long)
-    p = (0.1 * torch.randn(n_users, spec.dim, generator=gen)).requires_grad_()
-    q = (0.1 * torch.randn(n_items, spec.dim, generator=gen)).requires_grad_()
-    b = torch.zeros(n_items, requires_grad=True)
-    opt = torch.optim.Adam([p, q, b], lr=spec.lr)
+    users = torch.as_tensor(np.asarray(user_rows, dtype=np.int64).copy())
+    items = torch.as_tensor(np.asarray(item_rows, dtype=np.int64).copy())
+    p = torch.nn.Embedding(n_users, spec.dim, sparse=True)
+    q = torch.nn.Embedding(n_items, spec.dim, sparse=True)
+    b = torch.nn.Embedding(n_items, 1, sparse=True)
+    with torch.no_grad():
+        p.weight.copy_(0.1 * torch.randn(n_users, spec.dim, generator=gen))
+        q.weight.copy_(0.1 * torch.randn(n_items, spec.dim, generator=gen))
+        b.weight.zero_()
+    opt = torch.optim.SparseAdam([p.weight, q.weight, b.weight], lr=spec.lr)
     n = len(users)
     for _ in range(spec.epochs):
         perm = torch.randperm(n, generator=gen)
         negatives = torch.randint(n_items, (n,), generator=gen)
         for start in range(0, n, spec.batch_size):
             sel = perm[start:start + spec.batch_size]
-            u, i, j = users[sel], items[sel], negatives[sel]
-            pu, qi, qj = p[u], q[i], q[j]
-            x = (pu * (qi - qj)).sum(1) + b[i] - b[j]
-            reg = (pu.square().sum(1) + qi.square().sum(1) + qj.square().sum(1)
-                   + b[i].square() + b[j].square())
-            loss = -torch.nn.functional.logsigmoid(x).mean() + spec.reg * reg.mean()
+            pu, qi, qj = p(users[sel]), q(items[sel]), q(negatives[sel])
+            bi, bj = b(items[sel])[:, 0], b(negatives[sel])[:, 0]
+            x = (pu * (qi - qj)).sum(1) + bi - bj
+            penalty = (pu.square().sum(1) + qi.square().sum(1) + qj.square().sum(1)
+                       + bi.square() + bj.square())
+            loss = -torch.nn.functional.logsigmoid(x).mean() + spec.reg * penalty.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return (p.detach().numpy().astype(np.float32), q.detach().numpy().astype(np.float32),
-            b.detach().numpy().astype(np.float32))
+    return (p.weight.detach().numpy().astype(np.float32),
+            q.weight.detach().numpy().astype(np.float32),
+            b.weight.detach().numpy()[:, 0].astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,8 @@ class FittedWorld:
     item_factors: np.ndarray
     item_bias: np.ndarray
     log_rel_price: np.ndarray
-    alpha: float
+    alpha: float  # scale of the personal part <p_u, q_i>
+    alpha_bias: float  # scale of the item bias b_i
     beta: float
     eta: float
     order_bias: float
@@ -114,12 +133,21 @@ class FittedWorld:
                              f"{np.unique(np.asarray(ids)[bad])[:5].tolist()}")
         return pos
 
-    def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """BPR score s(u, i) for aligned (broadcastable) user and item ids."""
+    def parts(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(<p_u, q_i>, b_i) for aligned (broadcastable) user and item ids."""
         u = self._rows(np.asarray(users), self.user_ids, "user")
         i = self._rows(np.asarray(items), self.item_ids, "item")
-        return (np.einsum("...d,...d->...", self.user_factors[u], self.item_factors[i])
-                + self.item_bias[i])
+        return (np.einsum("...d,...d->...", self.user_factors[u], self.item_factors[i]),
+                self.item_bias[i])
+
+    def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """BPR score s(u, i) = <p_u, q_i> + b_i."""
+        personal, bias = self.parts(users, items)
+        return personal + bias
+
+    def click_logit(self, personal: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """alpha <p_u, q_i> + alpha_b b_i + beta."""
+        return self.alpha * personal + self.alpha_bias * bias + self.beta
 
     def position_bias(self, k: int) -> np.ndarray:
         """Examination probability of positions 0..k-1: (k + 1)^-eta."""
@@ -130,8 +158,9 @@ class FittedWorld:
         k = items.shape[1]
         if k > MAX_POSITIONS:
             raise ValueError(f"slate size {k} exceeds {MAX_POSITIONS} positions")
-        s = self.score(np.asarray(users)[:, None], items)
-        click = self.position_bias(k)[None, :] * _sigmoid(self.alpha * s + self.beta)
+        personal, bias = self.parts(np.asarray(users)[:, None], items)
+        s = personal + bias
+        click = self.position_bias(k)[None, :] * _sigmoid(self.click_logit(personal, bias))
         lrp = self.log_rel_price[self._rows(items, self.item_ids, "item")]
         order = _sigmoid(self.order_bias + self.order_score_slope * s + self.order_price_slope * lrp)
         return Probabilities(click, order)
@@ -174,19 +203,19 @@ def log_relative_price(items: pl.DataFrame) -> np.ndarray:
     ).to_series().to_numpy()
 
 
-def _click_nll(theta: np.ndarray, s: np.ndarray, pos: np.ndarray, clicked: np.ndarray
-               ) -> tuple[float, np.ndarray]:
-    """Negative log-likelihood of clicks under (k+1)^-eta sigmoid(alpha s + beta), and its gradient."""
-    alpha, beta, eta = theta
-    z = alpha * s + beta
-    sig = _sigmoid(z)
-    log_pb = -eta * np.log1p(pos)
-    p = np.clip(np.exp(log_pb) * sig, 1e-12, 1 - 1e-12)
+def _click_nll(theta: np.ndarray, personal: np.ndarray, bias: np.ndarray, pos: np.ndarray,
+               clicked: np.ndarray) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of clicks under (k+1)^-eta sigmoid(alpha personal + alpha_b
+    bias + beta), and its gradient in (alpha, alpha_b, beta, eta)."""
+    alpha, alpha_b, beta, eta = theta
+    sig = _sigmoid(alpha * personal + alpha_b * bias + beta)
+    log_k = np.log1p(pos)
+    p = np.clip(np.exp(-eta * log_k) * sig, 1e-12, 1 - 1e-12)
     nll = -np.sum(np.where(clicked, np.log(p), np.log1p(-p)))
     dnll_dp = np.where(clicked, -1.0 / p, 1.0 / (1.0 - p))
-    dp_dz = p * (1.0 - sig)
-    dz = dnll_dp * dp_dz
-    grad = np.array([np.sum(dz * s), np.sum(dz), np.sum(dnll_dp * p * -np.log1p(pos))])
+    dz = dnll_dp * p * (1.0 - sig)  # dp/dz = p (1 - sigmoid)
+    grad = np.array([np.sum(dz * personal), np.sum(dz * bias), np.sum(dz),
+                     np.sum(dnll_dp * p * -log_k)])
     return float(nll), grad
 
 
@@ -233,7 +262,8 @@ def fit_world(inputs: CalibrationInputs, fit: FitSpec, cal: CalibrationSpec) -> 
     i_rows = np.searchsorted(item_ids, inter["item_id"].to_numpy())
     p, q, b = fit_bpr(u_rows, i_rows, len(user_ids), len(item_ids), fit)
     lrp = log_relative_price(inputs.items)
-    base = FittedWorld(user_ids, item_ids, p, q, b, lrp, alpha=cal.score_scale, beta=0.0,
+    base = FittedWorld(user_ids, item_ids, p, q, b, lrp, alpha=cal.score_scale,
+                       alpha_bias=cal.score_scale, beta=0.0,
                        eta=cal.position_decay, order_bias=0.0, order_score_slope=0.0,
                        order_price_slope=cal.order_price_slope, cancel_rate=cal.cancel_rate,
                        quantity_extra=cal.quantity_extra)
@@ -259,22 +289,23 @@ def _calibrate_clicks_on_impressions(base: FittedWorld, inputs: CalibrationInput
     slates, _ = logger.recommend(inputs.calibration_histories, k, inputs.calibration_users)
     logged = respond(inputs.truth, inputs.calibration_users, slates,
                      inputs.calibration_request_ids, seed=int(string_key(f"calib{inputs.seed}")))
-    s = base.score(inputs.calibration_users[:, None], slates).ravel()
+    personal, bias = (x.ravel() for x in base.parts(inputs.calibration_users[:, None], slates))
     pos = np.broadcast_to(np.arange(k), slates.shape).ravel().astype(np.float64)
     clicked = logged.click.ravel()
     ctr = float(clicked.mean())
-    start = np.array([1.0, np.log(ctr / (1 - ctr)), 0.5])
-    res = minimize(_click_nll, start, args=(s, pos, clicked), jac=True, method="L-BFGS-B",
-                   bounds=[(1e-3, 20.0), (-30.0, 30.0), (0.0, 5.0)])
-    alpha, beta, eta = (float(x) for x in res.x)
-    pb = np.log1p(pos) * -eta
+    start = np.array([1.0, 1.0, np.log(ctr / (1 - ctr)), 0.5])
+    res = minimize(_click_nll, start, args=(personal, bias, pos, clicked), jac=True,
+                   method="L-BFGS-B", bounds=[(0.0, 20.0), (0.0, 20.0), (-30.0, 30.0), (0.0, 5.0)])
+    alpha, alpha_b, _, eta = (float(x) for x in res.x)
+    pb = (1.0 + pos) ** -eta
+    z = alpha * personal + alpha_b * bias
 
     def mean_ctr(c: float) -> float:
-        return float(np.mean(np.exp(pb) * _sigmoid(alpha * s + c)))
+        return float(np.mean(pb * _sigmoid(z + c)))
 
     beta = _solve_level(ctr, mean_ctr, "click rate")
     n_orders = int(logged.order.sum())
-    out = {"alpha": alpha, "beta": beta, "eta": eta}
+    out = {"alpha": alpha, "alpha_bias": alpha_b, "beta": beta, "eta": eta}
     if n_orders:
         out["cancel_rate"] = float(logged.cancel.sum() / n_orders)
         out["quantity_extra"] = float(logged.quantity[logged.order].mean() - 1)
@@ -285,8 +316,7 @@ def _calibrate_clicks_on_impressions(base: FittedWorld, inputs: CalibrationInput
         "fitted_ctr": mean_ctr(beta), "mle_converged": bool(res.success),
         "logged_ctr_by_position": [round(float(x), 6) for x in logged.click.mean(0)],
         "fitted_ctr_by_position": [
-            round(float(x), 6) for x in
-            (np.exp(pb) * _sigmoid(alpha * s + beta)).reshape(slates.shape).mean(0)],
+            round(float(x), 6) for x in (pb * _sigmoid(z + beta)).reshape(slates.shape).mean(0)],
     }
     return out
 
@@ -301,11 +331,11 @@ def _calibrate_clicks_on_targets(base: FittedWorld, inputs: CalibrationInputs,
     else:
         ref = RandomRecommender(base.item_ids, seed=inputs.seed)
     slates, _ = ref.recommend(hist, k, users)
-    s = base.score(users[:, None], slates)
+    z = cal.score_scale * base.score(users[:, None], slates)
     pb = base.position_bias(k)[None, :]
 
     def mean_ctr(c: float) -> float:
-        return float(np.mean(pb * _sigmoid(cal.score_scale * s + c)))
+        return float(np.mean(pb * _sigmoid(z + c)))
 
     beta = _solve_level(cal.ctr, mean_ctr, "click rate")
     report["targets"] = {"ctr": cal.ctr, "reference": cal.reference, "requests": int(len(rows)),

@@ -1,0 +1,91 @@
+"""`quasid simulate --config experiment.yaml --out DIR`: run a simulated experiment.
+
+Registered on the `quasid` app by `flows.cli` (`register(app)`); the engine is imported
+inside the command so `quasid --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def simulate(
+    config: Path = typer.Option(..., "--config", help="Experiment YAML (see configs/ and "
+                                                      "simulator/config.py for every field)."),
+    out: Path = typer.Option(..., "--out", help="Run directory: assignments.parquet, events/, "
+                                                "manifest.json. A rerun resumes it."),
+    shards: int = typer.Option(1, help="Shards (users split by bucket); the events do not "
+                                       "depend on it, but a run directory keeps its count."),
+    workers: int = typer.Option(1, help="Processes running shards in parallel."),
+) -> None:
+    """Replay logged traffic through each arm's stack and the world; write events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from simulator.config import ConfigError, load_config
+    from simulator.engine import RunDirError, run_experiment, summary_table
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            if workers > 1:
+                task = bar.add_task(f"{cfg.experiment_id}: shards", total=shards)
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    def map_fn(fn, items):
+                        for record in pool.map(fn, items):
+                            bar.advance(task)
+                            yield record
+                    manifest = run_experiment(cfg, out, n_shards=shards, map_fn=map_fn)
+            else:
+                task = bar.add_task(f"{cfg.experiment_id}: requests", total=None)
+                manifest = run_experiment(
+                    cfg, out, n_shards=shards,
+                    progress=lambda n: bar.advance(task, n),
+                    on_prepared=lambda total: bar.update(task, total=total))
+    except (ConfigError, RunDirError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _print_summary(manifest, out)
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    from simulator.engine import summary_table
+
+    table = Table(title=f"{manifest['experiment_id']}: {manifest['days']} days, "
+                        f"slate {manifest['slate_size']}, world {manifest['world']['kind']}")
+    heads = ("arm", "users", "requests", "impressions", "CTR", "orders", "completed",
+             "conversion", "GMV", "GMV/user")
+    for head in heads:
+        table.add_column(head, justify="left" if head == "arm" else "right")
+    for row in summary_table(manifest):
+        arm = row["arm"] + (" (control)" if row["arm"] == manifest["control"] else "")
+        table.add_row(arm, f"{row['users']:,}", f"{row['requests']:,}", f"{row['impressions']:,}",
+                      f"{row['ctr']:.2%}", f"{row['orders']:,}", f"{row['completed_orders']:,}",
+                      f"{row['conversion']:.2%}", f"{row['gmv']:,.2f}", f"{row['gmv_per_user']:.2f}")
+    console.print(table)
+    counts = manifest["counts"]
+    pre = sum(c["requests"] for c in counts["pre"].values())
+    console.print(f"pre-period ({manifest['pre_experiment_id']}): {pre:,} requests; "
+                  f"held out {counts['held_out']:,}, not allocated {counts['not_allocated']:,} "
+                  f"of {counts['units_in_window']:,} users in the window")
+    if manifest["effects"]:
+        console.print("injected effects: " + ", ".join(
+            f"{e['arm']} {e['on']} x{e['factor']}" for e in manifest["effects"]))
+    console.print(f"wrote {out} (assignments.parquet, events/, manifest.json)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `simulate` command to a typer app (the `quasid` console command)."""
+    app.command("simulate")(simulate)
