@@ -13,8 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-
 
 def simulate(
     config: Path = typer.Option(..., "--config", help="Experiment YAML (see configs/ and "
@@ -36,6 +34,7 @@ def simulate(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    console = Console()
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     try:
@@ -57,10 +56,10 @@ def simulate(
     except (ConfigError, RunDirError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _print_summary(manifest, out)
+    _print_summary(console, manifest, out)
 
 
-def _print_summary(manifest: dict, out: Path) -> None:
+def _print_summary(console: Console, manifest: dict, out: Path) -> None:
     from simulator.engine import summary_table
 
     table = Table(title=f"{manifest['experiment_id']}: {manifest['days']} days, "

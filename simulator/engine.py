@@ -215,7 +215,12 @@ def _fit_and_save_world(ctx: Context, out: Path) -> FittedWorld:
     cfg, logs, traffic = ctx.cfg, ctx.logs, ctx.traffic
     rows = traffic.experiment["request_id"].to_numpy()
     cal_rows = None
-    if traffic.clock == "logged" and cfg.world.calibration.source == "impressions":
+    if cfg.world.calibration.source == "impressions" and (
+            ctx.dataset.world is None or traffic.clock != "logged"):
+        raise ValueError(f"{cfg.data.path}: world.calibration.source 'impressions' needs "
+                         "impression logs, which only a synthetic dataset with a clock and "
+                         f"{WORLD_FILE} can draw; set world.calibration.source: targets")
+    if cfg.world.calibration.source == "impressions":
         start = traffic.window[0]
         in_log = (logs.ts >= start - cfg.world.calibration.log_days * DAY_SECONDS) & (logs.ts < start)
         cal_rows = np.flatnonzero(in_log)

@@ -48,7 +48,7 @@ from scipy.optimize import brentq, minimize
 from quasid.recommender import PopularityRecommender, RandomRecommender
 from simulator.config import CalibrationSpec, FitSpec
 from simulator.hashing import hash_ids, string_key, to_uniform
-from simulator.world import Probabilities, TrueWorld, _sigmoid, respond
+from simulator.world import Probabilities, TrueWorld, _sigmoid, check_slates, respond
 
 MAX_POSITIONS = 200
 
@@ -155,6 +155,7 @@ class FittedWorld:
 
     def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
         """p(click) and p(order | click) for slates `items` (n, k) of `users` (n,)."""
+        check_slates(users, items)
         k = items.shape[1]
         if k > MAX_POSITIONS:
             raise ValueError(f"slate size {k} exceeds {MAX_POSITIONS} positions")

@@ -56,6 +56,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
+def check_slates(users: np.ndarray, items: np.ndarray) -> None:
+    """users must be (n,) and items (n, k): a clear error instead of silent broadcasting."""
+    users, items = np.asarray(users), np.asarray(items)
+    if users.ndim != 1 or items.ndim != 2 or len(users) != len(items):
+        raise ValueError(f"world: expected users (n,) and slates (n, k), got {users.shape} "
+                         f"and {items.shape}")
+
+
 class TrueWorld:
     """The synthetic world's ground truth (see `quasid.data.world` for the model)."""
 
@@ -69,6 +77,7 @@ class TrueWorld:
     def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
         """p(click) = position_bias[k] sigmoid(a + click_bias); p(order | click) =
         sigmoid(order_bias + order_slope a + g)."""
+        check_slates(users, items)
         w = self.world
         k = items.shape[1]
         if k > len(w.position_bias):
