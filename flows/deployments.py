@@ -1,0 +1,37 @@
+"""Scheduled deployments: the nightly retrain + simulation and the daily analysis.
+
+`quasid serve` serves both from this process with Prefect's `serve` (cron schedules need a
+running `prefect server`: `prefect server start`, then `PREFECT_API_URL` pointing at it).
+Teams with work pools use `prefect.yaml` at the repository root instead (`prefect deploy`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import serve
+
+from flows.config import load_run_config
+from flows.pipeline import ab_pipeline, analyze_experiment
+
+
+def deployments(out: Path, config: Path | None, retrain_cron: str, analysis_cron: str,
+                device: str = "cpu") -> list:
+    """The two runner deployments with their cron schedules and parameters."""
+    run_config = load_run_config(config, out, seed=0, device=device)
+    nightly = ab_pipeline.to_deployment(
+        name="nightly-retrain-and-simulate", cron=retrain_cron,
+        parameters={"config": run_config.model_dump(mode="json")},
+        description="Retrain the arms' tokenizers and stacks, replay the window, analyse.")
+    daily = analyze_experiment.to_deployment(
+        name="daily-analysis", cron=analysis_cron,
+        parameters={"run_dir": str(Path(out) / "run"), "out_dir": str(out),
+                    "alpha": run_config.pipeline.alpha},
+        description="Re-analyse the latest run directory (sequential looks by day).")
+    return [nightly, daily]
+
+
+def serve_deployments(out: Path, config: Path | None, retrain_cron: str, analysis_cron: str,
+                      device: str = "cpu") -> None:
+    """Serve both deployments until interrupted."""
+    serve(*deployments(out, config, retrain_cron, analysis_cron, device))

@@ -1,0 +1,160 @@
+"""The Prefect flows on tiny data, under one session-scoped `prefect_test_harness`.
+
+- the whole pipeline writes the report, results, run directory and DuckDB file;
+- a second run hits the cache: no tokenizer or stack is trained again;
+- the pipeline's results.json equals the one from running the steps by hand, same seed;
+- a shard task that fails once is retried and the run completes;
+- shards on a local Dask cluster (2 worker processes) give the same events as a local run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.config import RunConfig
+
+TINY_WORLD = dict(n_items=300, n_users=1_500, content_dim=16, taste_dim=8, mean_interactions=8.0)
+TOKENIZER = {"hidden": [32], "latent": 8, "codebook_size": 16}
+STACK = {"retriever": {"epochs": 1, "d_model": 32, "n_layers": 1, "d_ff": 64},
+         "ranker": {"epochs": 1, "d_model": 16}}
+# tiny stacks trained for one epoch rarely show cold items, so the cold-item metric can be
+# all zeros; the other metrics are what these tests compare
+METRICS = ["gmv_per_user", "completed_orders_per_user", "buyer_rate", "ctr", "conversion"]
+
+
+def _run_config(out: Path, seed: int = 0) -> RunConfig:
+    return RunConfig(
+        out=out, seed=seed,
+        pipeline={"synthetic": TINY_WORLD, "tokenizer_epochs": 2,
+                  "tokenizer_overrides": {"rqvae": TOKENIZER, "quasid": TOKENIZER},
+                  "stack_overrides": STACK, "n_shards": 2, "metrics": METRICS},
+        experiment={"experiment_id": "tiny", "data": {"path": "synthetic"},
+                    "arms": [{"name": "control", "tokenizer": "rqvae", "allocation": 0.5},
+                             {"name": "treatment", "tokenizer": "quasid", "allocation": 0.5}],
+                    "days": 10, "pre_days": 3, "slate_size": 10},
+    )
+
+
+def events_digest(run_dir: Path) -> str:
+    """sha256 of all events, sorted on their unique key (independent of file layout)."""
+    events = pl.read_parquet(run_dir / "events" / "**" / "*.parquet", hive_partitioning=False)
+    keys = ["experiment_id", "request_id", "item_id", "event_type"]
+    frame = events.select(sorted(events.columns)).sort(keys)
+    return hashlib.sha256(frame.write_csv().encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(harness, tmp_path_factory):
+    from flows.pipeline import ab_pipeline
+
+    out = tmp_path_factory.mktemp("pipeline")
+    summary = ab_pipeline(_run_config(out))
+    return out, summary
+
+
+def test_pipeline_writes_report_results_run_dir_and_duckdb(pipeline_run):
+    out, summary = pipeline_run
+    for name in ("report.md", "report.html", "results.json", "events.duckdb",
+                 "run/assignments.parquet", "run/manifest.json"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    assert {r["metric"] for r in results["rows"]} == set(METRICS)
+    assert {r["arm"] for r in results["rows"]} == {"treatment"}
+    manifest = json.loads((out / "run" / "manifest.json").read_text())
+    assert manifest["config"]["arms"][0]["stack"] == summary["stacks"]["rqvae"]
+    assert set(json.loads((out / "tokenizers" / "quasid" / "metrics.json").read_text())) >= {
+        "collision_rate", "unique_sids", "sid_entropy", "codebook_utilization"}
+
+
+def test_second_run_hits_the_cache(pipeline_run):
+    from flows.pipeline import ab_pipeline
+
+    out, _ = pipeline_run
+    trained = sorted((out / "tokenizers").rglob("*.pt")) + sorted((out / "stacks").rglob("*.pt"))
+    assert len(trained) >= 4
+    before = {p: p.stat().st_mtime_ns for p in trained}
+    results = (out / "results.json").read_text()
+    ab_pipeline(_run_config(out))
+    assert {p: p.stat().st_mtime_ns for p in trained} == before  # nothing retrained
+    assert (out / "results.json").read_text() == results
+
+
+def test_pipeline_equals_the_steps_run_by_hand(pipeline_run, tmp_path):
+    """Same seed: the steps as plain functions give the pipeline's results.json exactly."""
+    from analysis.engine import analyze
+    from quasid.data.synthetic import WorldConfig, synthesize
+    from quasid.stack import build_stack
+    from quasid.training import train_tokenizer
+    from simulator.engine import run_experiment
+
+    out, _ = pipeline_run
+    config = _run_config(tmp_path)
+    data = tmp_path / "data"
+    synthesize(WorldConfig(**TINY_WORLD, seed=0), data)
+    stacks = {}
+    for arm, tok in config.tokenizers.items():
+        train_tokenizer(data, tok, tmp_path / "tok" / tok, epochs=2, seed=0, overrides=TOKENIZER)
+        build_stack(data, tmp_path / "tok" / tok / "sids.parquet", tmp_path / "stack" / tok,
+                    seed=0, overrides=STACK)
+        stacks[arm] = str(tmp_path / "stack" / tok)
+    experiment = config.experiment_config(data_path=data, stacks=stacks)
+    run_experiment(experiment, tmp_path / "run", n_shards=1)
+    by_hand = analyze(tmp_path / "run", tmp_path / "report", metrics=METRICS, threads=1)
+    piped = json.loads((out / "results.json").read_text())
+    assert json.loads(json.dumps(by_hand)) == piped
+    assert events_digest(tmp_path / "run") == events_digest(out / "run")
+
+
+@pytest.fixture(scope="module")
+def popularity_experiment(harness, small_world_dir) -> dict:
+    return {"experiment_id": "flows_pop", "data": {"path": str(small_world_dir)},
+            "arms": [{"name": "control", "stack": "popularity", "allocation": 0.5},
+                     {"name": "treatment", "stack": "random", "allocation": 0.5}],
+            "days": 4, "pre_days": 2, "slate_size": 10}
+
+
+def test_a_shard_that_fails_once_is_retried(popularity_experiment, tmp_path, monkeypatch):
+    import simulator.engine as engine
+    from flows.pipeline import simulate_ab
+
+    real, calls = engine.run_shard, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise OSError("transient storage error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_shard", flaky)
+    manifest = simulate_ab(popularity_experiment, tmp_path / "run", n_shards=2)
+    # one shard failed once and ran again, the other ran once
+    assert len(calls) == 3 and sorted(set(calls)) == [0, 1]
+    assert manifest["counts"]["experiment"]["control"]["requests"] > 0
+
+
+def test_dask_cluster_gives_the_local_events(popularity_experiment, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import simulate_ab
+    from simulator.engine import run_experiment
+
+    run_experiment(popularity_experiment, tmp_path / "local", n_shards=1)
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                                            "processes": True, "dashboard_address": None})
+    simulate_ab.with_options(task_runner=runner)(popularity_experiment, tmp_path / "dask",
+                                                  n_shards=4)
+    assert events_digest(tmp_path / "dask") == events_digest(tmp_path / "local")
