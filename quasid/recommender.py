@@ -66,20 +66,15 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _first_unique(candidates: np.ndarray, exclude: np.ndarray | None, k: int,
-                  distinct: bool = False) -> np.ndarray:
-    """Per row, the column indices of the first `k` candidates that neither repeat an earlier
-    candidate of the row (unless `distinct` says none do) nor appear in the row of
-    `exclude`; -1 where a row runs short."""
+def _first_unique(candidates: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the column indices of the first `k` candidates that do not repeat an earlier
+    candidate of the row; -1 where a row runs short."""
     n, m = candidates.shape
     bad = np.zeros((n, m), dtype=bool)
-    if not distinct:
-        order = np.argsort(candidates, axis=1, kind="stable")
-        ranked = np.take_along_axis(candidates, order, axis=1)
-        repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (a stable sort keeps the first first)
-        np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
-    if exclude is not None and exclude.shape[1]:
-        bad |= (candidates[:, :, None] == exclude[:, None, :]).any(axis=2)
+    order = np.argsort(candidates, axis=1, kind="stable")
+    ranked = np.take_along_axis(candidates, order, axis=1)
+    repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (a stable sort keeps the first first)
+    np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
     pick = np.argsort(bad, axis=1, kind="stable")[:, :k]
     short = np.take_along_axis(bad, pick, axis=1)
     return np.where(short, -1, pick)
@@ -121,13 +116,20 @@ class PopularityRecommender:
         """Top-`k` popular items not in each row's history."""
         _check_k(k, len(self.ranked), self.name)
         histories = np.asarray(histories, dtype=np.int64)
-        m = min(len(self.ranked), k + histories.shape[1])
-        cand = np.broadcast_to(self.ranked[:m], (len(histories), m))
-        pick = _first_unique(cand, histories, k, distinct=True)
-        short = pick < 0
-        if short.any():  # the catalog minus the history is smaller than k: allow seen items
-            pick = np.where(short, _first_unique(cand, None, k, distinct=True), pick)
-        return cand[0][pick], self.scores[:m][pick]
+        n = len(histories)
+        m = min(len(self.ranked), k + histories.shape[1])  # k unseen items are among these
+        top = self.ranked[:m]
+        # Mark seen candidates by looking each history item up among the top m (n x H
+        # lookups, rather than comparing n x m x H pairs).
+        order = np.argsort(top, kind="stable")
+        pos = np.searchsorted(top[order], histories).clip(max=m - 1)
+        hit = top[order][pos] == histories
+        seen = np.zeros((n, m), dtype=bool)
+        rows = np.broadcast_to(np.arange(n)[:, None], histories.shape)
+        seen[rows[hit], order[pos[hit]]] = True
+        # unseen first in rank order; where fewer than k are unseen, seen items fill the slate
+        pick = np.argsort(seen, axis=1, kind="stable")[:, :k]
+        return top[pick], self.scores[:m][pick]
 
 
 class RandomRecommender:
@@ -159,7 +161,7 @@ class RandomRecommender:
         while True:
             draws = mix64(key[:, None] ^ mix64(np.arange(m, dtype=np.uint64))[None, :])
             cand = (draws % np.uint64(n_items)).astype(np.int64)
-            pick = _first_unique(cand, None, k)
+            pick = _first_unique(cand, k)
             if (pick >= 0).all() or m >= 64 * n_items:
                 break
             m *= 2  # rows with too many repeats (tiny catalogs) draw more
