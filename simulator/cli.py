@@ -27,7 +27,7 @@ def simulate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from simulator.config import ConfigError, load_config
-    from simulator.engine import RunDirError, run_experiment, summary_table
+    from simulator.engine import RunDirError, run_experiment
 
     try:
         cfg = load_config(config)
@@ -48,11 +48,12 @@ def simulate(
                             yield record
                     manifest = run_experiment(cfg, out, n_shards=shards, map_fn=map_fn)
             else:
-                task = bar.add_task(f"{cfg.experiment_id}: requests", total=None)
+                task = bar.add_task(f"{cfg.experiment_id}: assignments, world", total=None)
                 manifest = run_experiment(
                     cfg, out, n_shards=shards,
                     progress=lambda n: bar.advance(task, n),
-                    on_prepared=lambda total: bar.update(task, total=total))
+                    on_prepared=lambda total: bar.update(
+                        task, total=total, description=f"{cfg.experiment_id}: requests"))
     except (ConfigError, RunDirError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

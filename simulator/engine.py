@@ -258,6 +258,9 @@ def _read_plan(out: Path, cfg: ExperimentConfig, n_shards: int) -> dict:
     if plan["config_fingerprint"] != cfg.fingerprint() or plan["n_shards"] != n_shards:
         raise RunDirError(f"{out}: prepared for another config or shard count "
                           f"({plan['n_shards']} shards); prepare this one in a fresh directory")
+    if plan["data_fingerprint"] != data_fingerprint(cfg.data.path):
+        raise RunDirError(f"{cfg.data.path}: the data changed since {out} was prepared; "
+                          "rerun in a fresh directory")
     return plan
 
 
