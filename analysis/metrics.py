@@ -11,12 +11,15 @@ covariate). Adding a metric is a few lines:
     register(Metric("add_to_cart_per_user", "mean", "(event_type = 'add_to_cart')::INT"))
 
 Metrics are sums of event expressions on purpose: sums add up over days, shards and
-segments (gbstats' rule), so one pass over the events at (user, day) grain serves every
-metric, every event-level segment (a FILTER), every day and the cumulative daily looks.
+segments (gbstats' rule). Two passes over the events serve everything: one per user, with
+the event-level cohort flags as grouping keys (every metric in every segment), and one per
+user and day (the daily segments and the cumulative daily looks). Measured on 100M events
+(`benchmarks/analysis_aggregation.py`), flags as keys cost far less than FILTER clauses,
+and one query per day partition less than one query grouped by day.
 
 All aggregation runs in DuckDB; Python receives per-arm `Moments` (n, sums, sums of
-squares and cross-products), never rows. Sums are compensated (`fsum`), so the results do
-not depend on how DuckDB's threads split the work.
+squares and cross-products), never rows. Sums over units are compensated (`fsum`): sums of
+squares over a million units keep their precision.
 """
 
 from __future__ import annotations
@@ -185,30 +188,41 @@ def _plan(metrics: list[Metric], info: StoreInfo) -> _Plan:
                  info.run_dir / "events")
 
 
-def _sums_sql(plan: _Plan) -> list[str]:
-    """`fsum(expr) [FILTER (WHERE flag)] AS s<i>_<j>` for every expression × event segment.
-
-    fsum (compensated summation) makes the sums independent of the order DuckDB's threads
-    combine them in, so the same data gives the same bytes; it costs little (measured).
-    """
-    out = []
-    for j, seg in enumerate(plan.event_segments):
-        flt = f" FILTER (WHERE {seg.column})" if seg.level == "event" else ""
-        for i, expr in enumerate(plan.exprs):
-            out.append(f"fsum(({expr})::DOUBLE){flt} AS s{i}_{j}")
-    return out
+def _expr_sums(plan: _Plan) -> list[str]:
+    """`sum(expr) AS e<i>` for every unique expression (plain sums: a group holds a few
+    events, so compensation buys nothing there and costs ~15% of the pass, measured)."""
+    return [f"sum(({expr})::DOUBLE) AS e{i}" for i, expr in enumerate(plan.exprs)]
 
 
 def _sum_cols(plan: _Plan) -> list[str]:
     return [f"s{i}_{j}" for j in range(len(plan.event_segments)) for i in range(len(plan.exprs))]
 
 
-def per_unit_sql(plan: _Plan) -> str:
-    """The one pass over the experiment's events: per (user, day) sums and arm counts."""
-    arm_counts = [f"count(*) FILTER (WHERE arm = '{a}') AS arm_{k}"
-                  for k, a in enumerate(plan.arms)]
-    cols = ", ".join(["count(*) AS n_events", *arm_counts, *_sums_sql(plan)])
-    return f"SELECT user_id, day, {cols} FROM exp_events GROUP BY user_id, day"
+def _flags(plan: _Plan) -> list[str]:
+    return [s.column for s in plan.event_segments if s.level == "event"]
+
+
+def per_user_sql(plan: _Plan, source: str, arm_bits: bool) -> str:
+    """One pass: per user and combination of event-level flags, the expression sums (and,
+    for the experiment, a bit per arm seen in the user's events, to check assignments)."""
+    keys = ["user_id", *_flags(plan)]
+    cols = ["count(*) AS n_events", *_expr_sums(plan)]
+    if arm_bits:
+        bits = " ".join(f"WHEN '{a}' THEN {1 << k}" for k, a in enumerate(plan.arms))
+        cols.insert(1, f"bit_or(CASE arm {bits} ELSE {1 << len(plan.arms)} END) AS arm_bits")
+    return f"SELECT {', '.join(keys + cols)} FROM {source} GROUP BY {', '.join(keys)}"
+
+
+def _rollup_sql(plan: _Plan, table: str, arm_bits: bool) -> str:
+    """Per-user totals from a per-(user, flags) table: `s<i>_<j>` = expression i summed over
+    the user's events in event segment j (0: all events)."""
+    cols = []
+    for j, seg in enumerate(plan.event_segments):
+        flt = f" FILTER (WHERE {seg.column})" if seg.level == "event" else ""
+        cols += [f"fsum(e{i}){flt} AS s{i}_{j}" for i in range(len(plan.exprs))]
+    if arm_bits:
+        cols = ["bit_or(arm_bits) AS arm_bits", "sum(n_events) AS n_events", *cols]
+    return f"SELECT user_id, {', '.join(cols)} FROM {table} GROUP BY user_id"
 
 
 def _value(plan: _Plan, metric: Metric, part: str, segment: Segment, table: str,
@@ -288,36 +302,53 @@ def _fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
 
 
 def aggregate_units(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
-    """Build the temporary per-unit tables: `user_day`, `user_pre`, `unit_totals`."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE user_day AS {per_unit_sql(plan)}")
+    """The per-user aggregation of every metric: `user_flags` (one pass over the experiment's
+    events), `pre_flags` (the pre-period's), and `unit_totals` (every assigned unit, with 0
+    for units without events; columns `s<i>_<j>` and, for the pre-period, `p<i>_<j>`)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE user_flags AS "
+                f"{per_user_sql(plan, 'exp_events', arm_bits=True)}")
     sums = _sum_cols(plan)
+    pre_cols, pre_join = "", ""
     if plan.covariate:
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE user_pre AS
-            SELECT user_id, {', '.join(_sums_sql(plan))} FROM pre_events GROUP BY user_id""")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE pre_flags AS "
+                    f"{per_user_sql(plan, 'pre_events', arm_bits=False)}")
+        pre_cols = "".join(f", COALESCE(p.{c}, 0) AS p{c[1:]}" for c in sums)
+        pre_join = f"LEFT JOIN ({_rollup_sql(plan, 'pre_flags', False)}) p USING (user_id)"
     flags = [s.column for s in plan.segments if s.level == "user"]
-    pre_cols = "".join(f", COALESCE(p.{c}, 0) AS p{c[1:]}" for c in sums) if plan.covariate else ""
-    pre_join = "LEFT JOIN user_pre p USING (user_id)" if plan.covariate else ""
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE unit_totals AS
         SELECT u.user_id, u.arm {''.join(f', u.{c}' for c in flags)},
                {', '.join(f'COALESCE(t.{c}, 0) AS {c}' for c in sums)} {pre_cols}
         FROM units u
-        LEFT JOIN (SELECT user_id, {', '.join(f'fsum({c}) AS {c}' for c in sums)}
-                   FROM user_day GROUP BY user_id) t USING (user_id)
+        LEFT JOIN ({_rollup_sql(plan, 'user_flags', False)}) t USING (user_id)
         {pre_join}""")
+
+
+def aggregate_days(con: duckdb.DuckDBPyConnection, plan: _Plan) -> list[int]:
+    """`user_day`: each user's expression sums per day (all events), one query per day
+    partition; returns the days 0..last (days without events have no rows)."""
+    present = [int(d) for (d,) in con.execute(
+        "SELECT DISTINCT day FROM exp_events ORDER BY day").fetchall()]
+    cols = ", ".join(f"sum(({e})::DOUBLE) AS s{i}_0" for i, e in enumerate(plan.exprs))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE user_day AS SELECT user_id, day, {cols} "
+                f"FROM exp_events WHERE false GROUP BY user_id, day")
+    for d in present:
+        con.execute(f"INSERT INTO user_day SELECT user_id, {d}, {cols} FROM exp_events "
+                    f"WHERE day = {d} GROUP BY user_id")
+    return list(range(max(present) + 1))
 
 
 def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
     """Every event's arm must be its user's assigned arm; every arm must have events."""
-    assigned = "CASE u.arm " + " ".join(
-        f"WHEN '{a}' THEN d.arm_{k}" for k, a in enumerate(plan.arms)) + " ELSE -1 END"
-    where = (f"FROM user_day d LEFT JOIN units u USING (user_id) "
-             f"WHERE u.arm IS NULL OR {assigned} <> d.n_events")
-    n_bad, n_users, n_unassigned = con.execute(
-        f"SELECT count(*), count(DISTINCT d.user_id), count(*) FILTER (WHERE u.arm IS NULL) {where}"
-    ).fetchone()
+    bits = "CASE u.arm " + " ".join(
+        f"WHEN '{a}' THEN {1 << k}" for k, a in enumerate(plan.arms)) + " ELSE -1 END"
+    where = (f"FROM (SELECT user_id, bit_or(arm_bits) AS arm_bits, sum(n_events) AS n_events "
+             f"FROM user_flags GROUP BY user_id) f LEFT JOIN units u USING (user_id) "
+             f"WHERE u.arm IS NULL OR f.arm_bits <> {bits}")
+    n_bad, n_unassigned = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE u.arm IS NULL) {where}").fetchone()
     if n_bad:
-        sample = con.execute(f"SELECT DISTINCT d.user_id, u.arm {where} ORDER BY d.user_id LIMIT 5"
+        sample = con.execute(f"SELECT f.user_id, u.arm {where} ORDER BY f.user_id LIMIT 5"
                              ).fetchall()
         examples = con.execute(f"""
             SELECT user_id, arm, count(*), count(DISTINCT day) FROM exp_events
@@ -326,16 +357,16 @@ def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
         shown = "; ".join(f"user {u}: {n} event(s) on {d} day(s) with arm={a!r}"
                           for u, a, n, d in examples)
         raise AnalysisError(
-            f"{plan.events_dir}: column 'arm': {n_users} user(s) ({n_bad} user-days) have events "
-            f"whose arm disagrees with assignments.parquet ({n_unassigned} user-days of users "
-            f"not assigned at all); assigned: "
-            + ", ".join(f"user {u}={a!r}" for u, a in sample) + f"; their events: {shown}")
-    per_arm = dict(con.execute("""SELECT u.arm, sum(d.n_events) FROM user_day d
+            f"{plan.events_dir}: column 'arm': {n_bad} user(s) have events whose arm disagrees "
+            f"with assignments.parquet ({n_unassigned} of them not assigned at all); "
+            f"assigned: " + ", ".join(f"user {u}={a!r}" for u, a in sample)
+            + f"; their events: {shown}")
+    per_arm = dict(con.execute("""SELECT u.arm, sum(f.n_events) FROM user_flags f
                                   JOIN units u USING (user_id) GROUP BY u.arm""").fetchall())
     silent = [a for a in plan.arms if not per_arm.get(a)]
     if silent:
-        raise AnalysisError(f"{plan.events_dir}: arm(s) {silent} have assigned units but no events "
-                            f"(events per arm: {per_arm})")
+        raise AnalysisError(f"{plan.events_dir}: arm(s) {silent} have assigned units but no "
+                            f"events (events per arm: {per_arm})")
 
 
 def _caps(con: duckdb.DuckDBPyConnection, plan: _Plan) -> dict[str, float]:
@@ -431,8 +462,8 @@ def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreIn
     check_event_arms(con, plan)
     caps = _caps(con, plan)
     cells, all_cells = _segment_cells(con, plan, caps)
-    last_day = con.execute("SELECT max(day) FROM user_day").fetchone()[0]
-    days = list(range(int(last_day) + 1))
+    days = aggregate_days(con, plan)
+    last_day = days[-1]
     daily = _daily_moments(con, plan, caps, all_cells, days, "user_day", "day")
     for m in plan.metrics:
         cov = plan.covariate and m.cuped

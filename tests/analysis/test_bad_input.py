@@ -92,7 +92,7 @@ def test_events_whose_arm_disagrees_with_the_assignment(run, tmp_path):
 def test_events_of_users_never_assigned(run, tmp_path):
     units = pl.read_parquet(run / "assignments.parquet")
     units.filter(pl.col("unit_id") != 0).write_parquet(run / "assignments.parquet")
-    _fails(run, tmp_path / "out", r"1 user\(s\).*of users not assigned at all")
+    _fails(run, tmp_path / "out", r"1 user\(s\).*1 of them not assigned at all")
 
 
 def test_missing_event_column(run, tmp_path):
