@@ -167,12 +167,13 @@ class Retriever(nn.Module):
         return lp.gather(-1, target[..., None])[..., 0].sum(-1)
 
     @torch.inference_mode()
-    def beam_search(self, histories: torch.Tensor, beam: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def beam_search(self, histories: torch.Tensor, beam: int | None = None,
+                    return_codes: bool = False) -> tuple[torch.Tensor, ...]:
         """Top items by log p(code), constrained to the trie: (rows (B, beam), scores (B, beam)).
 
         Sorted best first; where fewer than `beam` items exist, the tail is row -1 with
-        score -inf.
+        score -inf. `return_codes` adds the generated codes (B, beam, D) (-1 in the tail),
+        which must be the returned rows' codes (what the tests check).
         """
         beam = beam or self.cfg.beam
         trie = self.trie
@@ -195,12 +196,15 @@ class Retriever(nn.Module):
             new_tok = child_tok.reshape(b, w * fan).gather(1, idx) + self.offsets[d]
             prefix = torch.cat([prefix.gather(1, parent[..., None].expand(-1, -1, d)),
                                 new_tok[..., None]], dim=2)
-        rows = torch.where(torch.isfinite(score), node, PAD)
+        found = torch.isfinite(score)
+        rows = torch.where(found, node, PAD)
+        codes = torch.where(found[..., None], prefix - self.offsets, PAD)
         if rows.shape[1] < beam:
             fill = beam - rows.shape[1]
             rows = torch.cat([rows, torch.full((b, fill), PAD, device=dev)], 1)
             score = torch.cat([score, torch.full((b, fill), -math.inf, device=dev)], 1)
-        return rows, score
+            codes = torch.cat([codes, torch.full((b, fill, trie.depth), PAD, device=dev)], 1)
+        return (rows, score, codes) if return_codes else (rows, score)
 
     def to(self, *args, **kwargs):  # keep the trie's tensors with the model
         out = super().to(*args, **kwargs)

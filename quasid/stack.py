@@ -59,6 +59,9 @@ class StackConfig:
     batch_size: int = 1024
     """Requests per device batch when serving."""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_grid", tuple(float(w) for w in self.weight_grid))
+
 
 def stack_config(overrides: dict | None = None) -> StackConfig:
     """`StackConfig` with `overrides` applied, e.g. `{"retriever": {"epochs": 5}, "candidates": 40}`.
@@ -85,8 +88,6 @@ def config_from_dict(data: dict) -> StackConfig:
     data = dict(data)
     retriever = RetrieverConfig(**data.pop("retriever"))
     ranker = RankerConfig(**data.pop("ranker"))
-    if "weight_grid" in data:
-        data["weight_grid"] = tuple(data["weight_grid"])
     return StackConfig(retriever=retriever, ranker=ranker, **data)
 
 

@@ -2,13 +2,16 @@
 
 `kmeans_sid_table`: residual k-means of the items' content (a few Lloyd iterations per
 level), then collision ranks in item-id order: a small, content-derived SID table like the
-tokenizers write. `random_sid_table`: uniform random codes.
+tokenizers write. `random_sid_table`: uniform random codes. `one_thread`: an autouse
+fixture the test modules import.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
+import torch
 
 from quasid.contracts import SID_TABLE, validate
 
@@ -55,3 +58,13 @@ def random_sid_table(item_ids: np.ndarray, levels: int = 3, k: int = 4, seed: in
     """Uniformly random SIDs (collisions likely for small k)."""
     codes = np.random.default_rng(seed).integers(0, k, (len(item_ids), levels))
     return sid_table_from_codes(np.asarray(item_ids, dtype=np.int64), codes, "random")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread per test module (set before its module fixtures train anything): on a
+    small shared CPU box, two threads contend and run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

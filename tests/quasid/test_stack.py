@@ -1,0 +1,145 @@
+"""The SID stack: the Recommender contract, candidates, save/load, build_stack and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from quasid.contracts import SID_TABLE, ContractError, write_parquet
+from quasid.data.splits import leave_one_out
+from quasid.evaluate import drop_last, loo_requests
+from quasid.recommender import PAD, Recommender
+from quasid.stack import (
+    STACK_FILE,
+    SUMMARY_FILE,
+    Stack,
+    build_stack,
+    row_mapper,
+    sequence_windows,
+    stack_config,
+    train_stack,
+    training_windows,
+)
+from tests.quasid.sid_testing import kmeans_sid_table, one_thread  # noqa: F401 (fixture)
+
+TINY = {"retriever": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "epochs": 1,
+                      "batch_size": 256, "max_history": 8, "beam": 10},
+        "ranker": {"d_model": 16, "n_heads": 2, "n_layers": 1, "epochs": 1, "batch_size": 256,
+                   "negatives": 8, "max_history": 8},
+        "candidates": 25, "weight_grid": [0.0, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def sids(small_world):
+    return kmeans_sid_table(small_world.content(), small_world.items["item_id"].to_numpy(), 2, 8)
+
+
+@pytest.fixture(scope="module")
+def stack(small_world, sids):
+    ds = small_world
+    train = leave_one_out(ds.interactions, cold_items=ds.items.filter(pl.col("is_cold"))["item_id"]).train
+    valid = loo_requests(drop_last(ds.interactions), 8)
+    built, summary = train_stack(ds.items, sids, train, stack_config(TINY), seed=0, valid=valid)
+    assert summary["retrieval_weight"] in (0.0, 1.0)
+    assert set(summary["weight_fit_ndcg@10"]) == {"0.0", "1.0"}
+    return built
+
+
+@pytest.fixture(scope="module")
+def requests(small_world):
+    hist, _ = loo_requests(small_world.interactions, 8)
+    return hist[:300]
+
+
+def test_sequence_windows_against_a_hand_example():
+    log = pl.DataFrame({"user_id": [1, 1, 1, 2, 2], "item_id": [10, 11, 12, 20, 21],
+                        "ts": [3, 1, 2, 5, 6], "event": ["x"] * 5})
+    hist, items, users, last = sequence_windows(log, max_len=2)
+    # user 1 in time order: 11, 12, 10
+    assert items.tolist() == [11, 12, 10, 20, 21]
+    assert hist.tolist() == [[PAD, PAD], [PAD, 11], [11, 12], [PAD, PAD], [PAD, 20]]
+    assert users.tolist() == [1, 1, 1, 2, 2] and last.tolist() == [False, False, True, False, True]
+    rows_of = row_mapper(np.array([10, 11, 12, 20, 21]), "log")
+    h, t = training_windows(log, rows_of, max_len=2)
+    assert h.tolist() == [[PAD, 1], [1, 2], [PAD, 3]] and t.tolist() == [2, 0, 4]
+
+
+def test_stack_is_a_recommender_and_slates_are_valid(stack, requests, small_world):
+    assert isinstance(stack, Recommender)
+    items, scores = stack.recommend(requests, 10)
+    assert items.shape == scores.shape == (len(requests), 10)
+    assert items.dtype == np.int64 and scores.dtype == np.float32
+    assert np.isin(items, small_world.items["item_id"].to_numpy()).all()
+    assert all(len(set(row)) == 10 for row in items.tolist())  # no repeats within a slate
+    assert (np.diff(scores, axis=1) <= 1e-7).all()  # slate order = score order
+    assert ((scores > 0) & (scores < 1)).all()  # price_alpha = 0: a probability
+
+
+def test_candidates_put_the_beam_first_then_popular_items_without_repeats(stack, requests):
+    hist = torch.as_tensor(stack.rows_of(requests[:50]))
+    beam, _ = stack.retriever.beam_search(hist, stack.cfg.retriever.beam)
+    cand = stack._candidates(hist, beam)
+    assert cand.shape == (50, stack.cfg.candidates)
+    assert torch.equal(cand[:, : beam.shape[1]], beam)  # the beam is full on this catalog
+    popular = stack._popular.tolist()
+    for row, b in zip(cand.tolist(), beam.tolist()):
+        assert len(set(row)) == len(row) and -1 not in row
+        fill = row[len(b):]
+        # the fill is the most popular items that the beam did not propose, in order
+        assert fill == [p for p in popular if p not in b][: len(fill)]
+
+
+def test_exclude_history_keeps_history_items_out_of_the_slate(stack, requests):
+    import dataclasses
+
+    saved = stack.cfg
+    stack.cfg = dataclasses.replace(saved, exclude_history=True)
+    try:
+        items, _ = stack.recommend(requests, 10)
+    finally:
+        stack.cfg = saved
+    for slate, hist in zip(items.tolist(), requests.tolist()):
+        assert not set(slate) & set(hist)
+
+
+def test_save_load_round_trip_gives_identical_slates(stack, requests, tmp_path):
+    items, scores = stack.recommend(requests, 10)
+    stack.save(tmp_path / "s.pt")
+    loaded = Stack.load(tmp_path / "s.pt")
+    items2, scores2 = loaded.recommend(requests, 10)
+    assert np.array_equal(items, items2) and np.array_equal(scores, scores2)
+    assert loaded.cfg == stack.cfg and loaded.name == stack.name
+
+
+def test_bad_requests_are_refused_with_a_clear_error(stack, requests):
+    bad = requests[:3].copy()
+    bad[1, -1] = 10**9
+    with pytest.raises(ValueError, match="1000000000"):
+        stack.recommend(bad, 10)
+    with pytest.raises(ValueError, match="candidates"):
+        stack.recommend(requests[:3], stack.cfg.candidates + 1)
+    with pytest.raises(ValueError, match="overrides.retriever: unknown key 'layers'"):
+        stack_config({"retriever": {"layers": 3}})
+
+
+def test_build_stack_writes_both_files_and_refuses_an_incomplete_sid_table(
+        small_world_dir, small_world, sids, tmp_path):
+    sids_path = write_parquet(sids, tmp_path / "sids.parquet", SID_TABLE)
+    path = build_stack(small_world_dir, sids_path, tmp_path / "stack", overrides=TINY, seed=1)
+    assert path == tmp_path / "stack" / STACK_FILE
+    summary = json.loads((tmp_path / "stack" / SUMMARY_FILE).read_text())
+    # the synthetic world has a cutoff: the stack trains on what came before it
+    before = small_world.interactions.filter(pl.col("ts") < small_world.datacard["cutoff_ts"])
+    assert summary["counts"]["train_interactions"] == before.height
+    assert summary["weight_fit_ndcg@10"] is None  # no leave-one-out validation with a cutoff
+    items, _ = Stack.load(path).recommend(loo_requests(small_world.interactions, 8)[0][:5], 5)
+    assert items.shape == (5, 5)
+
+    partial = write_parquet(sids.head(100), tmp_path / "partial.parquet", SID_TABLE)
+    with pytest.raises(ContractError, match="partial.parquet.*does not cover the catalog"):
+        build_stack(small_world_dir, partial, tmp_path / "stack2", overrides=TINY)
+    assert not (tmp_path / "stack2").exists()
