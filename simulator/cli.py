@@ -6,6 +6,7 @@ inside the command so `quasid --help` stays fast.
 
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def simulate(
         with Progress(*columns, console=console, transient=False) as bar:
             if workers > 1:
                 task = bar.add_task(f"{cfg.experiment_id}: shards", total=shards)
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                # spawn, not fork: a forked child inherits polars' and torch's thread pools
+                # mid-lock and can hang
+                spawn = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
                     def map_fn(fn, items):
                         for record in pool.map(fn, items):
                             bar.advance(task)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -107,7 +108,11 @@ def test_events_carry_arms_days_and_cohort_flags(run_dir, base_config, small_wor
 
 def test_one_shard_and_four_shards_give_identical_events(run_dir, base_config, tmp_path):
     out4 = tmp_path / "run4"
-    manifest4 = run_experiment(base_config, out4, n_shards=4)
+
+    def map_fn(fn, shards):  # as a task runner would: the shard job travels pickled
+        return [pickle.loads(pickle.dumps(fn))(shard) for shard in reversed(list(shards))]
+
+    manifest4 = run_experiment(base_config, out4, n_shards=4, map_fn=map_fn)
     assert len(list((out4 / "events").rglob("part-*-of-00004.parquet"))) > 4
     assert events_digest(out4) == events_digest(run_dir)
     manifest1 = json.loads((run_dir / "manifest.json").read_text())
