@@ -31,6 +31,12 @@ Calibration (documented in the manifest's `world.calibration`):
   reproduces the logged order rate per interaction exactly (the intercept's score
   equation); otherwise gamma_s = 0, gamma_p = `order_price_slope` and beta_o solved so the
   mean p(order | click) over the logged interactions equals `order_rate`.
+
+Measured on the synthetic world (expected CTR of the window's requests, fitted / true;
+the stated tolerance of tests/simulator/test_fitted.py is 15%): default world (20,000
+users) popularity slates 0.976, random slates 1.006, conversion 0.355 vs 0.367 true;
+small test world (1,500 users) 0.919 and 0.982, conversion 0.36 vs 0.48 (the order model
+has only 12,700 logged interactions there).
 """
 
 from __future__ import annotations
