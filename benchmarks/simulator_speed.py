@@ -108,7 +108,8 @@ def main() -> None:
                                               check=True).stdout.strip().splitlines()[-1])
             memory.append(child)
             print(f"days={days}: {child['requests']:,} requests, {child['events']:,} events, "
-                  f"peak RSS {child['peak_rss_gib']} GiB, {child['requests_per_s_serving']:,} req/s")
+                  f"peak RSS {child['peak_rss_gib']} GiB, "
+                  f"{child['requests_per_s_serving']:,} req/s")
         result["memory_by_days"] = memory
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

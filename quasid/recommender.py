@@ -176,4 +176,5 @@ class RandomRecommender:
 
 def _check_k(k: int, n_items: int, name: str) -> None:
     if not 1 <= k <= n_items:
-        raise ValueError(f"{name}: slate size k={k} must be between 1 and the catalog size {n_items}")
+        raise ValueError(f"{name}: slate size k={k} must be between 1 and the catalog size "
+                         f"{n_items}")

@@ -77,7 +77,8 @@ def _print_summary(console: Console, manifest: dict, out: Path) -> None:
         arm = row["arm"] + (" (control)" if row["arm"] == manifest["control"] else "")
         table.add_row(arm, f"{row['users']:,}", f"{row['requests']:,}", f"{row['impressions']:,}",
                       f"{row['ctr']:.2%}", f"{row['orders']:,}", f"{row['completed_orders']:,}",
-                      f"{row['conversion']:.2%}", f"{row['gmv']:,.2f}", f"{row['gmv_per_user']:.2f}")
+                      f"{row['conversion']:.2%}", f"{row['gmv']:,.2f}",
+                      f"{row['gmv_per_user']:.2f}")
     console.print(table)
     counts = manifest["counts"]
     pre = sum(c["requests"] for c in counts["pre"].values())

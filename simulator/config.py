@@ -261,7 +261,8 @@ def parse_config(raw: object, source: str = "<config>") -> ExperimentConfig:
     if isinstance(raw, ExperimentConfig):
         return raw
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, "
+                          f"got {type(raw).__name__}")
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

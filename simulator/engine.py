@@ -35,7 +35,13 @@ from quasid.data.world import DAY_SECONDS
 from quasid.recommender import Recommender
 from simulator.cohorts import Catalog, user_table
 from simulator.config import ExperimentConfig, parse_config
-from simulator.events import event_frame, part_name, partition_dir, write_events, write_parquet_atomic
+from simulator.events import (
+    event_frame,
+    part_name,
+    partition_dir,
+    write_events,
+    write_parquet_atomic,
+)
 from simulator.fitted import CalibrationInputs, FittedWorld, fit_world
 from simulator.splitter import Allocation, assign_arms, assignment_table, held_out
 from simulator.stacks import StackContext, build_stack
@@ -205,9 +211,11 @@ def prepare(config: ConfigLike, out_dir: str | Path, n_shards: int = 1) -> dict:
         raise ValueError(f"experiment {cfg.experiment_id}: no user falls in any arm "
                          f"(allocations {[a.allocation for a in cfg.arms]})")
     write_parquet_atomic(assignments, out / ASSIGNMENTS_FILE)
-    if cfg.world.kind == "fitted" and not (resumed and (out / STATE_DIR / FITTED_WORLD_FILE).exists()):
+    fitted_path = out / STATE_DIR / FITTED_WORLD_FILE
+    if cfg.world.kind == "fitted" and not (resumed and fitted_path.exists()):
         _fit_and_save_world(ctx, out)
-    write_text_atomic(json.dumps(plan, indent=2, sort_keys=True) + "\n", out / STATE_DIR / PLAN_FILE)
+    write_text_atomic(json.dumps(plan, indent=2, sort_keys=True) + "\n",
+                      out / STATE_DIR / PLAN_FILE)
     return plan
 
 
@@ -222,7 +230,8 @@ def _fit_and_save_world(ctx: Context, out: Path) -> FittedWorld:
                          f"{WORLD_FILE} can draw; set world.calibration.source: targets")
     if cfg.world.calibration.source == "impressions":
         start = traffic.window[0]
-        in_log = (logs.ts >= start - cfg.world.calibration.log_days * DAY_SECONDS) & (logs.ts < start)
+        log_start = start - cfg.world.calibration.log_days * DAY_SECONDS
+        in_log = (logs.ts >= log_start) & (logs.ts < start)
         cal_rows = np.flatnonzero(in_log)
     inputs = CalibrationInputs(
         interactions=ctx.dataset.interactions,
@@ -231,7 +240,8 @@ def _fit_and_save_world(ctx: Context, out: Path) -> FittedWorld:
         window_histories=logs.histories(rows, cfg.history_len),
         train_items=ctx.stack_context.train_items,
         calibration_users=None if cal_rows is None else logs.user[cal_rows],
-        calibration_histories=None if cal_rows is None else logs.histories(cal_rows, cfg.history_len),
+        calibration_histories=(None if cal_rows is None
+                               else logs.histories(cal_rows, cfg.history_len)),
         calibration_request_ids=cal_rows,
         truth=TrueWorld(ctx.dataset.world) if ctx.dataset.world is not None else None,
         slate_size=cfg.slate_size,

@@ -169,7 +169,8 @@ class FittedWorld:
         s = personal + bias
         click = self.position_bias(k)[None, :] * _sigmoid(self.click_logit(personal, bias))
         lrp = self.log_rel_price[self._rows(items, self.item_ids, "item")]
-        order = _sigmoid(self.order_bias + self.order_score_slope * s + self.order_price_slope * lrp)
+        order = _sigmoid(self.order_bias + self.order_score_slope * s
+                         + self.order_price_slope * lrp)
         return Probabilities(click, order)
 
     def describe(self) -> dict:

@@ -121,7 +121,8 @@ def stage_uniforms(keys: np.ndarray, k: int, stage: str) -> np.ndarray:
 def respond(world: WorldModel, users: np.ndarray, items: np.ndarray, request_ids: np.ndarray,
             seed: int, click_factor: np.ndarray | float = 1.0,
             order_factor: np.ndarray | float = 1.0) -> Responses:
-    """Draw the outcomes of slates `items` (n, k); factors (scalar or per request) inject effects."""
+    """Draw the outcomes of slates `items` (n, k); the factors (scalar or one per request)
+    multiply the click and order probabilities (effect injection)."""
     n, k = items.shape
     p = world.probabilities(users, items)
     p_click = np.minimum(1.0, p.click * np.reshape(click_factor, (-1, 1)))

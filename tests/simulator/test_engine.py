@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -16,7 +15,6 @@ import polars as pl
 import pytest
 
 from quasid.contracts import EVENTS, validate
-from quasid.data.dataset import load_dataset
 from simulator.config import parse_config
 from simulator.engine import (
     RunDirError,
