@@ -2,17 +2,19 @@
 
 A random batch rarely holds the pairs the qualification is about: in a catalog of N items a
 given look-alike partner lands in a batch of B with probability B/N, and most in-batch pairs
-share no code at all. So each batch is B/2 anchors (every item once per epoch, in a seeded
-random order) plus one partner per anchor, drawn by kind:
-- `collab` share: a collaborative positive (co-interacted in the training logs), the
-  contrastive positive; an anchor without one gets a content neighbour instead;
-- `knn` share: one of the anchor's `neighbours` nearest items by content cosine. Harmful
-  look-alikes (content cosine 0.90-0.97) and near-duplicates (~0.99) are content
-  neighbours, so they meet in batches and CVPM / HaMR see them;
-- `sid` share: the item next to the anchor in the lexicographic order of the current SIDs
-  (refreshed after each epoch's evaluation), i.e. the item sharing the longest code prefix:
-  an actual collision or near-collision, whatever the content says.
-Items may appear twice in a batch (CVPM masks the pair). Shapes are fixed (B rows, B/2
+share no code at all. So a batch is four blocks of A = B/4 rows: A anchors (every item once
+per epoch, in a seeded random order) and, for each anchor, three partners:
+- a collaborative positive (co-interacted in the training logs), the contrastive target;
+  an anchor without one gets a second content neighbour instead (and no contrastive term);
+- one of its `neighbours` nearest items by content cosine. Harmful look-alikes (content
+  cosine 0.90-0.97 in the synthetic world, each other's nearest neighbour) and
+  near-duplicates (~0.99) are content neighbours, so they meet in batches: CVPM decides
+  which overlaps are conflicts, HaMR repels those, and for the contrastive term they are
+  the hard in-batch negatives of the anchor (an item with a disjoint audience next to it);
+- the item next to it in the lexicographic order of the current SIDs (refreshed after each
+  epoch's evaluation), i.e. the item sharing the longest code prefix: an actual collision
+  or near-collision, whatever the content says.
+Items may appear twice in a batch (CVPM masks the pair). Shapes are fixed (B rows, A
 contrastive pairs with 0/1 weights). All draws come from one CPU `torch.Generator`, so a
 seed gives the same batches on every device.
 """
@@ -82,22 +84,16 @@ class BatchSampler:
     """Anchors + partners (see the module docstring) over the N fit items, on `device`."""
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
-                 generator: torch.Generator, mix: tuple[float, float, float] = (0.5, 0.25, 0.25),
-                 neighbours: int = 8, need_positive: bool = True):
+                 generator: torch.Generator, neighbours: int = 8, need_positive: bool = True):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
-        if batch_size < 2 or batch_size % 2:
-            raise ValueError(f"BatchSampler: batch_size must be even and >= 2, got {batch_size}")
-        if min(mix) < 0 or not math.isclose(sum(mix), 1.0):
-            raise ValueError(f"BatchSampler: mix (collab, knn, sid) must be >= 0 and sum to 1, "
-                             f"got {mix}")
+        if batch_size < 4 or batch_size % 4:
+            raise ValueError(f"BatchSampler: batch_size must be a multiple of 4, got {batch_size}")
         self.x, self.unit = x, F.normalize(content.float(), dim=1)
         self.pairs, self.generator = pairs, generator
-        self.n, self.anchors = n, batch_size // 2
+        self.n, self.anchors = n, batch_size // 4
         self.need_positive = need_positive
-        self.n_collab = round(self.anchors * mix[0])
-        self.n_sid = round(self.anchors * mix[2])
         self.knn = content_neighbours(self.unit, neighbours)
         self.sid_partner: torch.Tensor | None = None
         self._order = torch.arange(n)
@@ -110,29 +106,25 @@ class BatchSampler:
     def new_epoch(self) -> None:
         """Draw this epoch's anchor order."""
         perm = torch.randperm(self.n, generator=self.generator)
-        pad = self.steps_per_epoch * self.anchors - self.n
-        self._order = torch.cat([perm, perm[:pad]]) if pad <= self.n else perm.repeat(
-            math.ceil((self.n + pad) / self.n))[: self.n + pad]
+        size = self.steps_per_epoch * self.anchors
+        self._order = perm.repeat(math.ceil(size / self.n))[:size]
 
     def set_codes(self, codes: torch.Tensor) -> None:
         """Refresh the SID partners from the current codes of all N items."""
         self.sid_partner = lexicographic_partner(codes, self.generator)
 
     def batch(self, step: int) -> Batch:
-        """The batch of `step` within the current epoch."""
+        """The batch of `step` within the current epoch: [anchors, collab, knn, sid] blocks."""
         a = self.anchors
         anchors = self._order[step * a:(step + 1) * a]
-        pick = torch.randint(self.knn.shape[1], (a,), generator=self.generator)
-        partner = self.knn[anchors, pick]
-        collab = self.pairs.draw_partner(anchors[:self.n_collab], self.generator)
+        pick = torch.randint(self.knn.shape[1], (2, a), generator=self.generator)
+        near = self.knn[anchors, pick[0]]
+        collab = self.pairs.draw_partner(anchors, self.generator)
         has_pos = collab >= 0
-        partner[:self.n_collab] = torch.where(has_pos, collab, partner[:self.n_collab])
-        if self.sid_partner is not None and self.n_sid:
-            partner[a - self.n_sid:] = self.sid_partner[anchors[a - self.n_sid:]]
-        weight = torch.zeros(a)
-        weight[:self.n_collab] = has_pos.float()
+        collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
+        sid = self.sid_partner[anchors] if self.sid_partner is not None else near
         device = self.x.device
-        rows = torch.cat([anchors, partner]).to(device, non_blocking=True)
+        rows = torch.cat([anchors, collab, near, sid]).to(device, non_blocking=True)
         index = torch.arange(a, device=device)
         return Batch(
             rows=rows,
@@ -141,7 +133,7 @@ class BatchSampler:
             positive=self.pairs.mask(rows) if self.need_positive else None,
             anchor=index,
             target=index + a,
-            pair_weight=weight.to(device, non_blocking=True),
+            pair_weight=has_pos.float().to(device, non_blocking=True),
         )
 
     def state(self) -> dict:

@@ -1,4 +1,4 @@
-"""The `quasid` commands that need only the model package: data (and, later, train, eval).
+"""The `quasid` commands that need only the model package: data, train, eval.
 
 The full console command (`flows.cli`) adds simulate, analyze, run and serve on top; this
 app alone runs on a bare GPU machine (`python -m quasid.cli ...`).
@@ -87,6 +87,32 @@ def describe_cmd(
             value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
         table.add_row(key, _fmt(value) if not isinstance(value, str) else value)
     console.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., help="Dataset folder (items, interactions, data card)."),
+    tokenizer: str = typer.Option(..., help="rqvae, rqkmeans, quasid, adasid, uniform, rqvae+hamr, adasid+hamr."),
+    out: Path = typer.Option(..., help="Output folder: sids.parquet, tokenizer.pt/json, metrics.json, training.png."),
+    device: str = typer.Option("cpu", help="Torch device (cpu, cuda)."),
+    epochs: int = typer.Option(None, help="Training epochs (default: the tokenizer's)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same SIDs on the CPU."),
+    overrides: str = typer.Option("", help='Tokenizer config overrides as JSON, e.g. \'{"hamr_weight": 2}\'.'),
+) -> None:
+    """Train a SID tokenizer, assign SIDs to every item and report SID quality."""
+    from quasid.training import train_tokenizer
+
+    metrics = train_tokenizer(data, tokenizer, out, device=device, epochs=epochs, seed=seed,
+                              overrides=json.loads(overrides) if overrides else None)
+    table = Table(title=f"{tokenizer} on {data}")
+    table.add_column("metric")
+    table.add_column("value")
+    for key in ("collision_rate", "unique_sids", "sid_entropy", "codebook_utilization",
+                "harmful_collision_rate", "benign_collision_rate", "train_seconds"):
+        if key in metrics:
+            table.add_row(key, _fmt(metrics[key]))
+    console.print(table)
+    console.print(f"wrote {out}")
 
 
 @app.command("eval")

@@ -120,27 +120,33 @@ def hamr_loss(z: torch.Tensor, ham: torch.Tensor, levels: int, mask: torch.Tenso
               margin: float = 0.5, gamma: float = 1.0) -> torch.Tensor:
     """HaMR, Hamming-guided margin repulsion.
 
-    HaMR = Σ_ij M_ij · w(s_ij) · max(0, m(s_ij) − d_ij)² / max(1, Σ_ij M_ij),
+    HaMR = (1/B) Σ_ij M_ij · w(s_ij) · max(0, m(s_ij) − d_ij)²,
     m(s) = m₀ · (1 + s), w(s) = s^γ, s_ij = 1 − H_ij / L, d_ij = ‖ẑ_i − ẑ_j‖.
 
     A full collision (s = 1) gets the widest margin 2·m₀ and weight 1; each differing level
     narrows the margin and lowers the weight; a pair sharing no level (s = 0) has weight 0.
     `ham` holds H of the current codes (no gradient), `mask` the CVPM mask M (with H ≤ h_max).
+    Normalized per row (B), not per valid pair (the reference's max(1, Σ M)): with the
+    pair count as denominator each conflict's push shrinks as more pairs qualify, so a
+    finer mask (near-collisions too) weakens every push, and the last few collisions in a
+    batch get an outsized one; per row, each conflict is pushed alike whatever the rest.
     """
     s = 1.0 - ham.float() / levels
     hinge = F.relu(margin * (1.0 + s) - unit_distances(z))
     weight = torch.where(mask, s.pow(gamma), torch.zeros_like(s))
-    return (weight * hinge.pow(2)).sum() / mask.sum().clamp_min(1).float()
+    return (weight * hinge.pow(2)).sum() / z.shape[0]
 
 
 def uniform_repulsion_loss(z: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    """Uniform repulsion: every masked overlap pushed alike (the no-qualification ablation).
+    """Uniform repulsion: every collision pushed alike (the no-qualification ablation).
 
-    L_uni = Σ_ij U_ij · max(0, m − d_ij)² / max(1, Σ_ij U_ij), with U = [i ≠ j] ·
-    [item_i ≠ item_j] · [H_ij ≤ h_max] (no collaborative or duplicate exclusions, no severity).
+    L_uni = (1/B) Σ_ij U_ij · max(0, m − d_ij)² (normalized as HaMR), with U = [i ≠ j] ·
+    [item_i ≠ item_j] · [H_ij ≤ h_u]: no collaborative or duplicate exclusions, no severity
+    scaling. The tokenizer's default h_u = 0 (pairs sharing the full SID: collisions) and
+    m = 2·m₀ (HaMR's full-collision margin).
     """
     hinge = F.relu(margin - unit_distances(z))
-    return torch.where(mask, hinge.pow(2), torch.zeros_like(hinge)).sum() / mask.sum().clamp_min(1).float()
+    return torch.where(mask, hinge.pow(2), torch.zeros_like(hinge)).sum() / z.shape[0]
 
 
 def adasid_weights(codes: torch.Tensor, content_cos: torch.Tensor, positive: torch.Tensor,
@@ -163,14 +169,14 @@ def adasid_weights(codes: torch.Tensor, content_cos: torch.Tensor, positive: tor
     return overlap.float() * (1.0 - compat) * load
 
 
-def adasid_schedule(progress: float, rho_end: float = 0.1) -> float:
-    """ρ(t) = ρ_end + (1 − ρ_end)(1 − t), t ∈ [0, 1] the share of training done.
+def adasid_schedule(progress, rho_end: float = 0.1):
+    """ρ(t) = ρ_end + (1 − ρ_end)(1 − t), t ∈ [0, 1] the share of training done (a float or a
+    0-d tensor).
 
     The regulation's weight moves from 1 at the start to ρ_end at the end, leaving the
     reconstruction (alignment with the content) in charge late in training.
     """
-    t = min(max(float(progress), 0.0), 1.0)
-    return rho_end + (1.0 - rho_end) * (1.0 - t)
+    return rho_end + (1.0 - rho_end) * (1.0 - progress)
 
 
 def adasid_loss(z: torch.Tensor, weights: torch.Tensor, rho: float, margin: float = 1.0
@@ -199,7 +205,7 @@ def info_nce(f: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor, target: tor
     gu = F.normalize(g.float(), dim=1, eps=_EPS)
     logits = (fa @ gu.T) / tau
     # the target always counts, so no row is all -inf (a NaN even at weight 0)
-    allowed = allowed | F.one_hot(target, gu.shape[0]).bool()
+    allowed = allowed | (torch.arange(gu.shape[0], device=target.device)[None, :] == target[:, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
     losses = F.cross_entropy(logits, target, reduction="none")
     weight = weight.float()

@@ -131,8 +131,11 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def _track(self, codes: torch.Tensor, residuals: list[torch.Tensor]) -> None:
         self._last_residuals = [r.detach() for r in residuals]
+        ones = torch.ones(codes.shape[0], device=codes.device)
         for level in range(self.levels):
-            count = torch.bincount(codes[:, level], minlength=self.codebook_size).float()
+            # index_add_ rather than bincount: bincount syncs with the host on CUDA
+            count = torch.zeros(self.codebook_size, device=codes.device).index_add_(
+                0, codes[:, level], ones)
             self.usage[level] += count
             if self.ema:
                 sums = torch.zeros_like(self.ema_sum[level]).index_add_(

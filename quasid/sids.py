@@ -52,8 +52,8 @@ def sid_table(item_ids: np.ndarray, codes: np.ndarray, tokenizer: str) -> pl.Dat
     if codes.size and (codes.min() < 0 or codes.max() > MAX_CODE):
         raise ValueError(f"sid_table: codes must lie in [0, {MAX_CODE}] to fit int16, got "
                          f"[{codes.min()}, {codes.max()}]")
-    ranks = collision_ranks(torch.from_numpy(codes.astype(np.int64)),
-                            torch.from_numpy(item_ids)).numpy()
+    ranks = collision_ranks(torch.tensor(codes, dtype=torch.int64),
+                            torch.tensor(item_ids, dtype=torch.int64)).numpy()
     if ranks.size and ranks.max() > MAX_CODE:
         raise ValueError(f"sid_table: {ranks.max() + 1} items share one SID; collision_rank "
                          f"must fit int16 (<= {MAX_CODE})")

@@ -32,6 +32,8 @@ def plot_training(history: dict, metrics: dict, path: str | Path, title: str = "
 
     ax = axes[1]
     with_codes = [r for r in epochs if "collision_rate" in r]
+    if with_codes and "init" in history:  # epoch 0: right after the k-means init
+        with_codes = [{"epoch": 0, **history["init"]}] + with_codes
     if with_codes:
         ex = [r["epoch"] for r in with_codes]
         ax.plot(ex, [r["collision_rate"] for r in with_codes], label="collision rate (fit items)")

@@ -6,7 +6,7 @@
 | `rqkmeans` | no gradient training: residual k-means on the standardized content (OneRec-style) |
 | `quasid` | rqvae + HaMR over CVPM-valid pairs + dual-tower contrastive over collaborative positives |
 | `adasid` | rqvae + adaptive overlap regulation (compatibility-relaxed, load-scaled, scheduled) |
-| `uniform` | rqvae + every overlap (H ≤ h_max) repelled alike: no qualification, no severity |
+| `uniform` | rqvae + every collision (same full SID) repelled alike: no qualification, no severity |
 | `rqvae+hamr`, `adasid+hamr` | HaMR (with CVPM) plugged into the other tokenizers |
 
 A `Tokenizer` fits on the content of the training items and optionally their collaborative
@@ -52,27 +52,31 @@ class TokenizerConfig:
     ema_decay: float = 0.99
     # HaMR over CVPM-valid pairs
     hamr: bool = False
-    hamr_weight: float = 1.0
-    hamr_margin: float = 0.5
+    hamr_weight: float = 20.0
+    hamr_margin: float = 0.6
     hamr_gamma: float = 1.0
-    h_max: int = -1  # -1: levels - 1 (pairs sharing at least one level)
+    h_max: int = 1  # -1: levels - 1; 1: full collisions and one-level differences
     tau_dup: float = 0.98
     # dual-tower contrastive over collaborative positives
     contrastive: bool = False
-    contrastive_weight: float = 0.1
+    contrastive_weight: float = 0.3
     tau: float = 0.1
     tower_dim: int = 64
     # AdaSID regulation
     adasid: bool = False
-    adasid_weight: float = 1.0
+    adasid_weight: float = 5.0
     adasid_margin: float = 1.0
     rho_end: float = 0.1
-    # uniform repulsion
+    # uniform repulsion: pairs with H <= uniform_h_max (0: full collisions), all alike; the
+    # ablation matches HaMR's strength: weight λ_h and HaMR's full-collision margin 2·m₀
     uniform: bool = False
-    uniform_weight: float = 1.0
-    uniform_margin: float = 1.0
-    # collaborative positives: co-interacted within this many positions
-    pair_window: int = 3
+    uniform_weight: float = 20.0
+    uniform_margin: float = 1.2
+    uniform_h_max: int = 0
+    # collaborative positives: co-interacted within `pair_window` positions by at least
+    # `pair_min_count` users (one chance co-occurrence is no evidence of a shared audience)
+    pair_window: int = 2
+    pair_min_count: int = 2
     kmeans_iters: int = 25
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -211,7 +215,7 @@ class SIDModel(nn.Module):
         if cfg.uniform or cfg.adasid:
             distinct = rows[:, None] != rows[None, :]
         if cfg.uniform:
-            mask = distinct & (ham <= cfg.max_hamming)
+            mask = distinct & (ham <= cfg.uniform_h_max)
             terms["uniform"] = L.uniform_repulsion_loss(z, mask, cfg.uniform_margin)
             total = total + cfg.uniform_weight * terms["uniform"]
             stats["uniform_pairs"] = mask.sum()
@@ -269,7 +273,7 @@ class Tokenizer:
             raise ValueError("Tokenizer.fit: content holds NaN or inf")
         model = self._build(content.shape[1]).to(device)
         pairs = np.zeros((0, 2), dtype=np.int64) if pairs is None else np.asarray(pairs, np.int64)
-        x = torch.from_numpy(content).to(device)
+        x = torch.tensor(content, device=device)
         model.set_standardization(x)
         generator = torch.Generator().manual_seed(self.config.train.seed)
         if not self.config.neural:

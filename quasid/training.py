@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from quasid.batches import BatchSampler
+from quasid.batches import Batch, BatchSampler
 from quasid.pairs import PairIndex
 
 if TYPE_CHECKING:
@@ -44,25 +44,25 @@ PLOT_FILE = "training.png"
 class TrainConfig:
     """How a neural tokenizer trains (shared by all of them)."""
 
-    epochs: int = 150
+    epochs: int = 75
     batch_size: int = 1024
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_share: float = 0.05
     final_lr_share: float = 0.05
     grad_clip: float = 1.0
-    partner_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     neighbours: int = 8
     reseed_every: int = 1
     reseed_until: float = 0.8
     eval_every: int = 1
     checkpoint_every: int = 10
     amp: bool = True
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
         bad = {k: getattr(self, k) for k, ok in {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2 and self.batch_size % 2 == 0,
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 4 and self.batch_size % 4 == 0,
             "lr": self.lr > 0, "warmup_share": 0 <= self.warmup_share < 1,
             "final_lr_share": 0 <= self.final_lr_share <= 1, "eval_every": self.eval_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 1, "reseed_every": self.reseed_every >= 0,
@@ -117,6 +117,36 @@ def code_summary(codes: torch.Tensor, codebook_size: int) -> dict:
             "utilization": util}
 
 
+def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: torch.device
+                    ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer,
+                               torch.optim.lr_scheduler.LRScheduler]:
+    """(trainable params, AdamW (fused on CUDA), warm-up + cosine LR schedule per step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_share, tc.final_lr_share))
+    return params, optimizer, scheduler
+
+
+def train_step(loss_fn, batch: Batch, progress: float, params: list[torch.nn.Parameter],
+               optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, amp: bool
+               ) -> dict[str, torch.Tensor]:
+    """One optimization step (bf16 autocast when `amp`); returns the detached loss terms.
+
+    Nothing in it waits for the device, so steps queue up on a GPU.
+    """
+    with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp):
+        total, terms = loss_fn(batch, progress)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return terms
+
+
 def _load_checkpoint(path: Path | None, cfg: TokenizerConfig) -> dict | None:
     if path is None or not Path(path).exists():
         return None
@@ -132,7 +162,8 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
               progress: bool = False, callback=None) -> dict:
     """Train `model` on raw `content` (n, d, on `device`) with positive `pairs` (rows).
 
-    Returns the history: {"epochs": [per-epoch record], "train_seconds": wall time}. Each
+    Returns the history: {"init": SID metrics after the k-means init, "epochs": [per-epoch
+    record], "train_seconds": wall time}. Each
     record holds the mean of every loss term over the epoch's steps, the SID metrics of all
     fit items after the epoch, dead codes re-seeded per level and (with HaMR) CVPM's
     exclusion counts. `callback(record)` runs after each epoch (an exception stops training;
@@ -144,14 +175,11 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     dev = torch.device(device)
     n = content.shape[0]
     sampler = BatchSampler(model.standardize(content), content, PairIndex(pairs, n, dev),
-                           tc.batch_size, generator, tc.partner_mix, tc.neighbours,
+                           tc.batch_size, generator, tc.neighbours,
                            need_positive=cfg.needs_pairs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_share, tc.final_lr_share))
+    params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)
     history: dict = {"epochs": [], "train_seconds": 0.0}
     start = 0
     state = _load_checkpoint(checkpoint, cfg)
@@ -166,8 +194,11 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
         with torch.no_grad():
             model.quantizer.init_kmeans(model.encoder(sampler.x).float(), generator,
                                         cfg.kmeans_iters)
-        sampler.set_codes(all_codes(model, content))
+        codes = all_codes(model, content)
+        history["init"] = code_summary(codes, cfg.codebook_size)
+        sampler.set_codes(codes)
     amp = tc.amp and dev.type == "cuda"
+    loss_fn = torch.compile(model.losses) if tc.compile else model.losses
     bar = _Bar(progress, total_steps, start * steps)
     began = time.perf_counter() - history["train_seconds"]
     with bar:
@@ -176,15 +207,8 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
             sampler.new_epoch()
             sums: dict[str, torch.Tensor] = {}
             for step in range(steps):
-                batch = sampler.batch(step)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    total, terms = model.losses(batch, (epoch * steps + step) / total_steps)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                terms = train_step(loss_fn, sampler.batch(step), (epoch * steps + step) / total_steps,
+                                   params, optimizer, scheduler, tc.grad_clip, amp)
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 bar.advance()
@@ -304,7 +328,8 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     warm = ~ds.items["is_cold"].to_numpy()
     if warm.sum() < 2:
         raise ValueError(f"{data_dir}: fewer than 2 warm items (is_cold false) to fit on")
-    pairs = collaborative_pairs(training_interactions(ds), window=tok.config.pair_window)
+    pairs = collaborative_pairs(training_interactions(ds), window=tok.config.pair_window,
+                                min_count=tok.config.pair_min_count)
     rows = pairs_to_rows(pairs, item_ids[warm])
     started = time.perf_counter()
     history = tok.fit(content[warm], rows, device=device, checkpoint=out_dir / CHECKPOINT_FILE,

@@ -86,11 +86,11 @@ def test_hamr_loss_hand_computed():
     mask = ~torch.eye(3, dtype=torch.bool)
     loss = L.hamr_loss(2.0 * Z, L.hamming(CODES), 3, mask, margin=0.5, gamma=1.0)
     # pair 02: s = 1, m = 1.0, w = 1; pair 01: s = 2/3, m = 0.5·(5/3), w = 2/3;
-    # pair 12: s = 2/3, d = sqrt(0.72) = 0.8485 > 0.8333: no push. Six ordered valid pairs.
+    # pair 12: s = 2/3, d = sqrt(0.72) = 0.8485 > 0.8333: no push. Both orders, B = 3 rows.
     d = math.sqrt(0.4)
-    expected = 2 * ((1.0 - d) ** 2 + (2 / 3) * (0.5 * (1 + 2 / 3) - d) ** 2) / 6
+    expected = 2 * ((1.0 - d) ** 2 + (2 / 3) * (0.5 * (1 + 2 / 3) - d) ** 2) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert expected == pytest.approx(0.0539967, rel=1e-5)
+    assert expected == pytest.approx(0.1079934, rel=1e-5)
 
 
 def test_hamr_gamma_scales_partial_overlaps_only():
@@ -98,16 +98,16 @@ def test_hamr_gamma_scales_partial_overlaps_only():
     ham = L.hamming(CODES)
     d = math.sqrt(0.4)
     loss = L.hamr_loss(Z, ham, 3, mask, margin=0.5, gamma=2.0)
-    expected = 2 * ((1.0 - d) ** 2 + (2 / 3) ** 2 * (0.5 * (1 + 2 / 3) - d) ** 2) / 6
+    expected = 2 * ((1.0 - d) ** 2 + (2 / 3) ** 2 * (0.5 * (1 + 2 / 3) - d) ** 2) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_uniform_repulsion_hand_computed():
     mask = ~torch.eye(3, dtype=torch.bool)
     loss = L.uniform_repulsion_loss(Z, mask, margin=1.0)
-    expected = 2 * (2 * (1 - math.sqrt(0.4)) ** 2 + (1 - math.sqrt(0.72)) ** 2) / 6
+    expected = 2 * (2 * (1 - math.sqrt(0.4)) ** 2 + (1 - math.sqrt(0.72)) ** 2) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert expected == pytest.approx(0.0977072, rel=1e-5)
+    assert expected == pytest.approx(0.1954144, rel=1e-5)
 
 
 def test_info_nce_hand_computed():
@@ -154,6 +154,7 @@ def test_adasid_schedule_and_loss():
     assert L.adasid_schedule(0.0, 0.1) == pytest.approx(1.0)
     assert L.adasid_schedule(0.5, 0.1) == pytest.approx(0.55)
     assert L.adasid_schedule(1.0, 0.1) == pytest.approx(0.1)
+    assert L.adasid_schedule(torch.tensor(0.5), 0.1).item() == pytest.approx(0.55)
     weights = torch.zeros((3, 3))
     weights[0, 2] = weights[2, 0] = 0.6
     weights[1, 2] = weights[2, 1] = 0.2

@@ -1,0 +1,188 @@
+"""Training: positives from the logs, batches, the fit loop, resume, and the train pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quasid.batches import BatchSampler, lexicographic_partner
+from quasid.contracts import SID_TABLE, read_parquet
+from quasid.pairs import PairIndex, collaborative_pairs, pairs_to_rows
+from quasid.sid_metrics import sid_metrics
+from quasid.tokenizers import Tokenizer, make_tokenizer
+from quasid.training import lr_factor, train_tokenizer
+
+TINY = dict(hidden=[64, 32], latent=16, levels=3, codebook_size=16, tower_dim=16,
+            batch_size=128, kmeans_iters=5, lr=3e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # two OpenMP threads on a shared 2-core box are many times slower than one
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_collaborative_pairs_within_a_window_and_min_count():
+    log = pl.DataFrame({
+        "user_id": [1, 1, 1, 1, 2, 2, 2],
+        "item_id": [10, 11, 12, 10, 12, 11, 13],
+        "ts": [1, 2, 3, 4, 1, 2, 3],
+        "event": ["click"] * 7,
+    })
+    one = collaborative_pairs(log, window=1)
+    # user 1: 10-11, 11-12, 12-10; user 2: 12-11, 11-13
+    assert one.rows() == [(10, 11, 1), (10, 12, 1), (11, 12, 2), (11, 13, 1)]
+    two = collaborative_pairs(log, window=2)
+    # adds user 1: 10-12 (positions 1, 3), 11-10 (2, 4); user 2: 12-13; a self pair 10-10 drops
+    assert two.rows() == [(10, 11, 2), (10, 12, 2), (11, 12, 2), (11, 13, 1), (12, 13, 1)]
+    assert collaborative_pairs(log, window=2, min_count=2).rows() == [(10, 11, 2), (10, 12, 2),
+                                                                      (11, 12, 2)]
+    rows = pairs_to_rows(one, np.array([12, 11, 10]))  # item 13 is not a fit item
+    assert rows.tolist() == [[1, 0], [2, 0], [2, 1]]  # (row of item_a, row of item_b)
+
+
+def test_pair_index_mask_and_partners():
+    index = PairIndex(np.array([[0, 1], [1, 2], [2, 1], [3, 3]]), n=4)
+    assert len(index) == 2 and index.degree().tolist() == [1, 2, 1, 0]
+    mask = index.mask(torch.tensor([1, 0, 2, 1, 3]))
+    expected = torch.zeros((5, 5), dtype=torch.bool)
+    for i, j in [(0, 1), (0, 2), (1, 3), (2, 3)]:
+        expected[i, j] = expected[j, i] = True
+    assert torch.equal(mask, expected)
+    g = torch.Generator().manual_seed(0)
+    drawn = index.draw_partner(torch.tensor([0, 3, 1, 1, 1, 1, 1, 1]), g)
+    assert drawn[0] == 1 and drawn[1] == -1
+    assert set(drawn[2:].tolist()) == {0, 2}
+
+
+def test_lexicographic_partner_shares_the_longest_prefix():
+    codes = torch.tensor([[0, 0, 1], [5, 5, 5], [0, 0, 2], [0, 1, 0], [5, 6, 0]])
+    partner = lexicographic_partner(codes, torch.Generator().manual_seed(0))
+    # sorted: (0,0,1) (0,0,2) (0,1,0) (5,5,5) (5,6,0)
+    assert partner.tolist() == [2, 4, 0, 2, 1]
+
+
+def test_batch_blocks_hold_anchors_and_their_partners(small_world):
+    x = torch.tensor(small_world.content())
+    n = x.shape[0]
+    pairs = np.stack([np.arange(0, n - 1, 2), np.arange(1, n, 2)], axis=1)
+    sampler = BatchSampler(x, x, PairIndex(pairs, n), 64, torch.Generator().manual_seed(0),
+                           neighbours=3)
+    sampler.new_epoch()
+    batch = sampler.batch(0)
+    a = 16
+    anchors, collab, near = batch.rows[:a], batch.rows[a:2 * a], batch.rows[2 * a:3 * a]
+    assert torch.equal(collab, anchors ^ 1)  # pairs (2k, 2k+1): every anchor has one
+    assert batch.pair_weight.tolist() == [1.0] * a
+    assert all(near[k] in sampler.knn[anchors[k]] for k in range(a))
+    assert torch.equal(batch.rows[3 * a:], near)  # no SID partners yet: content neighbours
+    assert batch.positive[torch.arange(a), torch.arange(a) + a].all()
+    assert torch.equal(batch.target, batch.anchor + a)
+    sampler.set_codes(torch.arange(n)[:, None] // 2)
+    assert torch.equal(sampler.batch(1).rows[3 * a:], sampler.batch(1).rows[:a] ^ 1)
+    epoch = torch.cat([sampler._order[s * a:(s + 1) * a] for s in range(sampler.steps_per_epoch)])
+    assert set(epoch.tolist()) == set(range(n))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 100, 0.1, 0.05) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def _fit_data(small_world):
+    from quasid.training import training_interactions
+
+    warm = ~small_world.items["is_cold"].to_numpy()
+    ids = small_world.items["item_id"].to_numpy()[warm]
+    pairs = collaborative_pairs(training_interactions(small_world), window=2)
+    return small_world.content()[warm], pairs_to_rows(pairs, ids)
+
+
+def test_a_tiny_cpu_fit_lowers_the_loss_and_the_collision_rate(small_world):
+    content, rows = _fit_data(small_world)
+    tok = make_tokenizer("quasid", TINY | {"epochs": 10})
+    history = tok.fit(content, rows)
+    first, last = history["epochs"][0], history["epochs"][-1]
+    assert last["total"] < 0.5 * first["total"]
+    assert last["rec"] < 0.8 * first["rec"]
+    assert last["collision_rate"] < 0.6 * first["collision_rate"]
+    assert last["cvpm_excluded"]["self"] > 0 and last["valid_pairs"] > 0
+    final = sid_metrics(tok.encode(content), 16)
+    assert final["collision_rate"] == pytest.approx(last["collision_rate"])
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_path):
+    content, rows = _fit_data(small_world)
+    cfg = TINY | {"epochs": 4, "checkpoint_every": 1}
+    straight = make_tokenizer("rqvae+hamr", cfg)
+    straight.fit(content, rows)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(record):
+        if record["epoch"] == 2:
+            raise Crash
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Crash):
+        make_tokenizer("rqvae+hamr", cfg).fit(content, rows, checkpoint=ckpt,
+                                              callback=crash_after_two)
+    resumed = make_tokenizer("rqvae+hamr", cfg)
+    history = resumed.fit(content, rows, checkpoint=ckpt)
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4]
+    assert np.array_equal(resumed.encode(content), straight.encode(content))
+    for va, vb in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        assert torch.equal(va, vb)
+
+
+def test_train_tokenizer_writes_every_output(small_world_dir, small_world, tmp_path):
+    out = tmp_path / "quasid"
+    metrics = train_tokenizer(small_world_dir, "quasid", out, epochs=2, seed=3,
+                              overrides={k: v for k, v in TINY.items()})
+    for name in ("sids.parquet", "tokenizer.pt", "tokenizer.json", "metrics.json",
+                 "history.json", "training.png", "checkpoint.pt"):
+        assert (out / name).exists(), name
+    table = read_parquet(out / "sids.parquet", SID_TABLE)
+    items = small_world.items
+    assert table["item_id"].to_list() == sorted(items["item_id"].to_list())  # cold ones too
+    assert set(table["tokenizer"].to_list()) == {"quasid"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["collision_rate"] == metrics["collision_rate"]
+    for key in ("collision_rate", "unique_sids", "sid_entropy", "codebook_utilization",
+                "harmful_collision_rate", "benign_collision_rate"):
+        assert key in saved
+    codes = np.array(table["sid"].to_list())
+    again = sid_metrics(codes, 16, table["item_id"].to_numpy(), small_world.world)
+    assert again["collision_rate"] == pytest.approx(saved["collision_rate"])
+    assert again["harmful_collision_rate"] == pytest.approx(saved["harmful_collision_rate"])
+    assert metrics["fit_items"] == int((~items["is_cold"]).sum())
+    # the saved tokenizer reproduces the table's SIDs from content alone
+    loaded = Tokenizer.load(out)
+    assert np.array_equal(loaded.encode(small_world.content()), codes)
+
+
+def test_train_cli(small_world_dir, tmp_path):
+    from quasid.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["train", "--data", str(small_world_dir), "--tokenizer",
+                                      "rqkmeans", "--out", str(out), "--seed", "1",
+                                      "--overrides", '{"codebook_size": 16}'])
+    assert result.exit_code == 0, result.output
+    assert "collision_rate" in result.output
+    assert json.loads((out / "metrics.json").read_text())["codebook_size"] == 16
+    bad = CliRunner().invoke(app, ["train", "--data", str(small_world_dir), "--tokenizer", "tiger",
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "unknown tokenizer 'tiger'" in str(bad.exception)
+    assert not (tmp_path / "bad" / "sids.parquet").exists()
