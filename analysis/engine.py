@@ -278,6 +278,7 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
         t1 = time.perf_counter()
         st = collect(con, metrics, info)
         timings["aggregate"] = time.perf_counter() - t1
+        timings.update({f"aggregate.{k}": v for k, v in st.timings.items()})
         replicates = {}
         if config.bootstrap:
             say(f"bootstrap: {config.bootstrap} Poisson replicates in DuckDB")

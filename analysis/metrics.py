@@ -25,6 +25,7 @@ squares over a million units keep their precision.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,7 @@ class Statistics:
     days: list[int]
     unit_counts: dict[str, int]
     caps: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ def _rollup_sql(plan: _Plan, table: str, arm_bits: bool) -> str:
     cols = []
     for j, seg in enumerate(plan.event_segments):
         flt = f" FILTER (WHERE {seg.column})" if seg.level == "event" else ""
-        cols += [f"fsum(e{i}){flt} AS s{i}_{j}" for i in range(len(plan.exprs))]
+        cols += [f"sum(e{i}){flt} AS s{i}_{j}" for i in range(len(plan.exprs))]
     if arm_bits:
         cols = ["bit_or(arm_bits) AS arm_bits", "sum(n_events) AS n_events", *cols]
     return f"SELECT user_id, {', '.join(cols)} FROM {table} GROUP BY user_id"
@@ -230,7 +232,14 @@ def _value(plan: _Plan, metric: Metric, part: str, segment: Segment, table: str,
     """SQL of one per-unit variable: the numerator ('y') or denominator ('x'), capped."""
     expr = metric.numerator if part == "y" else metric.denominator
     assert expr is not None
-    col = f"{table}.{plan.col(expr, segment, 'p' if pre else 's')}"
+    return _transform(metric, part, f"{table}.{plan.col(expr, segment, 'p' if pre else 's')}",
+                      caps, pre)
+
+
+def _transform(metric: Metric, part: str, col: str, caps: dict[str, float], pre: bool) -> str:
+    """A per-unit sum made into the metric's variable: indicator (proportion), then cap.
+
+    Both map 0 to 0 (caps are >= 0), so units without events stay zeros."""
     if metric.kind == "proportion":
         col = f"({col} > 0)::DOUBLE"
     key = _cap_key(metric, part, pre)
@@ -318,9 +327,10 @@ def aggregate_units(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE unit_totals AS
         SELECT u.user_id, u.arm {''.join(f', u.{c}' for c in flags)},
+               COALESCE(t.n_events, 0) AS n_events, COALESCE(t.arm_bits, 0) AS arm_bits,
                {', '.join(f'COALESCE(t.{c}, 0) AS {c}' for c in sums)} {pre_cols}
         FROM units u
-        LEFT JOIN ({_rollup_sql(plan, 'user_flags', False)}) t USING (user_id)
+        LEFT JOIN ({_rollup_sql(plan, 'user_flags', True)}) t USING (user_id)
         {pre_join}""")
 
 
@@ -339,17 +349,23 @@ def aggregate_days(con: duckdb.DuckDBPyConnection, plan: _Plan) -> list[int]:
 
 
 def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
-    """Every event's arm must be its user's assigned arm; every arm must have events."""
-    bits = "CASE u.arm " + " ".join(
+    """Every event's arm must be its user's assigned arm (and every user with events must be
+    assigned); every arm must have events. Reads the per-user tables, not the events."""
+    bits = "CASE arm " + " ".join(
         f"WHEN '{a}' THEN {1 << k}" for k, a in enumerate(plan.arms)) + " ELSE -1 END"
-    where = (f"FROM (SELECT user_id, bit_or(arm_bits) AS arm_bits, sum(n_events) AS n_events "
-             f"FROM user_flags GROUP BY user_id) f LEFT JOIN units u USING (user_id) "
-             f"WHERE u.arm IS NULL OR f.arm_bits <> {bits}")
-    n_bad, n_unassigned = con.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE u.arm IS NULL) {where}").fetchone()
-    if n_bad:
-        sample = con.execute(f"SELECT f.user_id, u.arm {where} ORDER BY f.user_id LIMIT 5"
-                             ).fetchall()
+    n_wrong = con.execute(f"SELECT count(*) FROM unit_totals WHERE n_events > 0 "
+                          f"AND arm_bits <> {bits}").fetchone()[0]
+    n_all, n_assigned = con.execute(
+        "SELECT (SELECT sum(n_events) FROM user_flags), (SELECT sum(n_events) FROM unit_totals)"
+    ).fetchone()
+    if n_wrong or n_all != n_assigned:
+        wrong = con.execute(f"SELECT user_id, arm FROM unit_totals WHERE n_events > 0 "
+                            f"AND arm_bits <> {bits} ORDER BY user_id LIMIT 5").fetchall()
+        stray = con.execute("SELECT DISTINCT user_id, NULL FROM user_flags ANTI JOIN units "
+                            "USING (user_id) ORDER BY user_id LIMIT 5").fetchall()
+        n_stray = con.execute("SELECT count(DISTINCT user_id) FROM user_flags ANTI JOIN units "
+                              "USING (user_id)").fetchone()[0]
+        sample = (wrong + stray)[:5]
         examples = con.execute(f"""
             SELECT user_id, arm, count(*), count(DISTINCT day) FROM exp_events
             WHERE user_id IN ({', '.join(str(u) for u, _ in sample)})
@@ -357,12 +373,12 @@ def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
         shown = "; ".join(f"user {u}: {n} event(s) on {d} day(s) with arm={a!r}"
                           for u, a, n, d in examples)
         raise AnalysisError(
-            f"{plan.events_dir}: column 'arm': {n_bad} user(s) have events whose arm disagrees "
-            f"with assignments.parquet ({n_unassigned} of them not assigned at all); "
+            f"{plan.events_dir}: column 'arm': {n_wrong + n_stray} user(s) have events whose arm "
+            f"disagrees with assignments.parquet ({n_stray} of them not assigned at all); "
             f"assigned: " + ", ".join(f"user {u}={a!r}" for u, a in sample)
             + f"; their events: {shown}")
-    per_arm = dict(con.execute("""SELECT u.arm, sum(f.n_events) FROM user_flags f
-                                  JOIN units u USING (user_id) GROUP BY u.arm""").fetchall())
+    per_arm = dict(con.execute("SELECT arm, sum(n_events) FROM unit_totals GROUP BY arm"
+                               ).fetchall())
     silent = [a for a in plan.arms if not per_arm.get(a)]
     if silent:
         raise AnalysisError(f"{plan.events_dir}: arm(s) {silent} have assigned units but no "
@@ -387,7 +403,8 @@ def _caps(con: duckdb.DuckDBPyConnection, plan: _Plan) -> dict[str, float]:
     keys = list(exprs)
     row = con.execute("SELECT " + ", ".join(f"quantile_cont({e}, {q!r})" for e, q in exprs.values())
                       + " FROM unit_totals").fetchone()
-    return {k: float(v) for k, v in zip(keys, row)}
+    # an upper cap below 0 would turn the zeros of idle units into negatives: clamp at 0
+    return {k: max(0.0, float(v)) for k, v in zip(keys, row)}
 
 
 def _segment_cells(con: duckdb.DuckDBPyConnection, plan: _Plan,
@@ -413,8 +430,8 @@ def _segment_cells(con: duckdb.DuckDBPyConnection, plan: _Plan,
     return cells, all_cells
 
 
-def _daily_sql(plan: _Plan, caps: dict[str, float], table: str, day_col: str) -> tuple[str, list]:
-    """Per-(arm, day) moments of the per-unit daily (or cumulative) values in `table`.
+def _daily_sql(plan: _Plan, caps: dict[str, float]) -> tuple[str, list]:
+    """Per-(arm, day) moments of the per-unit daily values in `user_day`.
 
     Units without events that day add only to n (their values are 0); pre-period-only sums
     come from the whole population, so the SQL computes only the terms with a daily value.
@@ -428,15 +445,15 @@ def _daily_sql(plan: _Plan, caps: dict[str, float], table: str, day_col: str) ->
         prefix = f"m{m_idx}"
         aggs += _moment_aggs(post + pre, None, prefix, post_only=True, n_post=len(post))
         layout.append((m, prefix, len(post) + len(pre), len(post), cov))
-    sql = (f"SELECT t.arm, d.{day_col} AS look, {', '.join(aggs)} FROM {table} d "
-           f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.{day_col}")
+    sql = (f"SELECT t.arm, d.day AS look, {', '.join(aggs)} FROM user_day d "
+           f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.day")
     return sql, layout
 
 
 def _daily_moments(con: duckdb.DuckDBPyConnection, plan: _Plan, caps: dict[str, float],
-                   all_cells: dict[str, dict[str, Moments]], days: list[int], table: str,
-                   day_col: str) -> dict[str, dict[str, list[Moments]]]:
-    sql, layout = _daily_sql(plan, caps, table, day_col)
+                   all_cells: dict[str, dict[str, Moments]], days: list[int]
+                   ) -> dict[str, dict[str, list[Moments]]]:
+    sql, layout = _daily_sql(plan, caps)
     rows = {(r["arm"], r["look"]): r for r in _fetch_dicts(con, sql)}
     out: dict[str, dict[str, list[Moments]]] = {}
     for m, prefix, k, n_post, _cov in layout:
@@ -458,37 +475,89 @@ def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreIn
     statistics at the end of each day (the sequential looks) for the `all` segment.
     """
     plan = _plan(metrics, info)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
     aggregate_units(con, plan)
+    lap("per_user_pass")
     check_event_arms(con, plan)
     caps = _caps(con, plan)
     cells, all_cells = _segment_cells(con, plan, caps)
+    lap("segment_moments")
     days = aggregate_days(con, plan)
-    last_day = days[-1]
-    daily = _daily_moments(con, plan, caps, all_cells, days, "user_day", "day")
+    lap("per_day_pass")
+    daily = _daily_moments(con, plan, caps, all_cells, days)
     for m in plan.metrics:
         cov = plan.covariate and m.cuped
         for i, d in enumerate(days):
             cells.append(Cell(m, f"day={d}", {a: daily[m.name][a][i] for a in plan.arms}, cov))
-    _cumulate(con, plan, last_day)
-    cum = _daily_moments(con, plan, caps, all_cells, days, "user_cum", "look")
-    cumulative = {name: {a: Moments.stack(series) for a, series in by_arm.items()}
-                  for name, by_arm in cum.items()}
+    lap("daily_moments")
+    cumulative = _cumulative_moments(con, plan, caps, all_cells, days)
+    lap("cumulative_moments")
     counts = dict(con.execute("SELECT arm, count(*) FROM units GROUP BY arm").fetchall())
-    return Statistics(cells, cumulative, days, {a: int(counts[a]) for a in plan.arms}, caps)
+    return Statistics(cells, cumulative, days, {a: int(counts[a]) for a in plan.arms}, caps,
+                      timings)
 
 
-def _cumulate(con: duckdb.DuckDBPyConnection, plan: _Plan, last_day: int) -> None:
-    """`user_cum`: each user's running sums at the end of every day from their first event on."""
-    cols = [f"s{i}_0" for i in range(len(plan.exprs))]
-    windows = ", ".join(f"SUM({c}) OVER w AS {c}" for c in cols)
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE user_cum AS
-        SELECT user_id, {', '.join(cols)}, unnest(range(day, next_day)) AS look FROM (
-            SELECT user_id, day, {windows},
-                   lead(day, 1, {int(last_day) + 1}) OVER (PARTITION BY user_id ORDER BY day)
-                       AS next_day
-            FROM user_day
-            WINDOW w AS (PARTITION BY user_id ORDER BY day ROWS UNBOUNDED PRECEDING))""")
+def _cumulative_moments(con: duckdb.DuckDBPyConnection, plan: _Plan, caps: dict[str, float],
+                        all_cells: dict[str, dict[str, Moments]], days: list[int]
+                        ) -> dict[str, dict[str, Moments]]:
+    """Moments of the cumulative per-unit values at the end of each day (the looks).
+
+    A unit's cumulative value changes only on days it has events, so each (unit, day) row of
+    `user_day` adds an increment: f(C + y) − f(C) to the sums, f(C + y)·g(X + x) − f(C)·g(X)
+    to the cross-products (C, X: the unit's sums before that day, from a window). Summing
+    the increments per arm and day, then over days, gives exact moments without one row
+    per unit and look.
+    """
+    k = len(plan.exprs)
+    prev = ", ".join(f"COALESCE(sum(s{i}_0) OVER w, 0) AS q{i}_0" for i in range(k))
+    source = (f"(SELECT user_id, day, {', '.join(f's{i}_0' for i in range(k))}, {prev} "
+              f"FROM user_day WINDOW w AS (PARTITION BY user_id ORDER BY day "
+              f"ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING))")
+    all_seg = plan.segments[0]
+    aggs, layout = [], []
+    for m_idx, m in enumerate(plan.metrics):
+        parts = ["y", "x"] if m.is_ratio else ["y"]
+        exprs = [m.numerator if p == "y" else m.denominator for p in parts]
+        cols = [plan.col(e, all_seg)[1:] for e in exprs]  # "<i>_0"
+        new = [_transform(m, p, f"(d.q{c} + d.s{c})", caps, False) for p, c in zip(parts, cols)]
+        old = [_transform(m, p, f"d.q{c}", caps, False) for p, c in zip(parts, cols)]
+        pre = (_variables(plan, m, all_seg, "t", caps, True)[len(parts):]
+               if plan.covariate and m.cuped else [])
+        prefix = f"m{m_idx}"
+        n_post = len(parts)
+        for i in range(n_post):
+            aggs.append(f"fsum({new[i]} - {old[i]}) AS {prefix}_s{i}")
+            for j in range(i, n_post):
+                aggs.append(f"fsum({new[i]} * {new[j]} - {old[i]} * {old[j]}) "
+                            f"AS {prefix}_c{i}_{j}")
+            for j, p in enumerate(pre):
+                aggs.append(f"fsum(({new[i]} - {old[i]}) * {p}) AS {prefix}_c{i}_{n_post + j}")
+        layout.append((m, prefix, n_post + len(pre), n_post))
+    rows = {(r["arm"], r["look"]): r for r in _fetch_dicts(
+        con, f"SELECT t.arm, d.day AS look, {', '.join(aggs)} FROM {source} d "
+             f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.day")}
+    out: dict[str, dict[str, Moments]] = {}
+    for m, prefix, n_vars, n_post in layout:
+        out[m.name] = {}
+        for a in plan.arms:
+            running: dict[str, float] = {}
+            series = []
+            for d in days:
+                for key, value in rows.get((a, d), {}).items():
+                    if key.startswith(prefix + "_"):
+                        running[key] = running.get(key, 0.0) + _num(value)
+                series.append(_read_moments(running, prefix, n_vars,
+                                            base=all_cells[m.name][a], n_post=n_post))
+            out[m.name][a] = Moments.stack(series)
+    return out
 
 
 def bootstrap_replicates(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo,

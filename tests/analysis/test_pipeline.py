@@ -145,6 +145,9 @@ def test_capped_metric_winsorizes_at_the_pooled_quantile(run_no_pre, tmp_path):
     row = _rows(analysis, "all")["gmv_capped_test"]
     assert row["abs_effect"] == pytest.approx(effect, rel=1e-9)
     assert row["p_value"] == pytest.approx(p, rel=1e-8)
+    last_look = analysis.details["sequential"][0]  # cumulative values capped the same way
+    assert last_look["abs_effect"][-1] == pytest.approx(effect, rel=1e-9)
+    assert last_look["p_value_fixed"][-1] == pytest.approx(p, rel=1e-8)
 
 
 def test_aa_replicates_through_duckdb_agree_with_scipy(tmp_path):
