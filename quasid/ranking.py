@@ -118,8 +118,14 @@ class Ranker(nn.Module):
 
 def gmv_score(logits: torch.Tensor, price: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
     """The GMV-aware ranking score p(order) * price ** alpha, with p(order) = sigmoid(logits)."""
-    p = torch.sigmoid(logits.float())
-    return p * price.pow(alpha) if alpha else p
+    return log_gmv_score(logits, price, alpha).exp()
+
+
+def log_gmv_score(logits: torch.Tensor, price: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """log(p(order) * price ** alpha): the same order as `gmv_score`, without its underflow to 0
+    for very unlikely items (so their order stays exact)."""
+    out = F.logsigmoid(logits.float())
+    return out + alpha * price.log() if alpha else out
 
 
 def train_ranker(

@@ -160,11 +160,16 @@ class Retriever(nn.Module):
     @torch.inference_mode()
     def score_items(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """log p(item) by teacher forcing for candidate item rows (B, n): the brute-force reference."""
+        return self.level_scores(histories, rows).sum(-1)
+
+    @torch.inference_mode()
+    def level_scores(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Per-level log p(code_d | code_<d, history) of candidate item rows (B, n) -> (B, n, D)."""
         memory, pad = self.encode(histories)
         target = self.item_tokens[rows]  # (B, n, D)
         lp = self.level_log_probs(self.decode(memory, pad, target[..., :-1]),
                                   torch.arange(self.depth, device=rows.device))
-        return lp.gather(-1, target[..., None])[..., 0].sum(-1)
+        return lp.gather(-1, target[..., None])[..., 0]
 
     @torch.inference_mode()
     def beam_search(self, histories: torch.Tensor, beam: int | None = None,

@@ -3,10 +3,13 @@
 Built from one tokenizer's SID table. Per batch of requests:
 1. the retriever's constrained beam search proposes `beam` items (cold items included:
    their SIDs come from content);
-2. the most popular training items not already proposed fill the candidate set up to
+2. cold-start quota: items without training interactions that share their first SID
+   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
+   warm targets only, gives their unseen full codes almost no probability;
+3. the most popular training items not already proposed fill the candidate set up to
    `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
-3. the ranker scores every candidate, p(order) * price ** price_alpha, and the best `k`
-   form the slate.
+4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
+   sigmoid(ranker logit + retrieval_weight * retriever log p), and the best `k` form the slate.
 Everything is batched tensors on one device; item ids are mapped to rows (positions in the
 SID table sorted by item id) on the way in and back on the way out.
 
@@ -31,7 +34,7 @@ import polars as pl
 import torch
 
 from quasid.contracts import SID_TABLE, ContractError, read_parquet, staged_dir
-from quasid.ranking import Ranker, RankerConfig, gmv_score, train_ranker
+from quasid.ranking import Ranker, RankerConfig, log_gmv_score, train_ranker
 from quasid.recommender import PAD
 from quasid.retrieval import Retriever, RetrieverConfig, autocast, train_retriever
 from quasid.trie import SidTrie, full_codes
@@ -56,6 +59,16 @@ class StackConfig:
     """Weights `fit_retrieval_weight` tries on validation requests."""
     exclude_history: bool = False
     """Drop items the user already has from the candidates."""
+    cold_candidates: int = 10
+    """Cold-start quota: up to this many items without training interactions join the
+    candidates, those sharing their first `cold_prefix` SID levels with a beam result (0: off).
+    The retriever never saw them as targets, so its log p of their full code says nothing;
+    they are scored with the log p of that prefix spread evenly over the items under it."""
+    cold_prefix: int = 1
+    """SID levels a cold candidate shares with a beam result (1 .. SID levels)."""
+    cold_slots: int = 0
+    """Slate positions kept for the best-scoring cold candidates (TIGER's epsilon share of the
+    top-K; 0: cold items compete on score alone). The slate stays in score order."""
     batch_size: int = 1024
     """Requests per device batch when serving."""
 
@@ -107,14 +120,38 @@ class Stack:
         self.price = np.array(price, dtype=np.float64)
         self.retriever = retriever.to(self.device).eval()
         self.ranker = ranker.to(self.device).eval()
+        self._price = torch.as_tensor(self.price, dtype=torch.float32, device=self.device)
+        self._ids = torch.as_tensor(self.item_ids, device=self.device)
+        self._rows_of = row_mapper(self.item_ids, "histories")
+        self._derive()
+
+    def set_config(self, **changes) -> None:
+        """Change serving settings (e.g. `cold_candidates=0`, `retrieval_weight=2.0`) in place."""
+        self.cfg = _replace(self.cfg, changes, "set_config")
+        self._derive()
+
+    def _derive(self) -> None:
+        """Tables that follow from the config: the popularity fill and the cold-start quota."""
+        cfg = self.cfg
         # most popular warm items, enough to fill any candidate set after duplicates
         order = np.argsort(-self.popularity, kind="stable")
         order = order[self.popularity[order] > 0]
         fill = cfg.candidates + cfg.retriever.beam + cfg.retriever.max_history
         self._popular = torch.as_tensor(order[:fill], device=self.device)
-        self._price = torch.as_tensor(self.price, dtype=torch.float32, device=self.device)
-        self._ids = torch.as_tensor(self.item_ids, device=self.device)
-        self._rows_of = row_mapper(self.item_ids, "histories")
+        # per prefix node at depth `cold_prefix`: its cold items (padded table) and its size
+        trie, cap, depth = self.retriever.trie, self.cfg.cold_candidates, self.cfg.cold_prefix
+        if not 1 <= depth < trie.depth:
+            raise ValueError(f"cold_prefix={depth}: expected 1 .. {trie.depth - 1} (the SID levels)")
+        node = trie.node_of[depth].to(self.device)
+        self._node = node
+        self._region_log_size = torch.bincount(node).float().log()[node]
+        cold = torch.nonzero(~self.ranker.warm).squeeze(1)
+        cold = cold[torch.argsort(node[cold], stable=True)]
+        counts = torch.bincount(node[cold], minlength=trie.n_nodes(depth))
+        slot = torch.arange(len(cold), device=self.device) - (counts.cumsum(0) - counts)[node[cold]]
+        keep = slot < cap
+        self._cold_table = torch.full((trie.n_nodes(depth), max(cap, 1)), PAD, device=self.device)
+        self._cold_table[node[cold][keep], slot[keep]] = cold[keep]
 
     @property
     def n_items(self) -> int:
@@ -153,10 +190,10 @@ class Stack:
         items, scores, beams = [], [], []
         for hist in self._batches(histories):
             beam, cand, logit, log_p = self._score_parts(hist)
-            score = self._combine(cand, logit, log_p, self.cfg.retrieval_weight)
-            top, idx = score.topk(k, dim=1)
-            items.append(cand.gather(1, idx))
-            scores.append(top)
+            slate, top = self._select(cand, self._combine(cand, logit, log_p,
+                                                          self.cfg.retrieval_weight), k)
+            items.append(slate)
+            scores.append(top.exp())  # p(order) * price ** alpha
             beams.append(beam)
         if not items:
             empty = np.zeros((0, k), dtype=np.int64)
@@ -171,13 +208,35 @@ class Stack:
             beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam)
             cand = self._candidates(hist, beam)
             logit = self.ranker.logits(hist, cand)
-            log_p = self.retriever.score_items(hist, cand.clamp(min=0))
-        return beam, cand, logit.float(), log_p.float()
+            levels = self.retriever.level_scores(hist, cand.clamp(min=0)).float()
+        log_p = levels.sum(-1)
+        if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
+            rows = cand.clamp(min=0)
+            region = levels[..., : self.cfg.cold_prefix].sum(-1) - self._region_log_size[rows]
+            log_p = torch.where(self.ranker.warm[rows], log_p, region)
+        return beam, cand, logit.float(), log_p
 
     def _combine(self, cand: torch.Tensor, logit: torch.Tensor, log_p: torch.Tensor,
                  weight: float) -> torch.Tensor:
-        score = gmv_score(logit + weight * log_p, self._price[cand.clamp(min=0)], self.cfg.price_alpha)
+        """log of the final score p(order) * price ** alpha (-inf at -1 candidates)."""
+        score = log_gmv_score(logit + weight * log_p, self._price[cand.clamp(min=0)],
+                              self.cfg.price_alpha)
         return torch.where(cand >= 0, score, -math.inf)
+
+    def _select(self, cand: torch.Tensor, score: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slate (rows (B, k), scores) from scored candidates, honouring `cold_slots`."""
+        chosen = score
+        if self.cfg.cold_slots > 0:
+            cold = ~self.ranker.warm[cand.clamp(min=0)] & (cand >= 0)
+            best, where = torch.where(cold, score, -math.inf).topk(
+                min(self.cfg.cold_slots, score.shape[1]), dim=1)
+            reserved = torch.zeros_like(cold).scatter_(1, where, torch.isfinite(best))
+            chosen = torch.where(reserved, math.inf, score)
+        idx = chosen.topk(k, dim=1).indices
+        top = score.gather(1, idx)
+        order = top.argsort(dim=1, descending=True, stable=True)
+        return cand.gather(1, idx.gather(1, order)), top.gather(1, order)
 
     def fit_retrieval_weight(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
                              ) -> dict[float, float]:
@@ -191,12 +250,12 @@ class Stack:
         parts = [self._score_parts(h) for h in self._batches(histories)]
         found = {}
         for w in self.cfg.weight_grid:
-            slates = torch.cat([c.gather(1, self._combine(c, lg, lp, w).topk(k, dim=1)[1])
+            slates = torch.cat([self._select(c, self._combine(c, lg, lp, w), k)[0]
                                 for _, c, lg, lp in parts])
             ids = torch.where(slates >= 0, self._ids[slates.clamp(min=0)], PAD).cpu().numpy()
             found[w] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
         best = max(self.cfg.weight_grid, key=lambda w: found[w])  # max keeps the first of ties
-        self.cfg = dataclasses.replace(self.cfg, retrieval_weight=best)
+        self.set_config(retrieval_weight=best)
         return found
 
     def _to_ids(self, rows: list[torch.Tensor]) -> np.ndarray:
@@ -212,20 +271,28 @@ class Stack:
             yield torch.as_tensor(rows[s:s + self.cfg.batch_size], device=self.device)
 
     def _candidates(self, hist: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
-        """Candidate rows (B, candidates): beam results first, then popular items, no repeats."""
-        pool = torch.cat([beam, self._popular.expand(len(hist), -1)], dim=1)
-        bad = pool < 0
-        # a popular item already proposed by the beam (or in the history) is a repeat
-        dup = (pool[:, :, None] == beam[:, None, :]).any(-1)
-        dup[:, : beam.shape[1]] = False
-        bad |= dup
+        """Candidate rows (B, candidates): the beam, then cold items under the beam's SID
+        prefixes (at most `cold_candidates`), then popular items; no repeats, -1 if short."""
+        b, width = beam.shape
+        cap = self.cfg.cold_candidates
+        parts = [beam]
+        if cap > 0:
+            cold = self._cold_table[self._node[beam.clamp(min=0)]]  # (B, W, cap)
+            parts.append(torch.where((beam >= 0)[..., None], cold, PAD).reshape(b, -1))
+        parts.append(self._popular.expand(b, -1))
+        pool = torch.cat(parts, dim=1)
+        bad = (pool < 0) | _repeats(pool)
         if self.cfg.exclude_history:
             bad |= (pool[:, :, None] == hist[:, None, :]).any(-1)
+        if cap > 0:
+            in_cold = torch.zeros(pool.shape[1], dtype=torch.bool, device=pool.device)
+            in_cold[width: width + parts[1].shape[1]] = True
+            cold_ok = in_cold & ~bad
+            bad |= cold_ok & (cold_ok.cumsum(dim=1) > cap)
         n = min(self.cfg.candidates, self.n_items)
         position = torch.arange(pool.shape[1], device=pool.device).expand_as(pool)
         keep = torch.where(bad, pool.shape[1], position).argsort(dim=1, stable=True)[:, :n]
-        cand = pool.gather(1, keep)
-        return torch.where(bad.gather(1, keep), PAD, cand)
+        return torch.where(bad.gather(1, keep), PAD, pool.gather(1, keep))
 
     def save(self, path: str | Path) -> Path:
         """Write the stack to one file (config, item table, both models), atomically."""
@@ -268,6 +335,14 @@ class Stack:
         ranker.load_state_dict(state["ranker"])
         return cls(state["item_ids"].numpy(), retriever, ranker, state["popularity"].numpy(),
                    state["price"].numpy(), cfg, state["tokenizer"], device)
+
+
+def _repeats(pool: torch.Tensor) -> torch.Tensor:
+    """True where a row's value already occurred earlier in that row (sort-based, O(P log P))."""
+    values, order = pool.sort(dim=1, stable=True)
+    later = torch.zeros_like(pool, dtype=torch.bool)
+    later[:, 1:] = values[:, 1:] == values[:, :-1]
+    return torch.zeros_like(later).scatter_(1, order, later)
 
 
 def sequence_windows(interactions: pl.DataFrame, max_len: int

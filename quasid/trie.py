@@ -65,6 +65,8 @@ class SidTrie:
     indptr: list[torch.Tensor]
     token: list[torch.Tensor]
     child: list[torch.Tensor]
+    node_of: list[torch.Tensor]
+    """node_of[d]: (n_items,) the node id of each item's length-d prefix (d = 0..D-1)."""
     _padded: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -84,10 +86,11 @@ class SidTrie:
         vocab = seen if vocab is None else tuple(int(v) for v in vocab)
         if len(vocab) != depth or any(v < s for v, s in zip(vocab, seen)):
             raise ValueError(f"vocab {vocab}: expected {depth} sizes >= the codes' {seen}")
-        indptr, token, child = [], [], []
+        indptr, token, child, node_of = [], [], [], []
         prefix = np.zeros(n, dtype=np.int64)  # node id of each item's prefix at depth d
         n_nodes = 1
         for d in range(depth):
+            node_of.append(prefix)
             key = prefix * vocab[d] + codes[:, d]  # < n_items * vocab: fits in int64
             edges, first, inverse = np.unique(key, return_index=True, return_inverse=True)
             parent = prefix[first]
@@ -103,7 +106,8 @@ class SidTrie:
             prefix, n_nodes = inverse.reshape(-1).astype(np.int64), len(edges)
         as_t = lambda arrays: [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
                                for a in arrays]
-        return cls(torch.from_numpy(codes.copy()), vocab, as_t(indptr), as_t(token), as_t(child))
+        return cls(torch.from_numpy(codes.copy()), vocab, as_t(indptr), as_t(token), as_t(child),
+                   as_t(node_of))
 
     @property
     def depth(self) -> int:
@@ -123,7 +127,7 @@ class SidTrie:
         """A copy with every tensor on `device`."""
         move = lambda ts: [t.to(device) for t in ts]
         return SidTrie(self.codes.to(device), self.vocab, move(self.indptr), move(self.token),
-                       move(self.child))
+                       move(self.child), move(self.node_of))
 
     def padded(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Edges leaving depth `d` as dense (n_nodes_d, max fan-out) (tokens, children), -1 padded."""

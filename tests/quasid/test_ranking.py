@@ -10,7 +10,7 @@ import torch
 
 from quasid.data.splits import leave_one_out
 from quasid.evaluate import hit_ndcg, loo_requests
-from quasid.ranking import Ranker, RankerConfig, gmv_score, train_ranker
+from quasid.ranking import Ranker, RankerConfig, gmv_score, log_gmv_score, train_ranker
 from quasid.stack import row_mapper, training_windows
 from quasid.trie import full_codes
 from tests.quasid.sid_testing import kmeans_sid_table, one_thread  # noqa: F401 (fixture)
@@ -81,6 +81,10 @@ def test_gmv_score_is_p_order_times_price_to_the_alpha():
     assert np.allclose(gmv_score(logits, price, 0.5).numpy()[0], p * np.sqrt([10.0, 1.0, 40.0]))
     # alpha reorders: p alone favours item 1, p * price favours item 2 (0.269 * 40 > 0.881)
     assert gmv_score(logits, price, 0.0).argmax() == 1 and gmv_score(logits, price, 1.0).argmax() == 2
+    # the log form keeps the order where p underflows to 0 in float32
+    tiny = torch.tensor([[-120.0, -110.0]])
+    assert (gmv_score(tiny, torch.ones(1, 2)) == 0).all()
+    assert torch.allclose(log_gmv_score(tiny, torch.ones(1, 2)), tiny)
 
 
 def test_negative_pool_must_not_be_empty():

@@ -79,29 +79,42 @@ def test_stack_is_a_recommender_and_slates_are_valid(stack, requests, small_worl
     assert ((scores > 0) & (scores < 1)).all()  # price_alpha = 0: a probability
 
 
-def test_candidates_put_the_beam_first_then_popular_items_without_repeats(stack, requests):
-    hist = torch.as_tensor(stack.rows_of(requests[:50]))
-    beam, _ = stack.retriever.beam_search(hist, stack.cfg.retriever.beam)
-    cand = stack._candidates(hist, beam)
+@pytest.mark.parametrize("cap", [0, 4])
+def test_candidates_are_beam_then_cold_quota_then_popular_without_repeats(stack, requests, cap):
+    saved = stack.cfg.cold_candidates
+    stack.set_config(cold_candidates=cap)
+    try:
+        hist = torch.as_tensor(stack.rows_of(requests[:50]))
+        beam, _ = stack.retriever.beam_search(hist, stack.cfg.retriever.beam)
+        cand = stack._candidates(hist, beam)
+    finally:
+        stack.set_config(cold_candidates=saved)
     assert cand.shape == (50, stack.cfg.candidates)
     assert torch.equal(cand[:, : beam.shape[1]], beam)  # the beam is full on this catalog
+    warm = stack.ranker.warm.numpy()
+    first_level = stack.retriever.trie.codes[:, 0].numpy()
     popular = stack._popular.tolist()
+    n_cold = []
     for row, b in zip(cand.tolist(), beam.tolist()):
         assert len(set(row)) == len(row) and -1 not in row
-        fill = row[len(b):]
-        # the fill is the most popular items that the beam did not propose, in order
-        assert fill == [p for p in popular if p not in b][: len(fill)]
+        rest = row[len(b):]
+        cold = [r for r in rest if not warm[r]]
+        assert rest[: len(cold)] == cold  # the quota comes right after the beam
+        assert len(cold) <= cap
+        assert set(first_level[cold]) <= set(first_level[b])  # under a beam result's prefix
+        fill = rest[len(cold):]
+        # then the most popular items not proposed yet, in popularity order
+        assert fill == [p for p in popular if p not in b and p not in cold][: len(fill)]
+        n_cold.append(len(cold))
+    assert (max(n_cold) == cap) if cap else max(n_cold) == 0  # the quota is used
 
 
 def test_exclude_history_keeps_history_items_out_of_the_slate(stack, requests):
-    import dataclasses
-
-    saved = stack.cfg
-    stack.cfg = dataclasses.replace(saved, exclude_history=True)
+    stack.set_config(exclude_history=True)
     try:
         items, _ = stack.recommend(requests, 10)
     finally:
-        stack.cfg = saved
+        stack.set_config(exclude_history=False)
     for slate, hist in zip(items.tolist(), requests.tolist()):
         assert not set(slate) & set(hist)
 
@@ -143,3 +156,33 @@ def test_build_stack_writes_both_files_and_refuses_an_incomplete_sid_table(
     with pytest.raises(ContractError, match="partial.parquet.*does not cover the catalog"):
         build_stack(small_world_dir, partial, tmp_path / "stack2", overrides=TINY)
     assert not (tmp_path / "stack2").exists()
+
+
+def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
+    warm = stack.ranker.warm.numpy()
+    ids = stack.item_ids
+    stack.set_config(cold_candidates=6, cold_slots=2)
+    try:
+        hist = torch.as_tensor(stack.rows_of(requests[:80]))
+        _, cand, logit, log_p = stack._score_parts(hist)
+        score = stack._combine(cand, logit, log_p, stack.cfg.retrieval_weight)
+        items, scores = stack.recommend(requests[:80], 10)
+    finally:
+        stack.set_config(cold_candidates=10, cold_slots=0)
+    assert (np.diff(scores, axis=1) <= 1e-7).all()  # still in score order
+    for row, c, s in zip(items.tolist(), cand.numpy(), score.numpy()):
+        valid = c >= 0
+        by_id = dict(zip(ids[c[valid]].tolist(), s[valid].tolist()))
+        cold_scores = sorted((by_id[i] for i in by_id if not warm[stack.rows_of([i])[0]]), reverse=True)
+        in_slate = sorted((by_id[i] for i in row if not warm[stack.rows_of([i])[0]]), reverse=True)
+        # the two best cold candidates (by score; equal scores are interchangeable) made it
+        assert in_slate[:2] == cold_scores[:2]
+        # and the other places hold the best remaining candidates
+        reserved = cold_scores[:2]
+        rest_all = sorted(by_id.values(), reverse=True)
+        rest_slate = sorted((by_id[i] for i in row), reverse=True)
+        for value in reserved:
+            rest_all.remove(value)
+            rest_slate.remove(value)
+        assert rest_slate == rest_all[: len(rest_slate)]
+    assert sum(len(set(r) & set(ids[~warm])) for r in items.tolist()) > 0
