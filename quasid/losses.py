@@ -56,8 +56,13 @@ def hamming(codes: torch.Tensor) -> torch.Tensor:
 
 def shared_prefix(codes: torch.Tensor) -> torch.Tensor:
     """p_ij = the number of leading levels on which rows i and j agree, (B, B) int64."""
-    equal = (codes[:, None, :] == codes[None, :, :]).long()
-    return equal.cumprod(dim=-1).sum(dim=-1)
+    # one B x B comparison per level (a cumprod over a (B, B, L) tensor is far slower on CUDA)
+    run = torch.ones((codes.shape[0], codes.shape[0]), dtype=torch.bool, device=codes.device)
+    prefix = torch.zeros(run.shape, dtype=torch.int64, device=codes.device)
+    for level in range(codes.shape[1]):
+        run = run & (codes[:, None, level] == codes[None, :, level])
+        prefix += run
+    return prefix
 
 
 def pairwise_cosine(x: torch.Tensor) -> torch.Tensor:

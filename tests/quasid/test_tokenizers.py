@@ -14,6 +14,15 @@ TINY = dict(hidden=[32], latent=8, levels=2, codebook_size=16, tower_dim=8, batc
             epochs=3, kmeans_iters=5)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # two OpenMP threads on a shared 2-core box are many times slower than one
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def content(small_world) -> np.ndarray:
     return small_world.content()
