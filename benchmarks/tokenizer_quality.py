@@ -5,7 +5,8 @@ tokenizer with the mean ± standard error over seeds of collision rate, SID entr
 on the synthetic world, the harmful / benign collision rates; writes every run's metrics.
 
     python benchmarks/tokenizer_quality.py --data DIR --out runs/tq --device cuda --seeds 0 1 2
-    python benchmarks/tokenizer_quality.py --data DIR --out runs/tq --set hamr_weight=5 --tokenizers quasid
+    python benchmarks/tokenizer_quality.py --data DIR --out runs/tq --set hamr_weight=5 \
+        --tokenizers quasid
 """
 
 from __future__ import annotations

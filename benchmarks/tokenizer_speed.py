@@ -9,7 +9,7 @@ SID assignment: encode + residual quantization + collision ranks of N items alre
 device, against the bandwidth floor = bytes of input read once (N × d × 4) / the device
 bandwidth measured here (a large device-to-device copy, bytes read + written / time).
 
-    python benchmarks/tokenizer_speed.py --device cuda --out benchmarks/results/tokenizer_speed_cuda.json
+    python benchmarks/tokenizer_speed.py --device cuda --out benchmarks/results/speed.json
     python benchmarks/tokenizer_speed.py --device cpu --batches 256 1024 --assign 0
 """
 
@@ -161,9 +161,9 @@ def main() -> None:
                 row["floor_seconds"] = n * args.dim * 4 / bw
                 row["times_floor"] = row["seconds"] / row["floor_seconds"]
                 result["assign"].append(row)
-                print(f"assign {n:,} items ({'bf16' if amp else 'fp32'}): {row['seconds'] * 1e3:.1f} ms, "
-                      f"{row['items_per_s'] / 1e6:.1f} M items/s, floor {row['floor_seconds'] * 1e3:.2f} ms "
-                      f"({row['times_floor']:.0f}x)"
+                print(f"assign {n:,} items ({'bf16' if amp else 'fp32'}): "
+                      f"{row['seconds'] * 1e3:.1f} ms, {row['items_per_s'] / 1e6:.1f} M items/s, "
+                      f"floor {row['floor_seconds'] * 1e3:.2f} ms ({row['times_floor']:.0f}x)"
                       + (f", codes equal to fp32 {row['codes_equal_to_fp32']:.4f}" if amp else ""),
                       flush=True)
     if args.out:

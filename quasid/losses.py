@@ -72,7 +72,7 @@ def pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
 
 
 def unit_distances(z: torch.Tensor) -> torch.Tensor:
-    """d_ij = ‖ẑ_i − ẑ_j‖ with ẑ = z / ‖z‖, as sqrt(2 − 2⟨ẑ_i, ẑ_j⟩ + ε) so d = 0 keeps a gradient."""
+    """d_ij = ‖ẑ_i − ẑ_j‖, ẑ = z / ‖z‖, as sqrt(2 − 2⟨ẑ_i, ẑ_j⟩ + ε) (d = 0 keeps a gradient)."""
     unit = F.normalize(z.float(), dim=1, eps=_EPS)
     sq = (2.0 - 2.0 * unit @ unit.T).clamp_min(0.0)
     return torch.sqrt(sq + _EPS)
@@ -142,7 +142,8 @@ def hamr_loss(z: torch.Tensor, ham: torch.Tensor, levels: int, mask: torch.Tenso
     return (weight * hinge.pow(2)).sum() / z.shape[0]
 
 
-def uniform_repulsion_loss(z: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def uniform_repulsion_loss(z: torch.Tensor, mask: torch.Tensor, margin: float = 1.0
+                           ) -> torch.Tensor:
     """Uniform repulsion: every collision pushed alike (the no-qualification ablation).
 
     L_uni = (1/B) Σ_ij U_ij · max(0, m − d_ij)² (normalized as HaMR), with U = [i ≠ j] ·
@@ -210,7 +211,8 @@ def info_nce(f: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor, target: tor
     gu = F.normalize(g.float(), dim=1, eps=_EPS)
     logits = (fa @ gu.T) / tau
     # the target always counts, so no row is all -inf (a NaN even at weight 0)
-    allowed = allowed | (torch.arange(gu.shape[0], device=target.device)[None, :] == target[:, None])
+    columns = torch.arange(gu.shape[0], device=target.device)
+    allowed = allowed | (columns[None, :] == target[:, None])
     logits = logits.masked_fill(~allowed, float("-inf"))
     losses = F.cross_entropy(logits, target, reduction="none")
     weight = weight.float()

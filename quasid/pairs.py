@@ -76,7 +76,8 @@ class PairIndex:
         dst = np.concatenate([hi, lo])
         order = np.lexsort((dst, src))
         self.partners = torch.from_numpy(dst[order])
-        self.indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))]))
+        degree = np.bincount(src, minlength=n)
+        self.indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(degree)]))
 
     def __len__(self) -> int:
         return int(self.keys.numel())

@@ -89,7 +89,7 @@ def _world_rows(world: World, item_ids: np.ndarray, pairs: np.ndarray) -> np.nda
 
 def sid_metrics(codes: np.ndarray, codebook_size: int, item_ids: np.ndarray | None = None,
                 world: World | None = None) -> dict:
-    """All SID quality metrics of `codes` (row k = `item_ids[k]`, default k) as a JSON-ready dict."""
+    """All SID quality metrics of `codes` (row k = `item_ids[k]`, default k), JSON-ready."""
     codes = np.asarray(codes, dtype=np.int64)
     n, levels = codes.shape
     if n == 0:

@@ -45,7 +45,8 @@ def plot_training(history: dict, metrics: dict, path: str | Path, title: str = "
     ax = axes[2]
     hist = metrics.get("nearest_hamming_hist", [])
     ax.bar(range(len(hist)), hist, color="tab:purple")
-    ax.set(title=f"nearest-SID Hamming distance (collision rate {metrics.get('collision_rate', 0):.3f})",
+    rate = metrics.get("collision_rate", 0.0)
+    ax.set(title=f"nearest-SID Hamming distance (collision rate {rate:.3f})",
            xlabel="levels differing from the nearest other SID", ylabel="items")
     ax.set_xticks(range(len(hist)))
     if title:

@@ -4,9 +4,9 @@
 | --- | --- |
 | `rqvae` | reconstruction + residual quantization (the TIGER tokenizer) |
 | `rqkmeans` | no gradient training: residual k-means on the standardized content (OneRec-style) |
-| `quasid` | rqvae + HaMR over CVPM-valid pairs + dual-tower contrastive over collaborative positives |
+| `quasid` | rqvae + HaMR over CVPM-valid pairs + dual-tower contrastive (collaborative positives) |
 | `adasid` | rqvae + adaptive overlap regulation (compatibility-relaxed, load-scaled, scheduled) |
-| `uniform` | rqvae + every collision (same full SID) repelled alike: no qualification, no severity |
+| `uniform` | rqvae + every collision (same full SID) repelled alike: no qualification or severity |
 | `rqvae+hamr`, `adasid+hamr` | HaMR (with CVPM) plugged into the other tokenizers |
 
 A `Tokenizer` fits on the content of the training items and optionally their collaborative
@@ -126,7 +126,7 @@ PRESETS: dict[str, dict] = {
 
 
 def tokenizer_config(name: str, overrides: dict | None = None) -> TokenizerConfig:
-    """The preset config of `name` with `overrides` applied (keys of TokenizerConfig or TrainConfig).
+    """The preset config of `name` with `overrides` (keys of TokenizerConfig or TrainConfig).
 
     Raises ValueError for an unknown name or override key, naming the known ones.
     """
@@ -165,8 +165,9 @@ class SIDModel(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(()))
         latent = cfg.latent if cfg.neural else dim
-        self.encoder: nn.Module = Encoder(dim, cfg.hidden, cfg.latent) if cfg.neural else nn.Identity()
-        self.decoder: nn.Module | None = Decoder(dim, cfg.hidden, cfg.latent) if cfg.neural else None
+        neural = cfg.neural
+        self.encoder: nn.Module = Encoder(dim, cfg.hidden, cfg.latent) if neural else nn.Identity()
+        self.decoder: nn.Module | None = Decoder(dim, cfg.hidden, cfg.latent) if neural else None
         self.quantizer = ResidualQuantizer(cfg.levels, cfg.codebook_size, latent, cfg.beta,
                                            ema=cfg.ema, decay=cfg.ema_decay)
         self.tower_f = mlp([latent, cfg.tower_dim, cfg.tower_dim]) if cfg.contrastive else None
@@ -268,7 +269,8 @@ class Tokenizer:
         """
         content = np.asarray(content, dtype=np.float32)
         if content.ndim != 2 or content.shape[0] < 2:
-            raise ValueError(f"Tokenizer.fit: content must be (n_items >= 2, dim), got {content.shape}")
+            raise ValueError(f"Tokenizer.fit: content must be (n_items >= 2, dim), got "
+                             f"{content.shape}")
         if not np.isfinite(content).all():
             raise ValueError("Tokenizer.fit: content holds NaN or inf")
         model = self._build(content.shape[1]).to(device)

@@ -62,7 +62,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         bad = {k: getattr(self, k) for k, ok in {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 4 and self.batch_size % 4 == 0,
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 4 and self.batch_size % 4 == 0,
             "lr": self.lr > 0, "warmup_share": 0 <= self.warmup_share < 1,
             "final_lr_share": 0 <= self.final_lr_share <= 1, "eval_every": self.eval_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 1, "reseed_every": self.reseed_every >= 0,
@@ -207,8 +208,9 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
             sampler.new_epoch()
             sums: dict[str, torch.Tensor] = {}
             for step in range(steps):
-                terms = train_step(loss_fn, sampler.batch(step), (epoch * steps + step) / total_steps,
-                                   params, optimizer, scheduler, tc.grad_clip, amp)
+                done = (epoch * steps + step) / total_steps
+                terms = train_step(loss_fn, sampler.batch(step), done, params, optimizer,
+                                   scheduler, tc.grad_clip, amp)
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 bar.advance()
@@ -338,6 +340,7 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     codes = tok.encode(content, device=device)
     metrics = sid_metrics(codes, tok.config.codebook_size, item_ids, ds.world)
     cold_rows = ~warm
+    last = history["epochs"][-1] if history["epochs"] else {}
     metrics.update({
         "tokenizer": tokenizer,
         "dataset": ds.name,
@@ -348,7 +351,7 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
         "positive_pairs": int(len(rows)),
         "fit_seconds": fit_seconds,
         "train_seconds": float(history.get("train_seconds", 0.0)),
-        "final_losses": {k: v for k, v in (history["epochs"][-1] if history["epochs"] else {}).items()
+        "final_losses": {k: v for k, v in last.items()
                          if isinstance(v, float) and k not in ("lr", "seconds", "collision_rate")},
         "cold_items": int(cold_rows.sum()),
     })

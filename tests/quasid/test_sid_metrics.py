@@ -84,7 +84,8 @@ def test_sid_table_is_a_valid_sid_table_with_unique_full_ids():
     assert table["collision_rank"].to_list() == [0, 0, 0, 1, 2]
     assert table["sid"].to_list()[1] == [1, 2]
     assert set(table["tokenizer"].to_list()) == {"rqvae"}
-    full = {(tuple(s), r) for s, r in zip(table["sid"].to_list(), table["collision_rank"].to_list())}
+    ranks = table["collision_rank"].to_list()
+    full = {(tuple(s), r) for s, r in zip(table["sid"].to_list(), ranks)}
     assert len(full) == 5
 
 

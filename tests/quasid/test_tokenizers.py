@@ -66,7 +66,8 @@ def test_each_tokenizer_trains_its_own_loss_terms(content, name, terms):
     model.quantizer.init_kmeans(model.encoder(sampler.x).detach(), g, 3)
     sampler.new_epoch()
     total, out = model.losses(sampler.batch(0), progress=0.5)
-    assert {k for k in out if k in {"rec", "rq", "hamr", "contrastive", "adasid", "uniform"}} == terms
+    loss_terms = {"rec", "rq", "hamr", "contrastive", "adasid", "uniform"}
+    assert {k for k in out if k in loss_terms} == terms
     cfg = tok.config
     weights = {"rec": 1, "rq": 1, "hamr": cfg.hamr_weight, "contrastive": cfg.contrastive_weight,
                "adasid": cfg.adasid_weight, "uniform": cfg.uniform_weight}
