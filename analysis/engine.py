@@ -109,10 +109,12 @@ class _Job:
     treatment: stats.Moments
 
 
-def plan_tests(cells: list[Cell], control: str, treatments: list[str]
-               ) -> tuple[list[_Job], list[dict]]:
+def plan_tests(cells: list[Cell], control: str, treatments: list[str],
+               strict: frozenset[str] = frozenset()) -> tuple[list[_Job], list[dict]]:
     """Which test each metric × segment × arm gets (CUPED falls back when the covariate is
-    flat); untestable `all` cells are errors, other untestable cells are skipped."""
+    flat). Untestable cells (zero variance, too few units) are skipped and listed, except
+    the `all` segment of a metric in `strict` (asked for by name): that is an error. A run
+    where nothing at all can be tested is an error too."""
     jobs, skipped = [], []
     for cell in cells:
         for arm in treatments:
@@ -122,7 +124,7 @@ def plan_tests(cells: list[Cell], control: str, treatments: list[str]
             post = list(range(k))
             reason = _untestable(c.take(post), t.take(post), ratio)
             if reason:
-                if cell.segment == "all":
+                if cell.segment == "all" and cell.metric.name in strict:
                     raise AnalysisError(f"metric {cell.metric.name!r}, arm {arm!r} vs "
                                         f"{control!r}: cannot be tested: {reason}")
                 skipped.append({"metric": cell.metric.name, "segment": cell.segment, "arm": arm,
@@ -132,6 +134,10 @@ def plan_tests(cells: list[Cell], control: str, treatments: list[str]
             if cell.covariate and not covariate:
                 c, t = c.take(post), t.take(post)
             jobs.append(_Job(cell.metric, cell.segment, arm, cell.metric.method(covariate), c, t))
+    if not any(j.segment == "all" for j in jobs):
+        reasons = "; ".join(f"{s['metric']}: {s['reason']}" for s in skipped
+                            if s["segment"] == "all")
+        raise AnalysisError(f"no metric can be tested on all users ({reasons})")
     return jobs, skipped
 
 
@@ -198,6 +204,8 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
             rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha,
                                   tau2=stats.MSPRT_RHO * rel_var[-1])
             mde = stats.mde(res.abs_se, alpha=config.alpha, power=config.power)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a 0 control mean: n/a
+                mde_rel = mde / np.abs(res.control_mean)
             out.append({
                 "metric": m.name, "arm": arm, "method": method,
                 "day": [st.days[i] for i in looks],
@@ -209,7 +217,7 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
                 "abs_ci_high_always_valid": _list(seq.ci_high),
                 "ci_low_always_valid": _list(rel_seq.ci_low),
                 "ci_high_always_valid": _list(rel_seq.ci_high),
-                "mde_rel": _list(mde / np.abs(res.control_mean)),
+                "mde_rel": _list(mde_rel),
             })
     return out
 
@@ -289,7 +297,8 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
     say("testing")
     t1 = time.perf_counter()
     srm = stats.srm_test(st.unit_counts, info.manifest.arms)
-    jobs, skipped = plan_tests(st.cells, control, treatments)
+    jobs, skipped = plan_tests(st.cells, control, treatments,
+                               frozenset(config.metrics or ()))
     tcfg = stats.TestConfig(config.alpha)
     results = run_jobs(jobs, tcfg)
     rows = make_rows(jobs, results, config.correction)

@@ -88,6 +88,11 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
     if plots:
         doc.append(Block("img", "srm"))
 
+    untested = [s for s in d["skipped"] if s["segment"] == "all"]
+    if untested:
+        doc.append(Block("alert", "NOT TESTED on all users: " + "; ".join(
+            f"{s['metric']} ({s['arm']}): {s['reason']}" for s in untested)
+            + ". These metrics have no result rows; check that the arms can produce them."))
     doc.append(Block("h2", "2. Power: minimum detectable effects of the primary metrics"))
     doc.append(Block("p", f"MDE = smallest true effect this run detects with {100 * d['power']:g}% "
                           f"power at α = {alpha:g} (two-sided), given its units, allocation and "

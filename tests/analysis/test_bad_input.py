@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,15 @@ def test_missing_manifest(run, tmp_path):
 def test_bad_settings(run, tmp_path):
     _fails(run, tmp_path / "out", r"alpha 1.5", alpha=1.5)
     _fails(run, tmp_path / "out2", r"correction 'bonferroni'", correction="bonferroni")
+
+
+def test_zero_variance_metric_in_the_default_set_is_skipped_loudly(tmp_path):
+    run = write_fake_run(tmp_path / "run", FakeRunConfig(n_users=300, days=2, pre_days=0,
+                                                         cold_item_share=0.0))
+    results = analyze(run, tmp_path / "out", plots=False)
+    metrics = {r["metric"] for r in results["rows"] if r["segment"] == "all"}
+    assert "cold_item_completed_orders_per_user" not in metrics and "gmv_per_user" in metrics
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert re.search(r"NOT TESTED on all users: cold_item_completed_orders_per_user "
+                     r"\(treatment\): zero variance", md)
+    assert md.index("NOT TESTED") < md.index("## 3.")
