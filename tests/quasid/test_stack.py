@@ -161,6 +161,7 @@ def test_build_stack_writes_both_files_and_refuses_an_incomplete_sid_table(
 def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
     warm = stack.ranker.warm.numpy()
     ids = stack.item_ids
+    saved = {"cold_candidates": stack.cfg.cold_candidates, "cold_slots": stack.cfg.cold_slots}
     stack.set_config(cold_candidates=6, cold_slots=2)
     try:
         hist = torch.as_tensor(stack.rows_of(requests[:80]))
@@ -168,7 +169,7 @@ def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
         score = stack._combine(cand, logit, log_p, stack.cfg.retrieval_weight)
         items, scores = stack.recommend(requests[:80], 10)
     finally:
-        stack.set_config(cold_candidates=10, cold_slots=0)
+        stack.set_config(**saved)
     assert (np.diff(scores, axis=1) <= 1e-7).all()  # still in score order
     for row, c, s in zip(items.tolist(), cand.numpy(), score.numpy()):
         valid = c >= 0
