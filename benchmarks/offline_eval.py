@@ -32,10 +32,12 @@ def main() -> None:
     parser.add_argument("--tokenizers", required=True)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", required=True, help="work folder (runs, stacks, results)")
-    parser.add_argument("--export", default=None, help="copy <name>.json, <name>.md, throughput.json here")
+    parser.add_argument("--export", default=None,
+                        help="copy <name>.json, <name>.md, throughput.json here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--deadline", type=float, default=None, help="seconds before unfinished runs stop")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds before unfinished runs stop")
     parser.add_argument("--overrides", default="", help="stack config overrides (JSON)")
     parser.add_argument("--tokenizer-epochs", type=int, default=None)
     parser.add_argument("--tokenizer-overrides", default="", help="tokenizer overrides (JSON)")
@@ -43,9 +45,10 @@ def main() -> None:
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
     tokenizers = [t for t in args.tokenizers.split(",") if t]
-    kwargs = dict(device=args.device, overrides=json.loads(args.overrides) if args.overrides else None,
+    as_json = lambda text: json.loads(text) if text else None
+    kwargs = dict(device=args.device, overrides=as_json(args.overrides),
                   tokenizer_epochs=args.tokenizer_epochs,
-                  tokenizer_overrides=json.loads(args.tokenizer_overrides) if args.tokenizer_overrides else None)
+                  tokenizer_overrides=as_json(args.tokenizer_overrides))
     out = Path(args.out)
     tasks = [(name, tok, seed) for seed in range(args.seeds) for tok in tokenizers for name in datasets]
     _run_all(tasks, datasets, out, args, kwargs, started)
@@ -107,7 +110,6 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
 
 def _throughput(datasets, tokenizers, args, out) -> dict:
     """Serving speed of the first finished stack: beam search alone and the whole stack."""
-    import numpy as np
     import torch
 
     from quasid.data.dataset import load_dataset

@@ -43,7 +43,8 @@ def _curve(data: str, sids: str, overrides: dict, device: str, eval_every: int, 
     item_ids, codes = full_codes(read_parquet(sids, SID_TABLE), sids)
     rows_of = row_mapper(item_ids, data)
     cfg = stack_config({"retriever": overrides}).retriever
-    train = leave_one_out(ds.interactions, cold_items=ds.items.filter(pl.col("is_cold"))["item_id"]).train
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    train = leave_one_out(ds.interactions, cold_items=cold).train
     hist, tgt = training_windows(train, rows_of, cfg.max_history)
     v_hist, v_tgt = loo_requests(drop_last(ds.interactions), cfg.max_history)
     pick = np.random.default_rng(0).permutation(len(v_tgt))[:n_valid]

@@ -36,7 +36,8 @@ STAGES = ("stack", "retrieval")
 METRICS_FILE = "metrics.json"
 
 
-def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:
+def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
+             ) -> dict[str, np.ndarray]:
     """Per-request HR@k and NDCG@k of ranked item ids (n, >= max k) against one target each (n,)."""
     ranked, targets = np.asarray(ranked), np.asarray(targets)
     if ranked.ndim != 2 or len(ranked) != len(targets) or ranked.shape[1] < max(ks):
@@ -53,7 +54,7 @@ def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS) 
 
 
 def loo_requests(interactions: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(histories (n_users, max_len), targets (n_users,)): each user's last item and what came before."""
+    """(histories (n_users, max_len), targets (n_users,)): each user's last item and its past."""
     from quasid.stack import sequence_windows
 
     hist, items, _, is_last = sequence_windows(interactions, max_len)
@@ -177,7 +178,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
     lines = [f"### {title}", "", head, "|" + " --- |" * (len(METRICS) + 4)]
     for r in rows:
         cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_std']:.4f}" for m in METRICS)
-        lines.append(f"| {r['tokenizer']} | {r['segment']} | {cells} | {r['seeds']} | {r['requests']} |")
+        lines.append(f"| {r['tokenizer']} | {r['segment']} | {cells} | {r['seeds']} "
+                     f"| {r['requests']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,7 @@ class RetrieverConfig:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Transformer decoder layer whose cross-attention serves all beams of a request at once."""
+    """Pre-norm Transformer decoder layer; its cross-attention serves all beams of a request at once."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
@@ -93,7 +93,7 @@ class Retriever(nn.Module):
         depth = trie.depth
         offsets = np.concatenate([[0], np.cumsum(trie.vocab)]).astype(np.int64)
         self.n_tokens = int(offsets[-1])
-        self.pad_token, self.end_token, self.bos_token = self.n_tokens, self.n_tokens + 1, self.n_tokens + 2
+        self.pad_token, self.end_token, self.bos_token = (self.n_tokens + i for i in range(3))
         self.register_buffer("offsets", torch.from_numpy(offsets[:-1]), persistent=False)
         self.register_buffer("item_tokens", trie.codes + self.offsets, persistent=False)
         level = torch.full((self.n_tokens,), -1, dtype=torch.int64)
@@ -247,7 +247,7 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator
 
 
 def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA (the small matmuls are launch-bound, bf16 halves the traffic); off on CPU."""
+    """bf16 autocast on CUDA (small launch-bound matmuls: bf16 halves the traffic); off on CPU."""
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -111,7 +111,7 @@ class Stack:
     def __init__(self, item_ids: np.ndarray, retriever: Retriever, ranker: Ranker,
                  popularity: np.ndarray, price: np.ndarray, cfg: StackConfig,
                  tokenizer: str = "sid", device: str = "cpu"):
-        """item_ids: (n_items,) sorted ids = rows; popularity: training counts per row; price per row."""
+        """item_ids: (n_items,) sorted ids (= rows); popularity: training counts; price per row."""
         self.name = f"sid-stack:{tokenizer}"
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -204,7 +204,7 @@ class Stack:
 
     @torch.inference_mode()
     def _score_parts(self, hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(beam rows, candidate rows, ranker logits, retriever log p) for one batch of row histories."""
+        """(beam rows, candidate rows, ranker logits, retriever log p) for a batch of row histories."""
         with autocast(self.device):
             beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam)
             cand = self._candidates(hist, beam)
@@ -396,7 +396,7 @@ def row_mapper(item_ids: np.ndarray, source: str):
 
 
 def training_interactions(ds) -> pl.DataFrame:
-    """What a stack trains on: before `ds.cutoff_ts` if the dataset has one, else leave-one-out train."""
+    """What a stack trains on: before `ds.cutoff_ts` if the dataset has one, else LOO train."""
     from quasid.data.splits import leave_one_out, time_split
 
     if ds.cutoff_ts is not None:

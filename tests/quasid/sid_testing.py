@@ -17,7 +17,7 @@ from quasid.contracts import SID_TABLE, validate
 
 
 def sid_table_from_codes(item_ids: np.ndarray, codes: np.ndarray, tokenizer: str) -> pl.DataFrame:
-    """A SID table (contract schema) from codes; collision_rank counts earlier items with the same SID."""
+    """A SID table (contract schema) from codes; collision_rank counts earlier items with its SID."""
     order = np.lexsort((item_ids, *codes.T[::-1]))
     sorted_codes = codes[order]
     new_group = np.r_[True, (sorted_codes[1:] != sorted_codes[:-1]).any(axis=1)]

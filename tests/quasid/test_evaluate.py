@@ -56,7 +56,8 @@ def test_leave_one_out_requests_and_validation_view():
 def _run(tok, seed, value):
     seg = {m: value for m in ("hr@5", "hr@10", "ndcg@5", "ndcg@10")}
     return {"settings": {"tokenizer": tok, "seed": seed}, "n": {"all": 100, "cold": 10},
-            "stack": {"all": seg, "cold": {m: value / 2 for m in seg}}, "retrieval": {"all": seg, "cold": seg}}
+            "stack": {"all": seg, "cold": {m: value / 2 for m in seg}},
+            "retrieval": {"all": seg, "cold": seg}}
 
 
 def test_aggregate_means_and_sample_std_over_seeds():

@@ -25,7 +25,8 @@ def trained(small_world):
     ds = small_world
     ids, codes = full_codes(kmeans_sid_table(ds.content(), ds.items["item_id"].to_numpy(), 2, 8))
     rows_of = row_mapper(ids, "test")
-    train = leave_one_out(ds.interactions, cold_items=ds.items.filter(pl.col("is_cold"))["item_id"]).train
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    train = leave_one_out(ds.interactions, cold_items=cold).train
     warm = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(ids)) > 0
     torch.manual_seed(0)
     model = Ranker(codes[:, :-1], warm, TINY)

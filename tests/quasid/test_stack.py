@@ -41,7 +41,8 @@ def sids(small_world):
 @pytest.fixture(scope="module")
 def stack(small_world, sids):
     ds = small_world
-    train = leave_one_out(ds.interactions, cold_items=ds.items.filter(pl.col("is_cold"))["item_id"]).train
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    train = leave_one_out(ds.interactions, cold_items=cold).train
     valid = loo_requests(drop_last(ds.interactions), 8)
     built, summary = train_stack(ds.items, sids, train, stack_config(TINY), seed=0, valid=valid)
     assert summary["retrieval_weight"] in (0.0, 1.0)
