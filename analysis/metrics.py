@@ -159,8 +159,9 @@ class Statistics:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Column layout of the SQL: unique expressions × event-level segments."""
+class Plan:
+    """What the SQL computes: the unique expressions, the segments, the arms, whether the
+    pre-period covariate is needed; and the column layout (`s<expr>_<event segment>`)."""
 
     metrics: tuple[Metric, ...]
     segments: tuple[Segment, ...]
@@ -171,6 +172,7 @@ class _Plan:
 
     @property
     def event_segments(self) -> list[Segment]:
+        """Segments that select events: `all` first, then the event-level cohorts."""
         return [s for s in self.segments if s.level in ("all", "event")]
 
     def col(self, expr: str, segment: Segment, prefix: str = "s") -> str:
@@ -179,32 +181,33 @@ class _Plan:
         return f"{prefix}{self.exprs.index(expr)}_{j}"
 
 
-def _plan(metrics: list[Metric], info: StoreInfo) -> _Plan:
+def make_plan(metrics: list[Metric], info: StoreInfo) -> Plan:
+    """The plan for these metrics over this store (its segments, arms, pre-period)."""
     exprs: list[str] = []
     for m in metrics:
         for e in (m.numerator, m.denominator):
             if e is not None and e not in exprs:
                 exprs.append(e)
-    return _Plan(tuple(metrics), info.segments, tuple(info.manifest.arms),
+    return Plan(tuple(metrics), info.segments, tuple(info.manifest.arms),
                  info.has_pre_period and any(m.cuped for m in metrics), tuple(exprs),
                  info.run_dir / "events")
 
 
-def _expr_sums(plan: _Plan) -> list[str]:
+def _expr_sums(plan: Plan) -> list[str]:
     """`sum(expr) AS e<i>` for every unique expression (plain sums: a group holds a few
     events, so compensation buys nothing there and costs ~15% of the pass, measured)."""
     return [f"sum(({expr})::DOUBLE) AS e{i}" for i, expr in enumerate(plan.exprs)]
 
 
-def _sum_cols(plan: _Plan) -> list[str]:
+def _sum_cols(plan: Plan) -> list[str]:
     return [f"s{i}_{j}" for j in range(len(plan.event_segments)) for i in range(len(plan.exprs))]
 
 
-def _flags(plan: _Plan) -> list[str]:
+def _flags(plan: Plan) -> list[str]:
     return [s.column for s in plan.event_segments if s.level == "event"]
 
 
-def per_user_sql(plan: _Plan, source: str, arm_bits: bool) -> str:
+def per_user_sql(plan: Plan, source: str, arm_bits: bool) -> str:
     """One pass: per user and combination of event-level flags, the expression sums (and,
     for the experiment, a bit per arm seen in the user's events, to check assignments)."""
     keys = ["user_id", *_flags(plan)]
@@ -215,7 +218,7 @@ def per_user_sql(plan: _Plan, source: str, arm_bits: bool) -> str:
     return f"SELECT {', '.join(keys + cols)} FROM {source} GROUP BY {', '.join(keys)}"
 
 
-def _rollup_sql(plan: _Plan, table: str, arm_bits: bool) -> str:
+def _rollup_sql(plan: Plan, table: str, arm_bits: bool) -> str:
     """Per-user totals from a per-(user, flags) table: `s<i>_<j>` = expression i summed over
     the user's events in event segment j (0: all events)."""
     cols = []
@@ -227,7 +230,7 @@ def _rollup_sql(plan: _Plan, table: str, arm_bits: bool) -> str:
     return f"SELECT user_id, {', '.join(cols)} FROM {table} GROUP BY user_id"
 
 
-def _value(plan: _Plan, metric: Metric, part: str, segment: Segment, table: str,
+def _value(plan: Plan, metric: Metric, part: str, segment: Segment, table: str,
            caps: dict[str, float], pre: bool = False) -> str:
     """SQL of one per-unit variable: the numerator ('y') or denominator ('x'), capped."""
     expr = metric.numerator if part == "y" else metric.denominator
@@ -252,7 +255,7 @@ def _cap_key(metric: Metric, part: str, pre: bool) -> str:
     return f"{metric.name}.{'pre_' if pre else ''}{part}"
 
 
-def _variables(plan: _Plan, metric: Metric, segment: Segment, table: str, caps: dict[str, float],
+def _variables(plan: Plan, metric: Metric, segment: Segment, table: str, caps: dict[str, float],
                covariate: bool) -> list[str]:
     parts = ["y", "x"] if metric.is_ratio else ["y"]
     out = [_value(plan, metric, p, segment, table, caps) for p in parts]
@@ -310,7 +313,7 @@ def _fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def aggregate_units(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
+def aggregate_units(con: duckdb.DuckDBPyConnection, plan: Plan) -> None:
     """The per-user aggregation of every metric: `user_flags` (one pass over the experiment's
     events), `pre_flags` (the pre-period's), and `unit_totals` (every assigned unit, with 0
     for units without events; columns `s<i>_<j>` and, for the pre-period, `p<i>_<j>`)."""
@@ -334,7 +337,7 @@ def aggregate_units(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
         {pre_join}""")
 
 
-def aggregate_days(con: duckdb.DuckDBPyConnection, plan: _Plan) -> list[int]:
+def aggregate_days(con: duckdb.DuckDBPyConnection, plan: Plan) -> list[int]:
     """`user_day`: each user's expression sums per day (all events), one query per day
     partition; returns the days 0..last (days without events have no rows)."""
     present = [int(d) for (d,) in con.execute(
@@ -348,7 +351,7 @@ def aggregate_days(con: duckdb.DuckDBPyConnection, plan: _Plan) -> list[int]:
     return list(range(max(present) + 1))
 
 
-def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
+def check_event_arms(con: duckdb.DuckDBPyConnection, plan: Plan) -> None:
     """Every event's arm must be its user's assigned arm (and every user with events must be
     assigned); every arm must have events. Reads the per-user tables, not the events."""
     bits = "CASE arm " + " ".join(
@@ -385,7 +388,7 @@ def check_event_arms(con: duckdb.DuckDBPyConnection, plan: _Plan) -> None:
                             f"events (events per arm: {per_arm})")
 
 
-def _caps(con: duckdb.DuckDBPyConnection, plan: _Plan) -> dict[str, float]:
+def _caps(con: duckdb.DuckDBPyConnection, plan: Plan) -> dict[str, float]:
     """Winsorization thresholds: each capped variable's quantile over all units, pooled arms."""
     exprs: dict[str, str] = {}
     all_seg = plan.segments[0]
@@ -407,7 +410,7 @@ def _caps(con: duckdb.DuckDBPyConnection, plan: _Plan) -> dict[str, float]:
     return {k: max(0.0, float(v)) for k, v in zip(keys, row)}
 
 
-def _segment_cells(con: duckdb.DuckDBPyConnection, plan: _Plan,
+def _segment_cells(con: duckdb.DuckDBPyConnection, plan: Plan,
                    caps: dict[str, float]) -> tuple[list[Cell], dict[str, dict[str, Moments]]]:
     """Cells of `all` and every cohort segment, from `unit_totals` (one scan, GROUP BY arm)."""
     aggs, layout = [], []
@@ -430,7 +433,7 @@ def _segment_cells(con: duckdb.DuckDBPyConnection, plan: _Plan,
     return cells, all_cells
 
 
-def _daily_sql(plan: _Plan, caps: dict[str, float]) -> tuple[str, list]:
+def _daily_sql(plan: Plan, caps: dict[str, float]) -> tuple[str, list]:
     """Per-(arm, day) moments of the per-unit daily values in `user_day`.
 
     Units without events that day add only to n (their values are 0); pre-period-only sums
@@ -450,7 +453,7 @@ def _daily_sql(plan: _Plan, caps: dict[str, float]) -> tuple[str, list]:
     return sql, layout
 
 
-def _daily_moments(con: duckdb.DuckDBPyConnection, plan: _Plan, caps: dict[str, float],
+def _daily_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, float],
                    all_cells: dict[str, dict[str, Moments]], days: list[int]
                    ) -> dict[str, dict[str, list[Moments]]]:
     sql, layout = _daily_sql(plan, caps)
@@ -474,7 +477,7 @@ def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreIn
     Segments: `all`, each cohort, and `day=<d>` (that day's events); plus the cumulative
     statistics at the end of each day (the sequential looks) for the `all` segment.
     """
-    plan = _plan(metrics, info)
+    plan = make_plan(metrics, info)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -505,7 +508,7 @@ def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreIn
                       timings)
 
 
-def _cumulative_moments(con: duckdb.DuckDBPyConnection, plan: _Plan, caps: dict[str, float],
+def _cumulative_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, float],
                         all_cells: dict[str, dict[str, Moments]], days: list[int]
                         ) -> dict[str, dict[str, Moments]]:
     """Moments of the cumulative per-unit values at the end of each day (the looks).
@@ -570,7 +573,7 @@ def bootstrap_replicates(con: duckdb.DuckDBPyConnection, metrics: list[Metric], 
     temporary tables of `collect` on the same connection. Returns (metric, segment) → arm →
     Moments with a leading replicate axis.
     """
-    plan = _plan(metrics, info)
+    plan = make_plan(metrics, info)
     u = f"hash(xor(hash(t.user_id * {replicates} + r.b), {int(seed)}::UBIGINT))::DOUBLE / {_U64}"
     weight = " + ".join(f"(u >= {p!r})::INTEGER" for p in _POISSON_CDF)
     aggs, layout = [], []

@@ -32,8 +32,8 @@ from rich.table import Table
 
 from analysis.engine import AnalysisConfig, analyze_run
 from analysis.fake_events import FakeRunConfig, write_fake_run
-from analysis.metrics import (_plan, aggregate_days, aggregate_units, check_event_arms, collect,
-                              get_metrics)
+from analysis.metrics import (aggregate_days, aggregate_units, check_event_arms, collect,
+                              get_metrics, make_plan)
 from analysis.store import build_store, connect
 
 # events per request at the fake run's defaults: 5 impressions, 10% clicked, 30% of those
@@ -96,7 +96,7 @@ def main() -> None:
     with connect(db, threads=args.threads) as con:
         n_events, n_users = con.execute(
             f"SELECT count(*), count(DISTINCT user_id) FROM read_parquet('{glob}')").fetchone()
-        plan = _plan(metrics, no_pre)
+        plan = make_plan(metrics, no_pre)
         for i in range(args.repeats):
             for name, fn in (("bare", lambda: con.execute(bare_sql)), ("ours", ours)):
                 with console.status(f"repeat {i + 1}/{args.repeats}: {name}"):
