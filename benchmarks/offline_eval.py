@@ -70,6 +70,7 @@ def main() -> None:
             export.mkdir(parents=True, exist_ok=True)
             shutil.copy(out / name / "results.json", export / f"{name}.json")
             shutil.copy(out / name / "results.md", export / f"{name}.md")
+            _export_runs(out / name, export / f"{name}_runs.json")
     speed = _throughput(datasets, tokenizers, args, out)
     print(json.dumps(speed, indent=1), flush=True)
     if export:
@@ -82,7 +83,11 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     from quasid.evaluate import eval_run
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    pool = mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)
+    # each worker gets its share of the GPU's memory: without a cap, the caching allocators
+    # of 21 runs kept ~7 GiB each and the last evaluations ran out of memory (Toys, 21 jobs)
+    share = 0.95 / max(1, args.jobs) if args.device.startswith("cuda") else None
+    pool = mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1,
+                                        initializer=_limit_gpu_memory, initargs=(share,))
     pending = {}
     for name, tok, seed in tasks:
         run_dir = out / name / "runs" / tok / f"seed{seed}"
@@ -106,6 +111,24 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
             break
         time.sleep(1.0)
     pool.join()
+
+
+def _limit_gpu_memory(share: float | None) -> None:
+    """Pool initializer: cap this process's CUDA allocator at `share` of the device memory."""
+    if share is not None:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(share)
+
+
+def _export_runs(run_root: Path, target: Path) -> None:
+    """Every finished run's metrics in one file, so later runs can be merged seed by seed."""
+    runs = {}
+    for path in sorted(run_root.glob("runs/*/seed*/metrics.json")):
+        m = json.loads(path.read_text())
+        runs[f"{path.parent.parent.name}/{path.parent.name}"] = {
+            k: m[k] for k in ("stack", "retrieval", "n", "settings", "timings", "summary") if k in m}
+    target.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
 
 
 def _throughput(datasets, tokenizers, args, out) -> dict:
