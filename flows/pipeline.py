@@ -12,6 +12,7 @@ configured by the environment (the CLI does).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,12 @@ def build_stack_task(data_dir: str, sids_path: str, out_dir: str, device: str, s
     """Train a SID stack (retriever + ranker) on one SID table; returns its folder."""
     from quasid.stack import build_stack
 
+    logger = get_run_logger()
+    logger.info("training the SID stack on %s (retriever, then ranker)", Path(sids_path).parent.name)
     build_stack(Path(data_dir), Path(sids_path), Path(out_dir), device=device, seed=seed,
-                overrides=overrides or None)
+                overrides=overrides or None, progress=True)
+    summary = json.loads((Path(out_dir) / "stack.json").read_text())
+    logger.info("stack %s: %s", Path(sids_path).parent.name, json.dumps(summary["timings"]))
     return out_dir
 
 
@@ -85,8 +90,23 @@ def simulate_shard_task(experiment: dict, shard: int, n_shards: int, run_dir: st
     """Simulate one shard of users; a finished shard is skipped, so a retry is safe."""
     from simulator.engine import run_shard
 
-    record = run_shard(experiment, shard, n_shards, run_dir)
+    record = run_shard(experiment, shard, n_shards, run_dir,
+                       progress=_request_counter(f"shard {shard + 1}/{n_shards}"))
     return {"shard": shard, "files": len(record["files"])}
+
+
+def _request_counter(label: str, every_s: float = 20.0):
+    """A `progress(n)` callback that logs the requests served so far, at most every `every_s`."""
+    logger = get_run_logger()
+    state = {"n": 0, "last": time.monotonic()}
+
+    def progress(n: int) -> None:
+        state["n"] += n
+        if time.monotonic() - state["last"] >= every_s:
+            state["last"] = time.monotonic()
+            logger.info("%s: %d requests served", label, state["n"])
+
+    return progress
 
 
 @task(name="finalize-experiment", retries=2, retry_delay_seconds=1)

@@ -163,26 +163,40 @@ class Retriever(nn.Module):
         return self.level_scores(histories, rows).sum(-1)
 
     @torch.inference_mode()
-    def level_scores(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Per-level log p(code_d | code_<d, history) of candidate item rows (B, n) -> (B, n, D)."""
-        memory, pad = self.encode(histories)
+    def level_scores(self, histories: torch.Tensor, rows: torch.Tensor,
+                     encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-level log p(code_d | code_<d, history) of candidate item rows (B, n) -> (B, n, D).
+
+        `encoded`: the histories' `encode` output, when the caller already has it.
+        """
+        memory, pad = encoded if encoded is not None else self.encode(histories)
         target = self.item_tokens[rows]  # (B, n, D)
-        lp = self.level_log_probs(self.decode(memory, pad, target[..., :-1]),
-                                  torch.arange(self.depth, device=rows.device))
-        return lp.gather(-1, target[..., None])[..., 0]
+        hidden = self.decode(memory, pad, target[..., :-1])  # (B, n, D, d)
+        # each position only needs its own level's slice of the output layer (the masked
+        # full-vocabulary softmax gives the same numbers at depth x the cost)
+        out = []
+        for d in range(self.depth):
+            lo, hi = int(self.offsets[d]), int(self.offsets[d]) + self.trie.vocab[d]
+            logits = F.linear(hidden[..., d, :], self.head.weight[lo:hi], self.head.bias[lo:hi])
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            out.append(lp.gather(-1, (target[..., d] - lo)[..., None])[..., 0])
+        return torch.stack(out, dim=-1)
 
     @torch.inference_mode()
     def beam_search(self, histories: torch.Tensor, beam: int | None = None,
-                    return_codes: bool = False) -> tuple[torch.Tensor, ...]:
+                    return_codes: bool = False,
+                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, ...]:
         """Top items by log p(code), constrained to the trie: (rows (B, beam), scores (B, beam)).
 
         Sorted best first; where fewer than `beam` items exist, the tail is row -1 with
         score -inf. `return_codes` adds the generated codes (B, beam, D) (-1 in the tail),
-        which must be the returned rows' codes (what the tests check).
+        which must be the returned rows' codes (what the tests check). `encoded`: the
+        histories' `encode` output, when the caller already has it.
         """
         beam = beam or self.cfg.beam
         trie = self.trie
-        memory, pad = self.encode(histories)
+        memory, pad = encoded if encoded is not None else self.encode(histories)
         b, dev = histories.shape[0], histories.device
         node = torch.zeros((b, 1), dtype=torch.int64, device=dev)
         score = torch.zeros((b, 1), device=dev)

@@ -206,10 +206,11 @@ class Stack:
     def _score_parts(self, hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(beam rows, candidate rows, ranker logits, retriever log p) for a batch of row histories."""
         with autocast(self.device):
-            beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam)
+            encoded = self.retriever.encode(hist)  # shared by the beam and the candidates' scores
+            beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam, encoded=encoded)
             cand = self._candidates(hist, beam)
             logit = self.ranker.logits(hist, cand)
-            levels = self.retriever.level_scores(hist, cand.clamp(min=0)).float()
+            levels = self.retriever.level_scores(hist, cand.clamp(min=0), encoded).float()
         log_p = levels.sum(-1)
         if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
             rows = cand.clamp(min=0)
