@@ -122,7 +122,9 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
     correction = "Holm" if d["correction"] == "holm" else "Benjamini-Hochberg"
     doc.append(Block("p", f"Uplift = (treatment − control) / control; `**` marks adjusted p < "
                           f"{alpha:g} ({correction} across all {len(rows)} rows). CUPED rows "
-                          f"show unadjusted means and the covariate-adjusted effect."))
+                          f"show unadjusted means and the covariate-adjusted effect. A 95% CI of "
+                          f"n/a: one arm has the same value for every user (e.g. no events), "
+                          f"so the relative CI is undefined; read the absolute CI and p."))
     doc.append(_result_table(overall, alpha, with_segment=False))
     if plots:
         doc.append(Block("img", "forest"))

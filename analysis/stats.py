@@ -216,6 +216,9 @@ def _compare(control: Moments, treatment: Moments, config: TestConfig, *, ratio:
         rel_var = (var / base**2 + effect**2 * var_c_raw / base**4
                    - 2.0 * effect * cov_effect_control / base**3)
     rel_se = np.sqrt(np.maximum(rel_var, 0.0))
+    # one arm constant (e.g. no unit with an event): the delta-method terms cancel near
+    # -100% and would claim certainty, so the relative CI is left undefined (NaN -> null)
+    rel_se = np.where((var_c_raw > 0) & (var_t_raw > 0), rel_se, np.nan)
     reduction = 1.0 - var / (var_c_raw + var_t_raw) if cuped else np.zeros(np.shape(var))
     return TestResult(
         method=method, control_mean=c.point[..., 0], treatment_mean=t.point[..., 0],

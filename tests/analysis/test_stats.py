@@ -59,6 +59,22 @@ def test_relative_ci_is_the_delta_method():
     assert res.rel_se == pytest.approx(se, rel=1e-10)
 
 
+@pytest.mark.parametrize("method", ["welch", "cuped"])
+def test_relative_ci_is_undefined_when_an_arm_is_constant(method):
+    # 0 of 1,100 treatment users with an event: the delta method would give rel = -100% with
+    # a zero-width CI; the absolute CI and the p-value stay (control carries the variance)
+    rng = np.random.default_rng(6)
+    c = np.column_stack([(rng.random(1115) < 0.001).astype(float), rng.random(1115)])
+    t = np.column_stack([np.zeros(1100), rng.random(1100)])
+    if method == "welch":
+        c, t = c[:, :1], t[:, :1]
+    res = stats.run_test(method, Moments.of(c), Moments.of(t))
+    assert res.rel_effect < -0.9  # -1 exactly without CUPED's covariate adjustment
+    assert np.isnan(res.rel_se) and np.isnan(res.ci_low) and np.isnan(res.ci_high)
+    assert np.isfinite(res.abs_ci_low) and res.abs_ci_low < 0 < res.abs_ci_high
+    assert 0.05 < res.p_value < 1.0
+
+
 def test_cuped_equals_ols_with_arm_and_covariate():
     rng = np.random.default_rng(6)
     n = 4000
