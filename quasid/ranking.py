@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quasid.retrieval import autocast, bucketed_batches, trim_padding
+from quasid.retrieval import train_epochs, trim_padding
 
 
 @dataclass(frozen=True)
@@ -155,23 +155,7 @@ def train_ranker(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and ID dropout draws
-    losses = []
-    model.train()
-    lengths = (np.asarray(histories) >= 0).sum(axis=1)
-    for epoch in range(cfg.epochs):
-        neg_idx = torch.randint(len(pool), (n, cfg.negatives), generator=gen).to(device)
-        total_loss = torch.zeros((), device=device)
-        for batch in bucketed_batches(lengths, cfg.batch_size, gen):
-            idx = torch.as_tensor(batch, device=device)
-            with autocast(device):
-                loss = model.loss(hist[idx], tgt[idx], pool[neg_idx[idx]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.detach() * len(idx)
-        losses.append(float(total_loss) / n)
-        if progress is not None:
-            progress(epoch, losses[-1])
-    model.eval()
-    return losses
+    return train_epochs(
+        model, lambda idx, neg_idx: model.loss(hist[idx], tgt[idx], pool[neg_idx[idx]]),
+        histories, cfg.batch_size, cfg.epochs, opt, sched, gen, progress=progress,
+        epoch_setup=lambda: torch.randint(len(pool), (n, cfg.negatives), generator=gen).to(device))

@@ -291,18 +291,37 @@ def train_retriever(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup_steps, total))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws
+    return train_epochs(model, lambda idx, _: model.loss(hist[idx], tgt[idx]), histories,
+                        cfg.batch_size, cfg.epochs, opt, sched, gen, grad_clip=cfg.grad_clip,
+                        progress=progress)
+
+
+def train_epochs(model: nn.Module, batch_loss, histories: np.ndarray, batch_size: int,
+                 epochs: int, opt: torch.optim.Optimizer, sched, gen: torch.Generator, *,
+                 grad_clip: float | None = None, epoch_setup=None, progress=None) -> list[float]:
+    """The training loop of the retriever and the ranker; returns the mean loss per epoch.
+
+    Each epoch: `epoch_setup()` (if given; e.g. the ranker's negatives, drawn from `gen`
+    before the batches), then length-bucketed batches in a `gen`-seeded order, each one
+    `batch_loss(idx, setup)` under autocast, backward, optional clipping, optimizer and
+    scheduler steps. `progress(epoch, loss)` after each epoch.
+    """
+    device = next(model.parameters()).device
+    n = len(histories)
+    lengths = (np.asarray(histories) >= 0).sum(axis=1)
     losses = []
     model.train()
-    lengths = (np.asarray(histories) >= 0).sum(axis=1)
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
+        setup = epoch_setup() if epoch_setup is not None else None
         total_loss = torch.zeros((), device=device)
-        for batch in bucketed_batches(lengths, cfg.batch_size, gen):
+        for batch in bucketed_batches(lengths, batch_size, gen):
             idx = torch.as_tensor(batch, device=device)
             with autocast(device):
-                loss = model.loss(hist[idx], tgt[idx])
+                loss = batch_loss(idx, setup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             sched.step()
             total_loss += loss.detach() * len(idx)

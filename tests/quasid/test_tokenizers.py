@@ -9,18 +9,10 @@ import torch
 from quasid.batches import BatchSampler
 from quasid.pairs import PairIndex
 from quasid.tokenizers import PRESETS, Tokenizer, make_tokenizer, tokenizer_config
+from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(hidden=[32], latent=8, levels=2, codebook_size=16, tower_dim=8, batch_size=64,
             epochs=3, kmeans_iters=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two OpenMP threads on a shared 2-core box are many times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,10 @@ from quasid.pairs import PairIndex, collaborative_pairs, pairs_to_rows
 from quasid.sid_metrics import sid_metrics
 from quasid.tokenizers import Tokenizer, make_tokenizer
 from quasid.training import lr_factor, train_tokenizer
+from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(hidden=[64, 32], latent=16, levels=3, codebook_size=16, tower_dim=16,
             batch_size=128, kmeans_iters=5, lr=3e-3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two OpenMP threads on a shared 2-core box are many times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_collaborative_pairs_within_a_window_and_min_count():
