@@ -280,6 +280,8 @@ def bootstrap_ci(control_reps: Moments, treatment_reps: Moments, method: str,
     lo, hi = 100 * config.alpha / 2, 100 * (1 - config.alpha / 2)
     abs_q = np.percentile(res.abs_effect, [lo, hi], axis=0)
     rel_q = np.percentile(res.rel_effect, [lo, hi], axis=0)
+    # as in the analytic CI: an arm constant in every replicate leaves the relative CI undefined
+    rel_q = np.where(np.isnan(res.rel_se).all(axis=0), np.nan, rel_q)
     return {"abs_ci_low": abs_q[0], "abs_ci_high": abs_q[1],
             "ci_low": rel_q[0], "ci_high": rel_q[1]}
 

@@ -137,6 +137,20 @@ def test_bootstrap_ci_from_replicate_moments_matches_analytic_ci():
     assert abs(ci["ci_low"] - res.ci_low) < 0.1 * rel_width
 
 
+def test_bootstrap_relative_ci_is_undefined_when_an_arm_is_constant():
+    rng = np.random.default_rng(9)
+    n, B = 1100, 200
+    c, t = (rng.random(n) < 0.01).astype(float), np.zeros(n)
+    w_c, w_t = rng.poisson(1.0, (B, n)), rng.poisson(1.0, (B, n))
+
+    def reps(v, w):
+        return Moments(w.sum(1).astype(float), (w @ v)[:, None], (w @ v**2)[:, None, None])
+
+    ci = stats.bootstrap_ci(reps(c, w_c), reps(t, w_t), "welch")
+    assert np.isnan(ci["ci_low"]) and np.isnan(ci["ci_high"])
+    assert ci["abs_ci_low"] < 0 and np.isfinite(ci["abs_ci_high"])
+
+
 def test_srm_equals_scipy_chisquare():
     observed = {"control": 5210, "treatment": 4790, "other": 2105}
     shares = {"control": 0.4, "treatment": 0.4, "other": 0.2}
