@@ -95,6 +95,7 @@ class Retriever(nn.Module):
         self.n_tokens = int(offsets[-1])
         self.pad_token, self.end_token, self.bos_token = (self.n_tokens + i for i in range(3))
         self.register_buffer("offsets", torch.from_numpy(offsets[:-1]), persistent=False)
+        self.level_offsets = tuple(int(o) for o in offsets[:-1])  # host ints: no device syncs
         self.register_buffer("item_tokens", trie.codes + self.offsets, persistent=False)
         level = torch.full((self.n_tokens,), -1, dtype=torch.int64)
         for d in range(depth):
@@ -144,10 +145,16 @@ class Retriever(nn.Module):
             x = layer(x, memory, memory_pad, causal)
         return self.dec_norm(x)
 
-    def level_log_probs(self, hidden: torch.Tensor, levels: torch.Tensor | int) -> torch.Tensor:
-        """Log-softmax over each position's level vocabulary, as (..., n_tokens) global ids."""
-        logits = self.head(hidden).float() + self.level_mask[levels]
-        return torch.log_softmax(logits, dim=-1)
+    def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """Log-softmax over level `level`'s vocabulary: (..., vocab of that level), by code.
+
+        Only that level's slice of the output layer is computed (the softmax the model was
+        trained with, masked to the level, gives the same numbers at depth x the cost).
+        """
+        lo = self.level_offsets[level]
+        hi = lo + self.trie.vocab[level]
+        logits = F.linear(hidden, self.head.weight[lo:hi], self.head.bias[lo:hi])
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over requests of -log p(target code | history) (summed over levels)."""
@@ -170,17 +177,11 @@ class Retriever(nn.Module):
         `encoded`: the histories' `encode` output, when the caller already has it.
         """
         memory, pad = encoded if encoded is not None else self.encode(histories)
-        target = self.item_tokens[rows]  # (B, n, D)
-        hidden = self.decode(memory, pad, target[..., :-1])  # (B, n, D, d)
-        # each position only needs its own level's slice of the output layer (the masked
-        # full-vocabulary softmax gives the same numbers at depth x the cost)
-        out = []
-        for d in range(self.depth):
-            lo, hi = int(self.offsets[d]), int(self.offsets[d]) + self.trie.vocab[d]
-            logits = F.linear(hidden[..., d, :], self.head.weight[lo:hi], self.head.bias[lo:hi])
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            out.append(lp.gather(-1, (target[..., d] - lo)[..., None])[..., 0])
-        return torch.stack(out, dim=-1)
+        hidden = self.decode(memory, pad, self.item_tokens[rows][..., :-1])  # (B, n, D, d)
+        codes = self.trie.codes[rows]  # (B, n, D)
+        return torch.stack([self.level_log_probs(hidden[..., d, :], d)
+                            .gather(-1, codes[..., d, None])[..., 0]
+                            for d in range(self.depth)], dim=-1)
 
     @torch.inference_mode()
     def beam_search(self, histories: torch.Tensor, beam: int | None = None,
@@ -203,11 +204,11 @@ class Retriever(nn.Module):
         prefix = torch.zeros((b, 1, 0), dtype=torch.int64, device=dev)
         for d in range(trie.depth):
             w = node.shape[1]
-            lp = self.level_log_probs(self.decode(memory, pad, prefix)[:, :, -1], d)  # (B, W, V)
+            lp = self.level_log_probs(self.decode(memory, pad, prefix)[:, :, -1], d)  # (B, W, V_d)
             tok, nxt = trie.padded(d)
             child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]  # (B, W, F)
             fan = child_tok.shape[2]
-            cand = lp.gather(2, (child_tok.clamp(min=0) + int(self.offsets[d])))
+            cand = lp.gather(2, child_tok.clamp(min=0))
             cand = torch.where(child_tok >= 0, cand + score[..., None], -math.inf)
             score, idx = cand.reshape(b, w * fan).topk(min(beam, w * fan), dim=1)
             parent = idx // fan
