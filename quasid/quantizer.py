@@ -115,7 +115,9 @@ class ResidualQuantizer(nn.Module):
             for level in range(self.levels):
                 book = self.codebooks[level]
                 idx = nearest(r.detach(), book)
-                e = book[idx]
+                # not book[idx]: its backward (accumulating index_put_) sums repeated codes
+                # in a thread-dependent order on the CPU; index_select's backward does not
+                e = book.index_select(0, idx)
                 codes.append(idx)
                 residuals.append(r)
                 codewords.append(e)

@@ -106,3 +106,28 @@ def test_ema_codebooks_move_to_the_mean_of_their_residuals():
     # EMA codebooks learn no gradient: only the commitment term is in the loss
     assert out.loss.item() == pytest.approx(
         0.25 * (x - (centers + 1.0).repeat_interleave(50, 0)).pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_codebook_gradient_is_bit_identical_on_two_threads():
+    """A training batch's codebook gradient repeats bit for bit with 2 CPU threads.
+
+    With `book[idx]` it did not: the accumulating index backward sums the rows of a code
+    used many times in a thread-dependent order, so fresh CPU fits drifted apart.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = ResidualQuantizer(levels=3, codebook_size=256, dim=32)
+        z = torch.randn(1024, 32, generator=g)
+        upstream = torch.randn(1024, 32, generator=g)
+        grads = []
+        for _ in range(5):
+            q.codebooks.grad = None
+            out = q(z)
+            (out.loss + sum((e * upstream).sum() for e in out.codewords)).backward()
+            grads.append(q.codebooks.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert grads[0].abs().sum() > 0
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
