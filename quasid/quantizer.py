@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quasid.losses import rq_loss
@@ -116,8 +117,9 @@ class ResidualQuantizer(nn.Module):
                 book = self.codebooks[level]
                 idx = nearest(r.detach(), book)
                 # not book[idx]: its backward (accumulating index_put_) sums repeated codes
-                # in a thread-dependent order on the CPU; index_select's backward does not
-                e = book.index_select(0, idx)
+                # in a thread-dependent order on the CPU; embedding's backward sums them in a
+                # fixed order on the CPU and on CUDA
+                e = F.embedding(idx, book)
                 codes.append(idx)
                 residuals.append(r)
                 codewords.append(e)
