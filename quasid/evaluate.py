@@ -183,8 +183,9 @@ def markdown_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_dir(out_dir: Path, tokenizer: str, seed: int) -> Path:
-    return out_dir / "runs" / tokenizer / f"seed{seed}"
+def run_folder(out_dir: str | Path, tokenizer: str, seed: int) -> Path:
+    """Where one tokenizer x seed run of an offline evaluation keeps its outputs."""
+    return Path(out_dir) / "runs" / tokenizer / f"seed{seed}"
 
 
 def offline_eval(
@@ -225,7 +226,7 @@ def offline_eval(
     if jobs <= 1:
         for tok, s in tasks:
             try:
-                done[tok, s] = eval_run(data_dir, tok, s, _run_dir(out_dir, tok, s), **kwargs)
+                done[tok, s] = eval_run(data_dir, tok, s, run_folder(out_dir, tok, s), **kwargs)
                 log(f"{tok} seed {s}: {_brief(done[tok, s])}")
             except Exception as exc:  # one broken tokenizer must not sink the whole benchmark
                 failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
@@ -235,7 +236,7 @@ def offline_eval(
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(eval_run, str(data_dir), tok, s, _run_dir(out_dir, tok, s),
+            futures = {pool.submit(eval_run, str(data_dir), tok, s, run_folder(out_dir, tok, s),
                                    threads=threads, **kwargs): (tok, s) for tok, s in tasks}
             for fut in as_completed(futures):
                 tok, s = futures[fut]
@@ -246,6 +247,20 @@ def offline_eval(
                 except Exception as exc:
                     failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
                     log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}")
+    settings = {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
+                "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
+    return write_results(out_dir, data_dir, tasks, done, failed, seeds, device, settings)
+
+
+def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[str, int]],
+                  done: dict[tuple[str, int], dict], failed: dict[str, str], seeds: int,
+                  device: str, settings: dict) -> dict:
+    """Aggregate the finished runs (`done[tokenizer, seed]` = a run's metrics) and write
+    `results.json` and `results.md` to `out_dir` together; returns the results.
+
+    `failed` maps "tokenizer/seedN" to its error; all runs failed is an error.
+    """
+    out_dir = Path(out_dir)
     runs = [done[t] for t in tasks if t in done]
     if not runs:
         raise RuntimeError(f"offline_eval: every run failed: {failed}")
@@ -256,20 +271,24 @@ def offline_eval(
         "data": str(data_dir),
         "device": device,
         "seeds": seeds,
-        "settings": {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
-                     "tokenizer_overrides": tokenizer_overrides or {}, "split": split},
+        "settings": settings,
         "timings": {f"{t}/seed{s}": done[t, s]["timings"] for t, s in tasks if (t, s) in done},
     }
-    md = (f"# Offline evaluation: {data_dir}\n\nLeave-one-out over the full item set, mean ± "
-          f"sample std over seeds ({seeds} requested).\n\n"
-          + markdown_table(results["rows"], "Stack (retriever -> ranker)") + "\n"
-          + markdown_table(results["retrieval_rows"], "Retriever beam alone (TIGER protocol)"))
-    if failed:
-        md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in failed.items())
     with staged_dir(out_dir) as tmp:
         write_text_atomic(json.dumps(results, indent=2) + "\n", tmp / "results.json")
-        write_text_atomic(md, tmp / "results.md")
+        write_text_atomic(results_markdown(results), tmp / "results.md")
     return results
+
+
+def results_markdown(results: dict) -> str:
+    """`results.md`: the stack and the retriever-alone tables, and the failed runs."""
+    md = (f"# Offline evaluation: {results['data']}\n\nLeave-one-out over the full item set, "
+          f"mean ± sample std over seeds ({results['seeds']} requested).\n\n"
+          + markdown_table(results["rows"], "Stack (retriever -> ranker)") + "\n"
+          + markdown_table(results["retrieval_rows"], "Retriever beam alone (TIGER protocol)"))
+    if results["failed"]:
+        md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in results["failed"].items())
+    return md
 
 
 def _brief(run: dict) -> str:

@@ -32,6 +32,17 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, d) sums of the rows of x per cluster, each summed in row order on every device.
+
+    Not `index_add_`: on CUDA it adds with atomics, so float sums (and every k-means
+    centroid after them) changed from run to run of the same seed.
+    """
+    order = torch.argsort(assign, stable=True)
+    lengths = torch.bincount(assign, minlength=k)
+    return torch.segment_reduce(x[order], "sum", lengths=lengths, axis=0)
+
+
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: each next centroid drawn with probability ∝ squared distance."""
     n = x.shape[0]
@@ -72,7 +83,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
     centroids = _kmeans_pp(x, k, generator)
     for _ in range(iters):
         assign = nearest(x, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        sums = cluster_sums(x, assign, k)
         count = torch.bincount(assign, minlength=k).to(x.dtype)
         centroids = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], centroids)
     return centroids
@@ -142,8 +153,8 @@ class ResidualQuantizer(nn.Module):
                 0, codes[:, level], ones)
             self.usage[level] += count
             if self.ema:
-                sums = torch.zeros_like(self.ema_sum[level]).index_add_(
-                    0, codes[:, level], residuals[level].detach().float())
+                sums = cluster_sums(residuals[level].detach().float(), codes[:, level],
+                                    self.codebook_size)
                 self.ema_count[level].mul_(self.decay).add_(count, alpha=1 - self.decay)
                 self.ema_sum[level].mul_(self.decay).add_(sums, alpha=1 - self.decay)
                 n = self.ema_count[level].sum()
