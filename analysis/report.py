@@ -158,6 +158,9 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
         "delta method; CUPED: regression on the same metric over the pre-period "
         f"(`<experiment>__pre`), θ pooled within arms.",
         f"Multiplicity: {d['correction']} across every row of results.json.",
+        "The intervals cover the randomness of the users given each arm's deployed models, not "
+        "the randomness of training them: a model retrained with another seed is another "
+        "treatment, so judge a modelling change over several training seeds.",
     ]
     if d["cuped"]:
         vr = [c["variance_reduction"] for c in d["cuped"] if c["segment"] == "all"]

@@ -77,6 +77,17 @@ def build_stack_task(data_dir: str, sids_path: str, out_dir: str, device: str, s
     return out_dir
 
 
+@task(name="eval-run")
+def eval_run_task(data_dir: str, tokenizer: str, seed: int, run_dir: str, device: str,
+                  overrides: dict, tokenizer_epochs: int | None, tokenizer_overrides: dict) -> str:
+    """One offline-evaluation run (SIDs, stack, metrics); returns its metrics.json path."""
+    from quasid.evaluate import METRICS_FILE, eval_run
+
+    eval_run(data_dir, tokenizer, seed, run_dir, device=device, overrides=overrides,
+             tokenizer_epochs=tokenizer_epochs, tokenizer_overrides=tokenizer_overrides)
+    return str(Path(run_dir) / METRICS_FILE)
+
+
 @task(name="prepare-experiment", retries=2, retry_delay_seconds=1)
 def prepare_task(experiment: dict, run_dir: str, n_shards: int) -> dict:
     """Write the assignments (first) and the run plan."""
@@ -169,11 +180,41 @@ def build_stacks(data_dir: Path, sid_dirs: dict[str, str], out_root: Path, devic
 
 @flow(name="offline-eval")
 def offline_eval(data_dir: Path, tokenizers: list[str], out_dir: Path, seeds: int = 3,
-                 device: str = "cpu") -> dict:
-    """Leave-one-out HR/NDCG of each tokenizer's stack, mean ± std over seeds."""
-    from quasid.evaluate import offline_eval as run_eval
+                 device: str = "cpu", overrides: dict | None = None,
+                 tokenizer_epochs: int | None = None,
+                 tokenizer_overrides: dict | None = None) -> dict:
+    """Leave-one-out HR/NDCG of each tokenizer's stack, mean ± std over seeds 0..seeds-1.
 
-    return run_eval(data_dir, tokenizers, seeds, out_dir, device=device)
+    One task per tokenizer x seed (a finished run with the same settings is reused from its
+    `metrics.json`); a failed run is reported in `results.json`, not fatal unless all fail.
+    Writes `results.json` and `results.md` to `out_dir` and publishes them as artifacts.
+    """
+    from quasid.evaluate import results_markdown, run_folder, write_results
+
+    logger = get_run_logger()
+    tasks = [(tok, s) for tok in dict.fromkeys(tokenizers) for s in range(seeds)]
+    if not tasks:
+        raise ValueError(f"offline_eval: tokenizers={tokenizers}, seeds={seeds}: "
+                         "expected at least one of each")
+    settings = {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
+                "tokenizer_overrides": tokenizer_overrides or {}, "split": "test"}
+    done, failed = {}, {}
+    for tok, seed in tasks:
+        state = eval_run_task(str(data_dir), tok, seed, str(run_folder(out_dir, tok, seed)),
+                              device, settings["overrides"], tokenizer_epochs,
+                              settings["tokenizer_overrides"], return_state=True)
+        if state.is_completed():
+            done[tok, seed] = json.loads(Path(state.result()).read_text())
+        else:
+            failed[f"{tok}/seed{seed}"] = str(state.message)
+            logger.warning("%s seed %d failed: %s", tok, seed, state.message)
+    results = write_results(out_dir, data_dir, tasks, done, failed, seeds, device, settings)
+    create_markdown_artifact(results_markdown(results), key="offline-eval-report",
+                             description="Offline evaluation (leave-one-out HR/NDCG)")
+    create_table_artifact(results["rows"], key="offline-eval-results",
+                          description="results.json rows (stack, one per tokenizer x segment)")
+    logger.info("offline evaluation: %s", Path(out_dir) / "results.md")
+    return results
 
 
 @flow(name="simulate-ab")

@@ -4,7 +4,8 @@
 - a second run hits the cache: no tokenizer or stack is trained again;
 - the pipeline's results.json equals the one from running the steps by hand, same seed;
 - a shard task that fails once is retried and the run completes;
-- shards on a local Dask cluster (2 worker processes) give the same events as a local run.
+- shards on a local Dask cluster (2 worker processes) give the same events as a local run;
+- the offline evaluation flow aggregates its runs, publishes artifacts and reuses finished runs.
 """
 
 from __future__ import annotations
@@ -125,6 +126,44 @@ def test_pipeline_equals_the_steps_run_by_hand(pipeline_run, tmp_path):
               piped["rows"]) for k in a if a[k] != b[k]]
     assert not differ, differ[:5]
     assert len(by_hand["rows"]) == len(piped["rows"])
+
+
+def test_offline_eval_flow_aggregates_its_runs_and_reuses_them(pipeline_run, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import offline_eval
+
+    out, _ = pipeline_run
+    data, eval_dir = out / "data", tmp_path / "eval"
+    kwargs = dict(seeds=2, overrides=STACK | {"weight_grid": [0.0, 1.0]}, tokenizer_epochs=2,
+                  tokenizer_overrides=TOKENIZER)
+    results = offline_eval(data, ["rqvae", "quasid"], eval_dir, **kwargs)
+    written = json.loads((eval_dir / "results.json").read_text())
+    assert written["rows"] == results["rows"] and written["failed"] == {}
+    assert [(r["tokenizer"], r["segment"], r["seeds"]) for r in written["rows"]] == [
+        ("rqvae", "all", 2), ("rqvae", "cold", 2), ("quasid", "all", 2), ("quasid", "cold", 2)]
+    metrics = {(tok, s): eval_dir / "runs" / tok / f"seed{s}" / "metrics.json"
+               for tok in ("rqvae", "quasid") for s in range(2)}
+    runs = {key: json.loads(path.read_text()) for key, path in metrics.items()}
+    for row in written["rows"]:
+        values = [runs[row["tokenizer"], s]["stack"][row["segment"]]["hr@10"] for s in range(2)]
+        assert row["hr@10"] == pytest.approx(sum(values) / 2)
+        assert row["hr@10_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert 0 <= row["ndcg@10"] <= row["hr@10"] <= 1
+    # seed 0 trains the pipeline's tokenizer (same data, epochs, overrides and seed) ...
+    seed0 = eval_dir / "runs" / "quasid" / "seed0" / "tokenizer" / "sids.parquet"
+    assert pl.read_parquet(seed0).equals(pl.read_parquet(out / "tokenizers" / "quasid"
+                                                         / "sids.parquet"))
+    # ... and seed 1 another one
+    assert not pl.read_parquet(seed0).equals(pl.read_parquet(
+        eval_dir / "runs" / "quasid" / "seed1" / "tokenizer" / "sids.parquet"))
+    artifact = Artifact.get("offline-eval-results")
+    assert artifact is not None and "quasid" in str(artifact.data)
+    # a second call reuses every finished run
+    before = {key: path.stat().st_mtime_ns for key, path in metrics.items()}
+    again = offline_eval(data, ["rqvae", "quasid"], eval_dir, **kwargs)
+    assert {key: path.stat().st_mtime_ns for key, path in metrics.items()} == before
+    assert again["rows"] == results["rows"]
 
 
 @pytest.fixture(scope="module")
