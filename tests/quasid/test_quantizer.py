@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quasid.losses import rq_loss
-from quasid.quantizer import ResidualQuantizer, kmeans, nearest
+from quasid.quantizer import ResidualQuantizer, cluster_sums, kmeans, nearest
 
 
 def _blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,3 +131,10 @@ def test_codebook_gradient_is_bit_identical_on_two_threads():
         torch.set_num_threads(before)
     assert grads[0].abs().sum() > 0
     assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
+def test_cluster_sums_by_hand_with_an_empty_cluster():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [0.5, 0.25]])
+    assign = torch.tensor([2, 0, 2, 0, 1])
+    sums = cluster_sums(x, assign, 4)
+    assert sums.tolist() == [[10.0, 12.0], [0.5, 0.25], [6.0, 8.0], [0.0, 0.0]]
