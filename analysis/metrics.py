@@ -339,7 +339,11 @@ def aggregate_units(con: duckdb.DuckDBPyConnection, plan: Plan) -> None:
 
 def aggregate_days(con: duckdb.DuckDBPyConnection, plan: Plan) -> list[int]:
     """`user_day`: each user's expression sums per day (all events), one query per day
-    partition; returns the days 0..last (days without events have no rows)."""
+    partition, rows in (day, user) order; returns the days 0..last (days without events have
+    no rows).
+
+    The order matters: the daily moments sum over these rows, and rows in file order would
+    make those float sums depend on how many shards wrote the events."""
     present = [int(d) for (d,) in con.execute(
         "SELECT DISTINCT day FROM exp_events ORDER BY day").fetchall()]
     cols = ", ".join(f"sum(({e})::DOUBLE) AS s{i}_0" for i, e in enumerate(plan.exprs))
@@ -347,7 +351,7 @@ def aggregate_days(con: duckdb.DuckDBPyConnection, plan: Plan) -> list[int]:
                 f"FROM exp_events WHERE false GROUP BY user_id, day")
     for d in present:
         con.execute(f"INSERT INTO user_day SELECT user_id, {d}, {cols} FROM exp_events "
-                    f"WHERE day = {d} GROUP BY user_id")
+                    f"WHERE day = {d} GROUP BY user_id ORDER BY user_id")
     return list(range(max(present) + 1))
 
 
