@@ -101,23 +101,30 @@ def simulate_shard_task(experiment: dict, shard: int, n_shards: int, run_dir: st
     """Simulate one shard of users; a finished shard is skipped, so a retry is safe."""
     from simulator.engine import run_shard
 
-    record = run_shard(experiment, shard, n_shards, run_dir,
-                       progress=_request_counter(f"shard {shard + 1}/{n_shards}"))
+    counter = _RequestCounter(f"shard {shard + 1}/{n_shards}")
+    record = run_shard(experiment, shard, n_shards, run_dir, progress=counter)
+    counter.finish()
     return {"shard": shard, "files": len(record["files"])}
 
 
-def _request_counter(label: str, every_s: float = 20.0):
-    """A `progress(n)` callback that logs the requests served so far, at most every `every_s`."""
-    logger = get_run_logger()
-    state = {"n": 0, "last": time.monotonic()}
+class _RequestCounter:
+    """A `progress(n)` callback logging the requests served so far (at most every `every_s`)
+    and, at `finish()`, the shard's total."""
 
-    def progress(n: int) -> None:
-        state["n"] += n
-        if time.monotonic() - state["last"] >= every_s:
-            state["last"] = time.monotonic()
-            logger.info("%s: %d requests served", label, state["n"])
+    def __init__(self, label: str, every_s: float = 20.0):
+        self.logger = get_run_logger()
+        self.label, self.every_s = label, every_s
+        self.n, self.last = 0, time.monotonic()
 
-    return progress
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            self.logger.info("%s: %d requests served", self.label, self.n)
+
+    def finish(self) -> None:
+        """Log the total served by this call (0 when the shard had finished before)."""
+        self.logger.info("%s: done, %d requests served", self.label, self.n)
 
 
 @task(name="finalize-experiment", retries=2, retry_delay_seconds=1)

@@ -165,6 +165,11 @@ def test_offline_eval_flow_aggregates_its_runs_and_reuses_them(pipeline_run, tmp
     again = offline_eval(data, ["rqvae", "quasid"], eval_dir, **kwargs)
     assert {key: path.stat().st_mtime_ns for key, path in metrics.items()} == before
     assert again["rows"] == results["rows"]
+    # a run that fails is reported, the others still aggregated
+    mixed = offline_eval(data, ["rqvae", "no-such-tokenizer"], eval_dir, **kwargs)
+    assert sorted(mixed["failed"]) == ["no-such-tokenizer/seed0", "no-such-tokenizer/seed1"]
+    assert "no-such-tokenizer" in mixed["failed"]["no-such-tokenizer/seed0"]
+    assert mixed["rows"] == results["rows"][:2]
 
 
 @pytest.fixture(scope="module")
