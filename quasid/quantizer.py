@@ -32,15 +32,17 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
-def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
-    """(k, d) sums of the rows of x per cluster, each summed in row order on every device.
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((k, d) sums of the rows of x per cluster, (k,) cluster sizes); each sum is taken in
+    row order on every device (the sizes' bincount syncs with the host on CUDA).
 
     Not `index_add_`: on CUDA it adds with atomics, so float sums (and every k-means
     centroid after them) changed from run to run of the same seed.
     """
     order = torch.argsort(assign, stable=True)
-    lengths = torch.bincount(assign, minlength=k)
-    return torch.segment_reduce(x[order], "sum", lengths=lengths, axis=0)
+    sizes = torch.bincount(assign, minlength=k)
+    return torch.segment_reduce(x[order], "sum", lengths=sizes, axis=0), sizes
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -83,8 +85,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
     centroids = _kmeans_pp(x, k, generator)
     for _ in range(iters):
         assign = nearest(x, centroids)
-        sums = cluster_sums(x, assign, k)
-        count = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums, sizes = cluster_sums(x, assign, k)
+        count = sizes.to(x.dtype)
         centroids = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], centroids)
     return centroids
 
@@ -153,8 +155,8 @@ class ResidualQuantizer(nn.Module):
                 0, codes[:, level], ones)
             self.usage[level] += count
             if self.ema:
-                sums = cluster_sums(residuals[level].detach().float(), codes[:, level],
-                                    self.codebook_size)
+                sums, _ = cluster_sums(residuals[level].detach().float(), codes[:, level],
+                                       self.codebook_size)
                 self.ema_count[level].mul_(self.decay).add_(count, alpha=1 - self.decay)
                 self.ema_sum[level].mul_(self.decay).add_(sums, alpha=1 - self.decay)
                 n = self.ema_count[level].sum()

@@ -136,5 +136,6 @@ def test_codebook_gradient_is_bit_identical_on_two_threads():
 def test_cluster_sums_by_hand_with_an_empty_cluster():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [0.5, 0.25]])
     assign = torch.tensor([2, 0, 2, 0, 1])
-    sums = cluster_sums(x, assign, 4)
+    sums, sizes = cluster_sums(x, assign, 4)
     assert sums.tolist() == [[10.0, 12.0], [0.5, 0.25], [6.0, 8.0], [0.0, 0.0]]
+    assert sizes.tolist() == [2, 1, 2, 0]
