@@ -196,15 +196,12 @@ def offline_eval(data_dir: Path, tokenizers: list[str], out_dir: Path, seeds: in
     `metrics.json`); a failed run is reported in `results.json`, not fatal unless all fail.
     Writes `results.json` and `results.md` to `out_dir` and publishes them as artifacts.
     """
-    from quasid.evaluate import results_markdown, run_folder, write_results
+    from quasid.evaluate import (eval_settings, eval_tasks, results_markdown, run_folder,
+                                 write_results)
 
     logger = get_run_logger()
-    tasks = [(tok, s) for tok in dict.fromkeys(tokenizers) for s in range(seeds)]
-    if not tasks:
-        raise ValueError(f"offline_eval: tokenizers={tokenizers}, seeds={seeds}: "
-                         "expected at least one of each")
-    settings = {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
-                "tokenizer_overrides": tokenizer_overrides or {}, "split": "test"}
+    tasks = eval_tasks(tokenizers, seeds)
+    settings = eval_settings(overrides, tokenizer_epochs, tokenizer_overrides)
     done, failed = {}, {}
     for tok, seed in tasks:
         state = eval_run_task(str(data_dir), tok, seed, str(run_folder(out_dir, tok, seed)),

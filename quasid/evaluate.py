@@ -114,8 +114,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
-                "overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
-                "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
+                **eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)}
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.exists():
         cached = json.loads(metrics_path.read_text())
@@ -213,10 +212,8 @@ def offline_eval(
     small models then keep it busy). A failed run is reported, not fatal, unless all fail.
     `reuse_only`: aggregate the finished runs only (runs missing are reported as failed).
     """
-    if not tokenizers or seeds < 1:
-        raise ValueError(f"tokenizers={tokenizers}, seeds={seeds}: expected at least one of each")
     out_dir = Path(out_dir)
-    tasks = [(tok, s) for tok in tokenizers for s in range(seeds)]
+    tasks = eval_tasks(tokenizers, seeds)
     kwargs = dict(device=device, overrides=overrides, tokenizer_epochs=tokenizer_epochs,
                   tokenizer_overrides=tokenizer_overrides, split=split, reuse_only=reuse_only)
     done: dict[tuple[str, int], dict] = {}
@@ -247,9 +244,23 @@ def offline_eval(
                 except Exception as exc:
                     failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
                     log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}")
-    settings = {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
-                "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
+    settings = eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)
     return write_results(out_dir, data_dir, tasks, done, failed, seeds, device, settings)
+
+
+def eval_tasks(tokenizers: list[str], seeds: int) -> list[tuple[str, int]]:
+    """The (tokenizer, seed) runs of an offline evaluation: each tokenizer once, seeds 0..seeds-1."""
+    if not tokenizers or seeds < 1:
+        raise ValueError(f"offline_eval: tokenizers={tokenizers}, seeds={seeds}: expected at "
+                         "least one of each")
+    return [(tok, s) for tok in dict.fromkeys(tokenizers) for s in range(seeds)]
+
+
+def eval_settings(overrides: dict | None, tokenizer_epochs: int | None,
+                  tokenizer_overrides: dict | None, split: str = "test") -> dict:
+    """The settings an offline evaluation records in `results.json` (None overrides as {})."""
+    return {"overrides": overrides or {}, "tokenizer_epochs": tokenizer_epochs,
+            "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
 
 
 def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[str, int]],
