@@ -29,12 +29,9 @@ def run(
                                            "synthetic world, 50/50; see configs/)."),
 ) -> None:
     """The main job: data -> tokenizers -> SID stacks -> simulated A/B test -> report."""
-    import os
-
     from flows.runtime import configure_prefect
 
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # the stages' progress lines
-    configure_prefect()
+    configure_prefect(log_level="INFO")
     from flows.config import load_run_config
     from flows.pipeline import ab_pipeline
 

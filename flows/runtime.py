@@ -14,13 +14,17 @@ from pathlib import Path
 DEFAULT_HOME = Path.home() / ".cache" / "quasid" / "prefect"
 
 
-def configure_prefect(home: Path | None = None) -> Path:
-    """Set Prefect's environment defaults (idempotent); returns the Prefect home in use."""
+def configure_prefect(home: Path | None = None, log_level: str = "WARNING") -> Path:
+    """Set Prefect's environment defaults (idempotent); returns the Prefect home in use.
+
+    `log_level`: Prefect's logging level unless the environment sets one (the main job
+    asks for INFO: its stages' progress lines).
+    """
     os.environ.setdefault("PREFECT_HOME", str(home or DEFAULT_HOME))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
     home_path = Path(os.environ["PREFECT_HOME"])
     home_path.mkdir(parents=True, exist_ok=True)
     return home_path
