@@ -3,10 +3,13 @@
 `kmeans_sid_table`: residual k-means of the items' content (a few Lloyd iterations per
 level), then collision ranks in item-id order: a small, content-derived SID table like the
 tokenizers write. `random_sid_table`: uniform random codes. `one_thread`: an autouse
-fixture the test modules import.
+fixture the test modules import; `torch_threads(n)`: a block with n torch threads.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import polars as pl
@@ -60,11 +63,20 @@ def random_sid_table(item_ids: np.ndarray, levels: int = 3, k: int = 4, seed: in
     return sid_table_from_codes(np.asarray(item_ids, dtype=np.int64), codes, "random")
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread per test module (set before its module fixtures train anything): on a
     small shared CPU box, two threads contend and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

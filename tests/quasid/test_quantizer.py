@@ -7,6 +7,7 @@ import torch
 
 from quasid.losses import rq_loss
 from quasid.quantizer import ResidualQuantizer, cluster_sums, kmeans, nearest
+from tests.quasid.sid_testing import torch_threads
 
 
 def _blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +115,7 @@ def test_codebook_gradient_is_bit_identical_on_two_threads():
     With `book[idx]` it did not: the accumulating index backward sums the rows of a code
     used many times in a thread-dependent order, so fresh CPU fits drifted apart.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         g = torch.Generator().manual_seed(0)
         q = ResidualQuantizer(levels=3, codebook_size=256, dim=32)
         z = torch.randn(1024, 32, generator=g)
@@ -127,8 +126,6 @@ def test_codebook_gradient_is_bit_identical_on_two_threads():
             out = q(z)
             (out.loss + sum((e * upstream).sum() for e in out.codewords)).backward()
             grads.append(q.codebooks.grad.clone())
-    finally:
-        torch.set_num_threads(before)
     assert grads[0].abs().sum() > 0
     assert all(torch.equal(grads[0], other) for other in grads[1:])
 
