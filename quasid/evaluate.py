@@ -34,6 +34,7 @@ METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
 STAGES = ("stack", "retrieval")
 METRICS_FILE = "metrics.json"
+TOKENIZER_SETTINGS_FILE = "eval_settings.json"  # what the run's tokenizer was trained with
 
 
 def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
@@ -101,8 +102,10 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
              ) -> dict:
     """One tokenizer x seed: SIDs, stack, metrics; writes and returns `run_dir/metrics.json`'s content.
 
-    Reuses `run_dir/tokenizer/sids.parquet` if present; reuses the metrics if the settings
-    match. `reuse_only`: never train; a run without matching metrics raises `FileNotFoundError`.
+    Reuses the metrics if the settings match, and `run_dir/tokenizer/sids.parquet` if this
+    function trained it with the same tokenizer settings (recorded beside it) or it was put
+    there by hand (no record: used as is). `reuse_only`: never train; a run without matching
+    metrics raises `FileNotFoundError`.
     """
     import torch
 
@@ -123,13 +126,19 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     if reuse_only:
         raise FileNotFoundError(f"{metrics_path}: no finished run with these settings")
     started = time.perf_counter()
-    sids_path = run_dir / "tokenizer" / "sids.parquet"
+    tok_dir = run_dir / "tokenizer"
+    sids_path = tok_dir / "sids.parquet"
+    tok_settings = {k: settings[k] for k in ("data", "tokenizer", "seed", "tokenizer_epochs",
+                                             "tokenizer_overrides")}
+    record = tok_dir / TOKENIZER_SETTINGS_FILE
     tokenizer_s = 0.0
-    if not sids_path.exists():
+    if not sids_path.exists() or (record.exists()
+                                  and json.loads(record.read_text()) != tok_settings):
         from quasid.training import train_tokenizer
 
-        train_tokenizer(Path(data_dir), tokenizer, run_dir / "tokenizer", device=device,
+        train_tokenizer(Path(data_dir), tokenizer, tok_dir, device=device,
                         epochs=tokenizer_epochs, seed=seed, overrides=tokenizer_overrides)
+        write_text_atomic(json.dumps(tok_settings, indent=2, sort_keys=True) + "\n", record)
         tokenizer_s = time.perf_counter() - started
     sid_table = read_parquet(sids_path, SID_TABLE)
     ds = load_dataset(data_dir)

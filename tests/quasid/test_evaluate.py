@@ -109,3 +109,22 @@ def test_offline_eval_writes_results_and_the_cli_reads_them_back(tiny_world, tmp
     res3 = offline_eval(tiny_world, ["km"], 3, tmp_path / "out", overrides=TINY, reuse_only=True,
                         progress=False)
     assert list(res3["failed"]) == ["km/seed2"] and res3["rows"][0]["seeds"] == 2
+
+
+def test_a_run_retrains_its_tokenizer_when_the_tokenizer_settings_change(tiny_world, tmp_path):
+    """Changed tokenizer epochs: the run's SID table is trained again, not silently reused."""
+    from quasid.evaluate import eval_run
+
+    tok = {"hidden": [16], "latent": 8, "codebook_size": 8, "kmeans_iters": 3,
+           "batch_size": 64}
+    run = tmp_path / "run"
+    eval_run(tiny_world, "rqvae", 0, run, overrides=TINY, tokenizer_epochs=1,
+             tokenizer_overrides=tok, save_stack=False)
+    first = json.loads((run / "tokenizer" / "metrics.json").read_text())
+    eval_run(tiny_world, "rqvae", 0, run, overrides=TINY, tokenizer_epochs=2,
+             tokenizer_overrides=tok, save_stack=False)
+    second = json.loads((run / "tokenizer" / "metrics.json").read_text())
+    assert (first["epochs"], second["epochs"]) == (1, 2)
+    settings = json.loads((run / "tokenizer" / "eval_settings.json").read_text())
+    assert settings["tokenizer_epochs"] == 2
+    assert json.loads((run / "metrics.json").read_text())["settings"]["tokenizer_epochs"] == 2
