@@ -14,7 +14,7 @@ __all__ = ["analyze"]
 
 def __getattr__(name: str) -> Any:
     if name == "analyze":
-        from analysis.engine import analyze
+        from analysis.analyze import analyze
 
         return analyze
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

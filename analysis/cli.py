@@ -27,7 +27,7 @@ def analyze_cmd(
     sequential looks, power; writes the report."""
     from rich.console import Console
 
-    from analysis.engine import analyze
+    from analysis.analyze import analyze
     from analysis.store import AnalysisError
 
     console = Console()

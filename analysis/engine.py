@@ -12,7 +12,6 @@ a row: CUPED variance reductions, power and minimum detectable effects, the sequ
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -22,13 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from analysis import stats
-from analysis.metrics import Cell, Metric, Statistics, bootstrap_replicates, collect, get_metrics
+from analysis.metrics import (
+    Cell,
+    Metric,
+    Statistics,
+    bootstrap_replicates,
+    collect,
+    get_metrics,
+)
 from analysis.store import AnalysisError, StoreInfo, build_store, connect
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
             "p_adjusted", "n_control", "n_treatment", "method")
-DB_NAME = "events.duckdb"
 
 
 @dataclass(frozen=True)
@@ -352,36 +357,3 @@ def _apply_bootstrap(rows: list[dict], jobs: list[_Job],
         done += 1
     return {"replicates": next(iter(next(iter(replicates.values())).values())).n.shape[0],
             "rows": done}
-
-
-def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str | None = None,
-            db_path: Path | None = None, correction: str = "bh",
-            metrics: list[str] | None = None, bootstrap: int = 0, power: float = 0.8,
-            target_uplift: float = 0.02, seed: int = 0, threads: int | None = None,
-            plots: bool = True, progress: Callable[[str], None] | None = None) -> dict:
-    """Analyse `run_dir` and write the report to `out_dir`; returns the results dict.
-
-    Writes `results.json` ({"rows", "srm"}), `details.json`, `report.md`, a self-contained
-    `report.html`, `plots/*.png` and (unless `db_path` says elsewhere) the DuckDB views file
-    `events.duckdb`, all at once through a staging folder: bad input raises `AnalysisError`
-    and leaves `out_dir` as it was. DuckDB sums in parallel, so the numbers may differ in
-    their last bits between runs; `threads=1` gives byte-identical files.
-    """
-    from quasid.contracts import staged_dir
-
-    from analysis.report import write_report
-
-    config = AnalysisConfig(alpha=alpha, control=control, correction=correction,
-                            metrics=tuple(metrics) if metrics is not None else None,
-                            bootstrap=bootstrap, power=power, target_uplift=target_uplift,
-                            seed=seed, threads=threads)
-    out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
-        db = Path(db_path) if db_path is not None else tmp / DB_NAME
-        analysis = analyze_run(run_dir, db, config, progress)
-        if progress:
-            progress("writing the report")
-        (tmp / "results.json").write_text(json.dumps(analysis.results, indent=2))
-        (tmp / "details.json").write_text(json.dumps(analysis.details, indent=2))
-        write_report(analysis, tmp, plots=plots)
-    return analysis.results

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import duckdb
 
-from quasid.contracts import PRE_PERIOD_SUFFIX
+from quasid.core.schemas import PRE_PERIOD_SUFFIX
 
 _U64 = 18446744073709551616.0
 _UMASK = os.umask(0)

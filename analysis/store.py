@@ -24,7 +24,7 @@ from pathlib import Path
 
 import duckdb
 
-from quasid.contracts import ASSIGNMENTS, COHORT_PREFIX, EVENTS, PRE_PERIOD_SUFFIX
+from quasid.core.schemas import ASSIGNMENTS, COHORT_PREFIX, EVENTS, PRE_PERIOD_SUFFIX
 
 
 class AnalysisError(ValueError):

@@ -32,8 +32,14 @@ from rich.table import Table
 
 from analysis.engine import AnalysisConfig, analyze_run
 from analysis.fake_events import FakeRunConfig, write_fake_run
-from analysis.metrics import (aggregate_days, aggregate_units, check_event_arms, collect,
-                              get_metrics, make_plan)
+from analysis.metrics import (
+    aggregate_days,
+    aggregate_units,
+    check_event_arms,
+    collect,
+    get_metrics,
+    make_plan,
+)
 from analysis.store import build_store, connect
 
 # events per request at the fake run's defaults: 5 impressions, 10% clicked, 30% of those

@@ -22,8 +22,9 @@ import polars as pl
 import torch
 
 from quasid.data.dataset import load_dataset
-from quasid.evaluate import drop_last, hit_ndcg, loo_requests
-from quasid.stack import Stack
+from quasid.data.sequences import drop_last, loo_requests
+from quasid.stack.metrics import hit_ndcg
+from quasid.stack.serving import Stack
 
 
 def main() -> None:

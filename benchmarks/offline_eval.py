@@ -53,7 +53,7 @@ def main() -> None:
     tasks = [(name, tok, seed) for seed in range(args.seeds) for tok in tokenizers for name in datasets]
     _run_all(tasks, datasets, out, args, kwargs, started)
 
-    from quasid.evaluate import offline_eval
+    from quasid.evaluation.offline import offline_eval
 
     export = Path(args.export) if args.export else None
     summary = {}
@@ -80,7 +80,7 @@ def main() -> None:
 
 def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     """Run every task in a process pool; stop what is unfinished at the deadline."""
-    from quasid.evaluate import eval_run
+    from quasid.evaluation.offline import eval_run
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     # each worker gets its share of the GPU's memory: without a cap, the caching allocators
@@ -136,9 +136,9 @@ def _throughput(datasets, tokenizers, args, out) -> dict:
     import torch
 
     from quasid.data.dataset import load_dataset
-    from quasid.evaluate import loo_requests
-    from quasid.retrieval import beam_throughput
-    from quasid.stack import Stack
+    from quasid.data.sequences import loo_requests
+    from quasid.stack.retriever import beam_throughput
+    from quasid.stack.serving import Stack
 
     for name, data in datasets.items():
         for tok in tokenizers:

@@ -30,13 +30,20 @@ def _curve(data: str, sids: str, overrides: dict, device: str, eval_every: int, 
     import polars as pl
     import torch
 
-    from quasid.contracts import SID_TABLE, read_parquet
+    from quasid.core.schemas import SID_TABLE, read_parquet
     from quasid.data.dataset import load_dataset
+    from quasid.data.sequences import (
+        drop_last,
+        loo_requests,
+        row_mapper,
+        training_windows,
+    )
     from quasid.data.splits import leave_one_out
-    from quasid.evaluate import drop_last, hit_ndcg, loo_requests
-    from quasid.retrieval import Retriever, autocast, train_retriever
-    from quasid.stack import row_mapper, stack_config, training_windows
-    from quasid.trie import SidTrie, full_codes
+    from quasid.stack.config import stack_config
+    from quasid.stack.metrics import hit_ndcg
+    from quasid.stack.retriever import Retriever, train_retriever
+    from quasid.stack.training import autocast
+    from quasid.stack.trie import SidTrie, full_codes
 
     torch.set_num_threads(threads)
     ds = load_dataset(data)
@@ -107,10 +114,10 @@ def main() -> None:
 def _throughput(args, overrides: dict) -> dict:
     import torch
 
-    from quasid.contracts import SID_TABLE, read_parquet
-    from quasid.retrieval import Retriever, beam_throughput
-    from quasid.stack import stack_config
-    from quasid.trie import SidTrie, full_codes
+    from quasid.core.schemas import SID_TABLE, read_parquet
+    from quasid.stack.config import stack_config
+    from quasid.stack.retriever import Retriever, beam_throughput
+    from quasid.stack.trie import SidTrie, full_codes
 
     torch.set_num_threads(os.cpu_count() or 1)
     _, codes = full_codes(read_parquet(args.sids, SID_TABLE), args.sids)

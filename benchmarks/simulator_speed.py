@@ -39,7 +39,7 @@ def _peak_rss_gib() -> float:
 
 def measure(data: Path, days: int, pre_days: int, shards: int, batch: int) -> dict:
     """Run one experiment and time it; returns the figures."""
-    from simulator import engine
+    from simulator import rundir as engine
 
     config = _config(data, days, pre_days, batch)
     with tempfile.TemporaryDirectory() as tmp:

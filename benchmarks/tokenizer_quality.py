@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quasid.training import train_tokenizer
+from quasid.tokenizer.train import train_tokenizer
 
 TOKENIZERS = ("rqkmeans", "rqvae", "quasid", "uniform", "adasid", "rqvae+hamr", "adasid+hamr")
 KEYS = ("collision_rate", "sid_entropy", "harmful_collision_rate", "benign_collision_rate",

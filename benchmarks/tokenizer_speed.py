@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quasid.batches import BatchSampler
-from quasid.pairs import PairIndex
-from quasid.sids import collision_ranks
-from quasid.tokenizers import make_tokenizer
-from quasid.training import all_codes, build_optimizer, train_step
+from quasid.tokenizer.batches import BatchSampler
+from quasid.tokenizer.fit import all_codes, build_optimizer, train_step
+from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.sids import collision_ranks
+from quasid.tokenizer.tokenizer import make_tokenizer
 
 TOKENIZERS = ("rqvae", "quasid", "rqvae+hamr", "uniform", "adasid", "adasid+hamr")
 

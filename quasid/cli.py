@@ -50,7 +50,7 @@ def import_amazon_cmd(
     dim: int = typer.Option(64, help="Content dimension (half attribute, half collaborative)."),
 ) -> None:
     """Import an Amazon 5-core dataset (S3-Rec format): prices and cold cohort simulated."""
-    from quasid.contracts import ContractError
+    from quasid.core.schemas import ContractError
     from quasid.data.amazon import import_amazon
 
     try:
@@ -100,7 +100,7 @@ def train_cmd(
     overrides: str = typer.Option("", help='Tokenizer config overrides as JSON, e.g. \'{"hamr_weight": 2}\'.'),
 ) -> None:
     """Train a SID tokenizer, assign SIDs to every item and report SID quality."""
-    from quasid.training import train_tokenizer
+    from quasid.tokenizer.train import train_tokenizer
 
     metrics = train_tokenizer(data, tokenizer, out, device=device, epochs=epochs, seed=seed,
                               overrides=json.loads(overrides) if overrides else None)
@@ -128,7 +128,7 @@ def eval_cmd(
     reuse_only: bool = typer.Option(False, help="Only aggregate runs already finished in OUT."),
 ) -> None:
     """Offline benchmark: tokenizers x seeds -> SIDs -> stack -> HR@5/10, NDCG@5/10 (all, cold)."""
-    from quasid.evaluate import offline_eval
+    from quasid.evaluation.offline import offline_eval
 
     names = [t.strip() for t in tokenizers.split(",") if t.strip()]
     results = offline_eval(data, names, seeds, out, device=device, jobs=jobs,

@@ -25,10 +25,16 @@ def simulate(
     workers: int = typer.Option(1, help="Processes running shards in parallel."),
 ) -> None:
     """Replay logged traffic through each arm's stack and the world; write events."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+    )
 
     from simulator.config import ConfigError, load_config
-    from simulator.engine import RunDirError, run_experiment
+    from simulator.replay import run_experiment
+    from simulator.rundir import RunDirError
 
     try:
         cfg = load_config(config)
@@ -65,7 +71,7 @@ def simulate(
 
 
 def _print_summary(console: Console, manifest: dict, out: Path) -> None:
-    from simulator.engine import summary_table
+    from simulator.rundir import summary_table
 
     table = Table(title=f"{manifest['experiment_id']}: {manifest['days']} days, "
                         f"slate {manifest['slate_size']}, world {manifest['world']['kind']}")

@@ -39,9 +39,16 @@ from typing import Literal
 
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from quasid.contracts import COHORT_PREFIX, PRE_PERIOD_SUFFIX
+from quasid.core.schemas import COHORT_PREFIX, PRE_PERIOD_SUFFIX
 from simulator.splitter import HOLDOUT_SALT
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

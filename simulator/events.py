@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from quasid.contracts import EVENT_TYPES, EVENTS, validate
-from simulator.world import Responses
+from quasid.core.layout import EVENTS_DIR
+from quasid.core.schemas import EVENT_TYPES, EVENTS, validate
+from simulator.responses import Responses
 
-EVENTS_DIR = "events"
 STAGE_DELAY = np.array([0, 10, 60, 3_600], dtype=np.int64)  # impression, click, order, cancel
 EVENT_NAMES = pl.Series(list(EVENT_TYPES), dtype=pl.String)  # stage code -> event_type
 SORT_KEY = ["request_id", "position", "event_type"]

@@ -51,10 +51,16 @@ import polars as pl
 import torch
 from scipy.optimize import brentq, minimize
 
-from quasid.recommender import PopularityRecommender, RandomRecommender
+from quasid.core.hashing import hash_ids, string_key, to_uniform
+from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import CalibrationSpec, FitSpec
-from simulator.hashing import hash_ids, string_key, to_uniform
-from simulator.world import Probabilities, TrueWorld, _sigmoid, check_slates, respond
+from simulator.responses import (
+    Probabilities,
+    TrueWorld,
+    _sigmoid,
+    check_slates,
+    respond,
+)
 
 MAX_POSITIONS = 200
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from quasid.contracts import ASSIGNMENTS, validate
-from simulator.hashing import hash_ids, string_key
+from quasid.core.hashing import hash_ids, string_key
+from quasid.core.schemas import ASSIGNMENTS, validate
 
 N_BUCKETS = 10_000
 NOT_ASSIGNED = -1

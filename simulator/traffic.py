@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from quasid.core.hashing import hash_ids, string_key, to_uniform
+from quasid.core.recommender import PAD
 from quasid.data.world import DAY_SECONDS
-from quasid.recommender import PAD
-from simulator.hashing import hash_ids, string_key, to_uniform
 
 REQUEST_COLUMNS = ("request_id", "user_id", "ts", "day")
 

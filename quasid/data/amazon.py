@@ -38,7 +38,7 @@ import polars as pl
 import scipy.sparse as sp
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
-from quasid.contracts import ContractError
+from quasid.core.schemas import ContractError
 from quasid.data.dataset import counts, write_dataset
 from quasid.data.splits import leave_one_out
 

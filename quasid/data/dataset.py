@@ -12,23 +12,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from quasid.contracts import (
+from quasid.core.io import staged_dir, write_text_atomic
+from quasid.core.layout import DATACARD_FILE, INTERACTIONS_FILE, ITEMS_FILE, WORLD_FILE
+from quasid.core.schemas import (
     INTERACTIONS,
     ITEMS,
     ContractError,
     read_parquet,
-    staged_dir,
     validate,
     validate_references,
     write_parquet,
-    write_text_atomic,
 )
 from quasid.data.world import World
-
-ITEMS_FILE = "items.parquet"
-INTERACTIONS_FILE = "interactions.parquet"
-DATACARD_FILE = "datacard.json"
-WORLD_FILE = "world.npz"
 
 
 @dataclass

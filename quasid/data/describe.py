@@ -6,7 +6,12 @@ import numpy as np
 import polars as pl
 
 from quasid.data.dataset import Dataset
-from quasid.data.splits import COLD_USER_MAX_HISTORY, cold_users, leave_one_out, time_split
+from quasid.data.splits import (
+    COLD_USER_MAX_HISTORY,
+    cold_users,
+    leave_one_out,
+    time_split,
+)
 
 
 def _quantiles(series: pl.Series, qs: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> dict:

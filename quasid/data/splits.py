@@ -74,3 +74,12 @@ def cold_users(train: pl.DataFrame, users: pl.Series, max_history: int = COLD_US
         .filter(pl.col("len").fill_null(0) <= max_history)["user_id"]
         .sort()
     )
+
+
+def training_interactions(ds) -> pl.DataFrame:
+    """What the tokenizers and the stacks learn from: the interactions before the dataset's
+    cutoff when it has a clock, else the leave-one-out train part without cold items."""
+    if ds.cutoff_ts is not None:
+        return time_split(ds.interactions, ds.cutoff_ts)[0]
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    return leave_one_out(ds.interactions, cold_items=cold).train

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from analysis.engine import analyze
+from analysis.analyze import analyze
 from analysis.fake_events import FakeRunConfig, write_fake_run
 from analysis.store import AnalysisError
 

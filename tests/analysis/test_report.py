@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from analysis.engine import ROW_KEYS, analyze
+from analysis.analyze import analyze
+from analysis.engine import ROW_KEYS
 from flows.cli import app
 
 

@@ -12,7 +12,7 @@ from tests.analysis import reference as ref
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
     config = pytest.importorskip("simulator.config")
-    engine = pytest.importorskip("simulator.engine")
+    engine = pytest.importorskip("simulator.rundir")
     from quasid.data.synthetic import WorldConfig, synthesize
 
     base = tmp_path_factory.mktemp("sim")
@@ -49,7 +49,7 @@ def test_simulator_run_analyses_and_matches_raw_events(sim_run, tmp_path):
 def test_results_do_not_depend_on_the_shard_count(small_world_dir, tmp_path):
     """The same experiment written by 1 and by 3 shards: identical results, bit for bit
     (per-day float sums once followed the file layout and differed in their last bits)."""
-    from simulator.engine import run_experiment
+    from simulator.replay import run_experiment
 
     experiment = {"experiment_id": "shards", "data": {"path": str(small_world_dir)},
                   "arms": [{"name": "control", "stack": "popularity", "allocation": 0.5},

@@ -96,11 +96,11 @@ def test_second_run_hits_the_cache(pipeline_run):
 
 def test_pipeline_equals_the_steps_run_by_hand(pipeline_run, tmp_path):
     """Same seed: the steps as plain functions give the pipeline's results.json exactly."""
-    from analysis.engine import analyze
+    from analysis.analyze import analyze
     from quasid.data.synthetic import WorldConfig, synthesize
-    from quasid.stack import build_stack
-    from quasid.training import train_tokenizer
-    from simulator.engine import run_experiment
+    from quasid.stack.build import build_stack
+    from quasid.tokenizer.train import train_tokenizer
+    from simulator.replay import run_experiment
 
     out, _ = pipeline_run
     config = _run_config(tmp_path)
@@ -132,7 +132,7 @@ def test_pipeline_equals_the_steps_run_by_hand(pipeline_run, tmp_path):
 def test_offline_eval_flow_aggregates_its_runs_and_reuses_them(pipeline_run, tmp_path):
     from prefect.artifacts import Artifact
 
-    from flows.pipeline import offline_eval
+    from flows.offline import offline_eval
 
     out, _ = pipeline_run
     data, eval_dir = out / "data", tmp_path / "eval"
@@ -181,7 +181,7 @@ def popularity_experiment(harness, small_world_dir) -> dict:
 
 
 def test_a_shard_that_fails_once_is_retried(popularity_experiment, tmp_path, monkeypatch):
-    import simulator.engine as engine
+    import simulator.rundir as engine
     from flows.pipeline import simulate_ab
 
     real, calls = engine.run_shard, []
@@ -203,9 +203,9 @@ def test_dask_cluster_gives_the_local_events_and_results(popularity_experiment, 
     pytest.importorskip("prefect_dask")
     from prefect_dask import DaskTaskRunner
 
-    from analysis.engine import analyze
+    from analysis.analyze import analyze
     from flows.pipeline import simulate_ab
-    from simulator.engine import run_experiment
+    from simulator.replay import run_experiment
 
     run_experiment(popularity_experiment, tmp_path / "local", n_shards=1)
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from quasid.contracts import SID_TABLE, validate
+from quasid.core.schemas import SID_TABLE, validate
 
 
 def sid_table_from_codes(item_ids: np.ndarray, codes: np.ndarray, tokenizer: str) -> pl.DataFrame:

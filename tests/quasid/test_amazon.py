@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from quasid.contracts import ContractError
+from quasid.core.schemas import ContractError
 from quasid.data.amazon import (
     AmazonConfig,
     attribute_ppmi,

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from quasid.contracts import (
+from quasid.core.schemas import (
     EVENTS,
     INTERACTIONS,
     ITEMS,

@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from quasid.contracts import SID_TABLE, write_parquet
+from quasid.core.recommender import PAD
+from quasid.core.schemas import SID_TABLE, write_parquet
 from quasid.data.dataset import load_dataset
-from quasid.evaluate import aggregate, drop_last, hit_ndcg, loo_requests, offline_eval
-from quasid.recommender import PAD
+from quasid.data.sequences import drop_last, loo_requests
+from quasid.evaluation.offline import aggregate, offline_eval
+from quasid.stack.metrics import hit_ndcg
 from tests.quasid.sid_testing import kmeans_sid_table, one_thread  # noqa: F401 (fixture)
 
 TINY = {"retriever": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "epochs": 1,
@@ -98,7 +100,9 @@ def test_offline_eval_writes_results_and_the_cli_reads_them_back(tiny_world, tmp
     assert math.isclose(rows[0]["hr@10"], np.mean([r["stack"]["all"]["hr@10"] for r in runs]))
     assert "| km | all |" in (tmp_path / "out" / "results.md").read_text()
 
-    from quasid.cli import app  # aggregation of the finished runs only: fast, no training
+    from quasid.cli import (
+        app,  # aggregation of the finished runs only: fast, no training
+    )
 
     result = CliRunner().invoke(app, ["eval", "--data", str(tiny_world), "--tokenizers", "km",
                                       "--seeds", "2", "--out", str(tmp_path / "out"), "--reuse-only",
@@ -113,7 +117,7 @@ def test_offline_eval_writes_results_and_the_cli_reads_them_back(tiny_world, tmp
 
 def test_a_run_retrains_its_tokenizer_when_the_tokenizer_settings_change(tiny_world, tmp_path):
     """Changed tokenizer epochs: the run's SID table is trained again, not silently reused."""
-    from quasid.evaluate import eval_run
+    from quasid.evaluation.offline import eval_run
 
     tok = {"hidden": [16], "latent": 8, "codebook_size": 8, "kmeans_iters": 3,
            "batch_size": 64}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from quasid import losses as L
-from quasid.encoder import Encoder
+from quasid.tokenizer import losses as L
+from quasid.tokenizer.encoder import Encoder
 
 
 def test_reconstruction_loss_is_mean_squared_norm():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quasid.losses import rq_loss
-from quasid.quantizer import ResidualQuantizer, cluster_sums, kmeans, nearest
+from quasid.tokenizer.losses import rq_loss
+from quasid.tokenizer.quantizer import ResidualQuantizer, cluster_sums, kmeans, nearest
 from tests.quasid.sid_testing import torch_threads
 
 

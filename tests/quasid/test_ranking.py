@@ -8,11 +8,12 @@ import polars as pl
 import pytest
 import torch
 
+from quasid.data.sequences import loo_requests, row_mapper, training_windows
 from quasid.data.splits import leave_one_out
-from quasid.evaluate import hit_ndcg, loo_requests
-from quasid.ranking import Ranker, RankerConfig, gmv_score, log_gmv_score, train_ranker
-from quasid.stack import row_mapper, training_windows
-from quasid.trie import full_codes
+from quasid.stack.config import RankerConfig
+from quasid.stack.metrics import hit_ndcg
+from quasid.stack.ranker import Ranker, gmv_score, log_gmv_score, train_ranker
+from quasid.stack.trie import full_codes
 from tests.quasid.sid_testing import kmeans_sid_table, one_thread  # noqa: F401 (fixture)
 
 TINY = RankerConfig(d_model=32, n_heads=2, n_layers=1, epochs=4, batch_size=128, negatives=16,

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from quasid.retrieval import Retriever, RetrieverConfig, bucketed_batches, train_retriever, trim_padding
-from quasid.trie import SidTrie, full_codes
+from quasid.stack.config import RetrieverConfig
+from quasid.stack.retriever import Retriever, train_retriever, trim_padding
+from quasid.stack.training import bucketed_batches
+from quasid.stack.trie import SidTrie, full_codes
 from tests.quasid.sid_testing import one_thread, random_sid_table  # noqa: F401 (fixture)
 
 TINY = RetrieverConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_history=5, dropout=0.0)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from quasid.contracts import SID_TABLE, ContractError, validate
-from quasid.sid_metrics import nearest_sid_hamming, pair_hamming, sid_metrics
-from quasid.sids import collision_ranks, sid_table
+from quasid.core.schemas import SID_TABLE, ContractError, validate
+from quasid.tokenizer.metrics import nearest_sid_hamming, pair_hamming, sid_metrics
+from quasid.tokenizer.sids import collision_ranks, sid_table
 
 CODES = np.array([[0, 0], [0, 0], [0, 1], [1, 1], [2, 2]])
 

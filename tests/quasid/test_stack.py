@@ -9,21 +9,20 @@ import polars as pl
 import pytest
 import torch
 
-from quasid.contracts import SID_TABLE, ContractError, write_parquet
-from quasid.data.splits import leave_one_out
-from quasid.evaluate import drop_last, loo_requests
-from quasid.recommender import PAD, Recommender
-from quasid.stack import (
-    STACK_FILE,
-    SUMMARY_FILE,
-    Stack,
-    build_stack,
+from quasid.core.layout import STACK_FILE, SUMMARY_FILE
+from quasid.core.recommender import PAD, Recommender
+from quasid.core.schemas import SID_TABLE, ContractError, write_parquet
+from quasid.data.sequences import (
+    drop_last,
+    loo_requests,
     row_mapper,
     sequence_windows,
-    stack_config,
-    train_stack,
     training_windows,
 )
+from quasid.data.splits import leave_one_out
+from quasid.stack.build import build_stack, train_stack
+from quasid.stack.config import stack_config
+from quasid.stack.serving import Stack
 from tests.quasid.sid_testing import kmeans_sid_table, one_thread  # noqa: F401 (fixture)
 
 TINY = {"retriever": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "epochs": 1,

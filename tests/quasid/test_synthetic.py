@@ -12,7 +12,6 @@ import scipy.sparse as sp
 from quasid.data.dataset import load_dataset
 from quasid.data.splits import time_split
 from quasid.data.synthetic import WorldConfig, synthesize
-
 from tests.conftest import SMALL_WORLD
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from quasid.batches import BatchSampler
-from quasid.pairs import PairIndex
-from quasid.tokenizers import PRESETS, Tokenizer, make_tokenizer, tokenizer_config
+from quasid.tokenizer.batches import BatchSampler
+from quasid.tokenizer.config import PRESETS, tokenizer_config
+from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.tokenizer import Tokenizer, make_tokenizer
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(hidden=[32], latent=8, levels=2, codebook_size=16, tower_dim=8, batch_size=64,

@@ -10,12 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quasid.batches import BatchSampler, lexicographic_partner
-from quasid.contracts import SID_TABLE, read_parquet
-from quasid.pairs import PairIndex, collaborative_pairs, pairs_to_rows
-from quasid.sid_metrics import sid_metrics
-from quasid.tokenizers import Tokenizer, make_tokenizer
-from quasid.training import lr_factor, train_tokenizer
+from quasid.core.schedule import lr_factor
+from quasid.core.schemas import SID_TABLE, read_parquet
+from quasid.tokenizer.batches import BatchSampler, lexicographic_partner
+from quasid.tokenizer.metrics import sid_metrics
+from quasid.tokenizer.pairs import PairIndex, collaborative_pairs, pairs_to_rows
+from quasid.tokenizer.tokenizer import Tokenizer, make_tokenizer
+from quasid.tokenizer.train import train_tokenizer
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(hidden=[64, 32], latent=16, levels=3, codebook_size=16, tower_dim=16,
@@ -92,7 +93,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def _fit_data(small_world):
-    from quasid.training import training_interactions
+    from quasid.data.splits import training_interactions
 
     warm = ~small_world.items["is_cold"].to_numpy()
     ids = small_world.items["item_id"].to_numpy()[warm]

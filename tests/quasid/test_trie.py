@@ -8,9 +8,10 @@ import polars as pl
 import pytest
 import torch
 
-from quasid.contracts import ContractError
-from quasid.retrieval import Retriever, RetrieverConfig
-from quasid.trie import SidTrie, full_codes
+from quasid.core.schemas import ContractError
+from quasid.stack.config import RetrieverConfig
+from quasid.stack.retriever import Retriever
+from quasid.stack.trie import SidTrie, full_codes
 from tests.quasid.sid_testing import (  # noqa: F401 (one_thread: fixture)
     one_thread,
     random_sid_table,

@@ -14,16 +14,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from quasid.contracts import EVENTS, validate
+from quasid.core.schemas import EVENTS, validate
 from simulator.config import parse_config
-from simulator.engine import (
-    RunDirError,
-    build_assignments,
-    prepare,
-    run_experiment,
-    run_shard,
-)
 from simulator.events import events_digest, read_events
+from simulator.replay import run_experiment, run_shard
+from simulator.rundir import RunDirError, build_assignments, prepare
 
 
 @pytest.fixture()
@@ -137,7 +132,7 @@ def test_assignments_written_first_and_rebuilt_from_the_salt(base_config, tmp_pa
 _KILLER = """
 import json, os, signal, sys
 import simulator.events as events
-from simulator.engine import run_experiment
+from simulator.replay import run_experiment
 
 config, out = json.loads(sys.argv[1]), sys.argv[2]
 real_replace = os.replace
@@ -264,7 +259,7 @@ def test_bad_configs_are_rejected_with_clear_errors(base_config, tmp_path):
 
 
 def test_stacks_handed_in_override_the_config(base_config, tmp_path, small_world):
-    from quasid.recommender import RandomRecommender
+    from simulator.baselines import RandomRecommender
 
     ids = small_world.items["item_id"].to_numpy()
     stacks = {"treatment": RandomRecommender(ids, seed=3)}

@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from quasid.recommender import PopularityRecommender, RandomRecommender
+from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import FitSpec, parse_config
-from simulator.engine import load_context, prepare
 from simulator.fitted import FittedWorld, fit_bpr
-from simulator.world import TrueWorld
+from simulator.responses import TrueWorld
+from simulator.rundir import load_context, prepare
 
 TOLERANCE = 0.15
 """Stated tolerance: relative error of the fitted world's expected click rates vs the truth."""

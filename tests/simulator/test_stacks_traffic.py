@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from quasid.core.recommender import PAD, Recommender
 from quasid.data.splits import history_before
-from quasid.recommender import PAD, PopularityRecommender, RandomRecommender, Recommender
-from simulator.stacks import StackContext, build_stack, register_stack
+from simulator.arms import StackContext, build_stack, register_stack
+from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import ArmSpec
+from simulator.responses import request_keys, stage_uniforms
 from simulator.traffic import Logs
-from simulator.world import request_keys, stage_uniforms
 
 
 def test_popularity_ranks_by_training_counts_and_skips_history():

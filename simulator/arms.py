@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quasid.recommender import PopularityRecommender, RandomRecommender, Recommender
+from quasid.core.recommender import Recommender
+from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import ArmSpec
 
 
@@ -70,7 +71,7 @@ def load_stack_dir(path: str | Path) -> Recommender:
         raise FileNotFoundError(f"stack {str(path)!r}: not a registered stack name "
                                 f"({', '.join(registered_stacks())}) and not a directory")
     try:
-        module = importlib.import_module("quasid.stack")
+        module = importlib.import_module("quasid.stack.serving")
     except ImportError as exc:
         raise ImportError(f"stack {str(path)!r}: loading a saved stack needs quasid.stack "
                           f"({exc})") from None

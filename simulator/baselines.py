@@ -12,58 +12,9 @@ popularity and random stacks the simulator is built and tested with.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import numpy as np
 
-PAD = -1
-"""Padding id in history matrices."""
-
-
-@runtime_checkable
-class Recommender(Protocol):
-    """Anything that turns a batch of requests into slates."""
-
-    name: str
-
-    def recommend(
-        self, histories: np.ndarray, k: int, users: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Slates for a batch of requests.
-
-        histories: (n, H) int64 item ids, left-padded with PAD, newest last.
-        k: slate size.
-        users: (n,) int64 user ids, for stacks that use them (None otherwise).
-        Returns (items, scores): (n, k) int64 item ids in slate order (position 0 first)
-        and (n, k) float32 scores; no item repeats within a slate.
-        """
-        ...
-
-
-def pad_histories(histories: list[np.ndarray], max_len: int) -> np.ndarray:
-    """Left-pad (and truncate to the newest `max_len`) a list of id arrays into one matrix."""
-    out = np.full((len(histories), max_len), PAD, dtype=np.int64)
-    for row, hist in enumerate(histories):
-        tail = np.asarray(hist, dtype=np.int64)[-max_len:]
-        if len(tail):
-            out[row, max_len - len(tail):] = tail
-    return out
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer: a stable, vectorized 64-bit mixer (uint64 in, uint64 out).
-
-    The same input gives the same output in every process and version (unlike Python's
-    `hash`), so it can key per-request randomness and traffic buckets.
-    """
-    with np.errstate(over="ignore"):  # the arithmetic is meant to wrap modulo 2**64
-        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+from quasid.core.hashing import mix64
 
 
 def _first_unique(candidates: np.ndarray, k: int) -> np.ndarray:

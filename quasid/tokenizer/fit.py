@@ -12,96 +12,26 @@ tokenizer, metrics and plot out.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from quasid.batches import Batch, BatchSampler
-from quasid.pairs import PairIndex
+from quasid.core.io import save_atomic
+from quasid.core.schedule import lr_factor
+from quasid.tokenizer.batches import Batch, BatchSampler
+from quasid.tokenizer.config import TrainConfig
+from quasid.tokenizer.pairs import PairIndex
 
 if TYPE_CHECKING:
-    from quasid.tokenizers import SIDModel, TokenizerConfig
+    from quasid.tokenizer.config import TokenizerConfig
+    from quasid.tokenizer.model import SIDModel
+
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
-SIDS_FILE = "sids.parquet"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
-PLOT_FILE = "training.png"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How a neural tokenizer trains (shared by all of them)."""
-
-    epochs: int = 75
-    batch_size: int = 1024
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_share: float = 0.05
-    final_lr_share: float = 0.05
-    grad_clip: float = 1.0
-    neighbours: int = 8
-    reseed_every: int = 1
-    reseed_until: float = 0.8
-    eval_every: int = 1
-    checkpoint_every: int = 10
-    amp: bool = True
-    compile: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = {k: getattr(self, k) for k, ok in {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 4 and self.batch_size % 4 == 0,
-            "lr": self.lr > 0, "warmup_share": 0 <= self.warmup_share < 1,
-            "final_lr_share": 0 <= self.final_lr_share <= 1, "eval_every": self.eval_every >= 1,
-            "checkpoint_every": self.checkpoint_every >= 1, "reseed_every": self.reseed_every >= 0,
-        }.items() if not ok}
-        if bad:
-            raise ValueError(f"TrainConfig: invalid value(s) {bad}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Build from a dict (lists become tuples); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown} (known: {sorted(known)})")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save through a temporary sibling and a rename (no half-written checkpoint)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def lr_factor(step: int, total: int, warmup_share: float, final_share: float) -> float:
-    """Linear warm-up over `warmup_share` of the steps, then cosine decay to `final_share`."""
-    warm = max(1, int(round(warmup_share * total)))
-    if step < warm:
-        return (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, total - warm))
-    return final_share + (1 - final_share) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def all_codes(model: SIDModel, content: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
@@ -170,7 +100,7 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     exclusion counts. `callback(record)` runs after each epoch (an exception stops training;
     the last checkpoint stays).
     """
-    from quasid.losses import CVPM_REASONS
+    from quasid.tokenizer.losses import CVPM_REASONS
 
     tc = cfg.train
     dev = torch.device(device)
@@ -257,8 +187,14 @@ class _Bar:
     def __init__(self, enabled: bool, total: int, done: int):
         self.progress = None
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TimeElapsedColumn(),
@@ -283,84 +219,3 @@ class _Bar:
         """Show `text` beside the bar."""
         if self.progress is not None:
             self.progress.update(self.task, description=text)
-
-
-def training_interactions(ds) -> object:
-    """The interactions the tokenizer may learn from: before the cutoff, or the leave-one-out
-    train part without cold items when the dataset has no global time."""
-    import polars as pl
-
-    from quasid.data.splits import leave_one_out, time_split
-
-    if ds.cutoff_ts is not None:
-        return time_split(ds.interactions, ds.cutoff_ts)[0]
-    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
-    return leave_one_out(ds.interactions, cold_items=cold).train
-
-
-def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: str = "cpu",
-                    epochs: int | None = None, seed: int = 0, overrides: dict | None = None
-                    ) -> dict:
-    """Train `tokenizer` on a dataset folder and write its outputs to `out_dir`.
-
-    Fits on the warm items (`is_cold` false) with collaborative positives from the training
-    interactions only, assigns SIDs to ALL items (cold ones from content alone) and writes
-    `sids.parquet` (SID_TABLE), `tokenizer.pt` + `tokenizer.json`, `metrics.json`
-    (`sid_metrics` plus run facts), `history.json` and `training.png`; the outputs appear
-    together or not at all (`checkpoint.pt` is kept for resuming). Returns the metrics.
-    """
-    from quasid.contracts import SID_TABLE, staged_dir, write_parquet, write_text_atomic
-    from quasid.data.dataset import load_dataset
-    from quasid.pairs import collaborative_pairs, pairs_to_rows
-    from quasid.sid_metrics import sid_metrics
-    from quasid.sids import sid_table
-    from quasid.tokenizer_plots import plot_training
-    from quasid.tokenizers import make_tokenizer
-
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train_tokenizer: device {device!r} asked for, but CUDA is not available")
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    ds = load_dataset(data_dir)
-    tok = make_tokenizer(tokenizer, overrides)
-    train_over = {"seed": seed} | ({"epochs": epochs} if epochs is not None else {})
-    tok.config = replace(tok.config, train=replace(tok.config.train, **train_over))
-
-    item_ids = ds.items["item_id"].to_numpy()
-    content = ds.content()
-    warm = ~ds.items["is_cold"].to_numpy()
-    if warm.sum() < 2:
-        raise ValueError(f"{data_dir}: fewer than 2 warm items (is_cold false) to fit on")
-    pairs = collaborative_pairs(training_interactions(ds), window=tok.config.pair_window,
-                                min_count=tok.config.pair_min_count)
-    rows = pairs_to_rows(pairs, item_ids[warm])
-    started = time.perf_counter()
-    history = tok.fit(content[warm], rows, device=device, checkpoint=out_dir / CHECKPOINT_FILE,
-                      progress=True)
-    fit_seconds = time.perf_counter() - started
-    codes = tok.encode(content, device=device)
-    metrics = sid_metrics(codes, tok.config.codebook_size, item_ids, ds.world)
-    cold_rows = ~warm
-    last = history["epochs"][-1] if history["epochs"] else {}
-    metrics.update({
-        "tokenizer": tokenizer,
-        "dataset": ds.name,
-        "device": str(device),
-        "seed": seed,
-        "epochs": tok.config.train.epochs if tok.config.neural else 0,
-        "fit_items": int(warm.sum()),
-        "positive_pairs": int(len(rows)),
-        "fit_seconds": fit_seconds,
-        "train_seconds": float(history.get("train_seconds", 0.0)),
-        "final_losses": {k: v for k, v in last.items()
-                         if isinstance(v, float) and k not in ("lr", "seconds", "collision_rate")},
-        "cold_items": int(cold_rows.sum()),
-    })
-    table = sid_table(item_ids, codes, tokenizer)
-    with staged_dir(out_dir) as tmp:
-        write_parquet(table, tmp / SIDS_FILE, SID_TABLE)
-        tok.save(tmp)
-        write_text_atomic(json.dumps(metrics, indent=2, sort_keys=True) + "\n", tmp / METRICS_FILE)
-        write_text_atomic(json.dumps(history, indent=2, sort_keys=True) + "\n", tmp / HISTORY_FILE)
-        plot_training(history, metrics, tmp / PLOT_FILE, title=f"{tokenizer} on {ds.name}")
-    return metrics
-

@@ -21,88 +21,27 @@ the weight of the retriever's log p in the final score is fitted on the validati
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
-from quasid.contracts import SID_TABLE, ContractError, read_parquet, staged_dir
-from quasid.ranking import Ranker, RankerConfig, log_gmv_score, train_ranker
-from quasid.recommender import PAD
-from quasid.retrieval import Retriever, RetrieverConfig, autocast, train_retriever
-from quasid.trie import SidTrie, full_codes
-
-STACK_FILE = "stack.pt"
-SUMMARY_FILE = "stack.json"
-
-
-@dataclass(frozen=True)
-class StackConfig:
-    """Everything that shapes a stack; `overrides` dicts map onto these fields."""
-
-    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
-    ranker: RankerConfig = field(default_factory=RankerConfig)
-    candidates: int = 100
-    """Candidate set size handed to the ranker (beam, cold quota, then popularity fill)."""
-    price_alpha: float = 0.0
-    """GMV-aware ranking: score = p(order) * price ** price_alpha."""
-    retrieval_weight: float = 1.0
-    """p(order) = sigmoid(ranker logit + retrieval_weight * retriever log p(item))."""
-    weight_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-    """Weights `fit_retrieval_weight` tries on validation requests."""
-    exclude_history: bool = False
-    """Drop items the user already has from the candidates."""
-    cold_candidates: int = 50
-    """Cold-start quota: up to this many items without training interactions join the
-    candidates, those sharing their first `cold_prefix` SID levels with a beam result (0: off).
-    The retriever never saw them as targets, so its log p of their full code says nothing;
-    they are scored with the log p of that prefix spread evenly over the items under it."""
-    cold_prefix: int = 1
-    """SID levels a cold candidate shares with a beam result (1 .. SID levels)."""
-    cold_slots: int = 2
-    """Slate positions kept for the best-scoring cold candidates, when there are any (TIGER's
-    epsilon share of the top-K; 0: cold items compete on score alone). The slate stays in
-    score order. Defaults measured in benchmarks/README.md (cold HR@10 0 -> 0.0175 on Beauty)."""
-    batch_size: int = 1024
-    """Requests per device batch when serving."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight_grid", tuple(float(w) for w in self.weight_grid))
-
-
-def stack_config(overrides: dict | None = None) -> StackConfig:
-    """`StackConfig` with `overrides` applied, e.g. `{"retriever": {"epochs": 5}, "candidates": 40}`.
-
-    Unknown keys raise `ValueError` naming them and the known ones.
-    """
-    return _replace(StackConfig(), overrides or {}, "overrides")
-
-
-def _replace(obj, changes: dict, where: str):
-    known = {f.name: f for f in dataclasses.fields(obj)}
-    kwargs = {}
-    for key, value in changes.items():
-        if key not in known:
-            raise ValueError(f"{where}: unknown key '{key}' (expected one of {sorted(known)})")
-        current = getattr(obj, key)
-        kwargs[key] = (_replace(current, value, f"{where}.{key}")
-                       if dataclasses.is_dataclass(current) and isinstance(value, dict) else value)
-    return dataclasses.replace(obj, **kwargs)
-
-
-def config_from_dict(data: dict) -> StackConfig:
-    """Inverse of `dataclasses.asdict` for `StackConfig`."""
-    data = dict(data)
-    retriever = RetrieverConfig(**data.pop("retriever"))
-    ranker = RankerConfig(**data.pop("ranker"))
-    return StackConfig(retriever=retriever, ranker=ranker, **data)
+from quasid.core.layout import STACK_FILE
+from quasid.core.recommender import PAD
+from quasid.data.sequences import row_mapper
+from quasid.stack.config import (
+    StackConfig,
+    _replace,
+    config_from_dict,
+)
+from quasid.stack.ranker import Ranker, log_gmv_score
+from quasid.stack.retriever import Retriever
+from quasid.stack.training import autocast
+from quasid.stack.trie import SidTrie
 
 
 class Stack:
@@ -247,7 +186,7 @@ class Stack:
         Meant for validation requests (never the test set). Returns {weight: NDCG@k}; ties
         go to the earlier grid value.
         """
-        from quasid.evaluate import hit_ndcg
+        from quasid.stack.metrics import hit_ndcg
 
         parts = [self._score_parts(h) for h in self._batches(histories)]
         found = {}
@@ -345,183 +284,3 @@ def _repeats(pool: torch.Tensor) -> torch.Tensor:
     later = torch.zeros_like(pool, dtype=torch.bool)
     later[:, 1:] = values[:, 1:] == values[:, :-1]
     return torch.zeros_like(later).scatter_(1, order, later)
-
-
-def sequence_windows(interactions: pl.DataFrame, max_len: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each interaction with the user's previous `max_len` item ids, in (ts, item_id) order.
-
-    Returns (histories (N, max_len) left-padded with -1, newest last; target item ids (N,);
-    user ids (N,); is_last (N,): the user's last interaction). Vectorized over all users.
-    """
-    ordered = interactions.sort(["user_id", "ts", "item_id"])
-    users = ordered["user_id"].to_numpy()
-    items = ordered["item_id"].to_numpy().astype(np.int64)
-    n = len(items)
-    if n == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return np.zeros((0, max_len), dtype=np.int64), empty, empty, empty.astype(bool)
-    new_user = np.r_[True, users[1:] != users[:-1]]
-    is_last = np.r_[users[1:] != users[:-1], True]
-    start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
-    idx = np.arange(n)[:, None] - np.arange(max_len, 0, -1)[None, :]
-    hist = np.where(idx >= start[:, None], items[idx.clip(min=0)], PAD)
-    return hist, items, users, is_last
-
-
-def training_windows(interactions: pl.DataFrame, rows_of, max_len: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Every logged interaction after a user's first, as (history rows (N, max_len), target row (N,)).
-
-    `rows_of` maps item ids to rows (PAD stays PAD).
-    """
-    hist, items, _, _ = sequence_windows(interactions, max_len)
-    has_history = hist[:, -1] != PAD
-    return rows_of(hist[has_history]), rows_of(items[has_history])
-
-
-def row_mapper(item_ids: np.ndarray, source: str):
-    """A function mapping item ids to rows of the sorted `item_ids` (PAD stays PAD).
-
-    Unknown ids raise `ContractError` naming `source`.
-    """
-    def rows_of(ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(item_ids, ids).clip(max=len(item_ids) - 1)
-        bad = (item_ids[pos] != ids) & (ids != PAD)
-        if bad.any():
-            raise ContractError(f"{source}: column 'item_id': ids {np.unique(ids[bad])[:5].tolist()} "
-                                f"have no SID (expected every interaction's item in the sid table)")
-        return np.where(ids == PAD, PAD, pos).astype(np.int64)
-    return rows_of
-
-
-def training_interactions(ds) -> pl.DataFrame:
-    """What a stack trains on: before `ds.cutoff_ts` if the dataset has one, else LOO train."""
-    from quasid.data.splits import leave_one_out, time_split
-
-    if ds.cutoff_ts is not None:
-        return time_split(ds.interactions, ds.cutoff_ts)[0]
-    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
-    return leave_one_out(ds.interactions, cold_items=cold).train
-
-
-def _epoch_logger(label: str, epochs: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    return lambda epoch, loss: console.log(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.4f}",
-                                           markup=False)
-
-
-def train_stack(
-    items: pl.DataFrame,
-    sid_table: pl.DataFrame,
-    train: pl.DataFrame,
-    cfg: StackConfig = StackConfig(),
-    *,
-    device: str = "cpu",
-    seed: int = 0,
-    valid: tuple[np.ndarray, np.ndarray] | None = None,
-    progress: bool = False,
-    source: str = "<sid table>",
-) -> tuple[Stack, dict]:
-    """Train the retriever and the ranker on `train` interactions; returns (stack, summary).
-
-    `sid_table` must give a SID to exactly the items of `items` (errors name `source`).
-    `valid` = (histories, target ids) of held-out requests: the retrieval weight of the
-    final score is then fitted on them (`Stack.fit_retrieval_weight`), else kept as configured.
-    The summary holds the counts, the per-epoch losses, the fitted weight and the times.
-    """
-    item_ids, codes = full_codes(sid_table, source)
-    catalog = np.sort(items["item_id"].to_numpy())
-    if len(catalog) != len(item_ids) or (catalog != item_ids).any():
-        missing = np.setdiff1d(catalog, item_ids)[:5].tolist()
-        extra = np.setdiff1d(item_ids, catalog)[:5].tolist()
-        raise ContractError(f"{source}: column 'item_id': the sid table does not cover the catalog "
-                            f"(items without a SID: {missing}; SIDs of unknown items: {extra})")
-    rows_of = row_mapper(item_ids, "training interactions")
-    price = items.sort("item_id")["price"].to_numpy()
-    popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
-    warm = popularity > 0
-    if not warm.any():
-        raise ContractError("training interactions: empty (expected logged interactions to train on)")
-    torch.manual_seed(seed)
-    tokenizer = str(sid_table["tokenizer"][0])
-    timings = {}
-
-    start = time.perf_counter()
-    retriever = Retriever(SidTrie.from_codes(codes), cfg.retriever).to(device)
-    hist, tgt = training_windows(train, rows_of, cfg.retriever.max_history)
-    r_loss = train_retriever(retriever, hist, tgt, seed=seed, progress=_epoch_logger(
-        f"retriever[{tokenizer}]", cfg.retriever.epochs, progress))
-    timings["retriever_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    ranker = Ranker(codes[:, :-1], warm, cfg.ranker).to(device)
-    if cfg.ranker.max_history != cfg.retriever.max_history:
-        hist, tgt = training_windows(train, rows_of, cfg.ranker.max_history)
-    k_loss = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
-        f"ranker[{tokenizer}]", cfg.ranker.epochs, progress))
-    timings["ranker_s"] = time.perf_counter() - start
-
-    stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
-    weight_fit = None
-    if valid is not None:
-        start = time.perf_counter()
-        weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
-        timings["weight_fit_s"] = time.perf_counter() - start
-    summary = {
-        "tokenizer": tokenizer,
-        "seed": seed,
-        "device": str(device),
-        "config": asdict(cfg),
-        "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
-                   "train_interactions": train.height, "train_windows": len(tgt),
-                   "sid_depth": int(codes.shape[1])},
-        "losses": {"retriever": r_loss, "ranker": k_loss},
-        "retrieval_weight": stack.cfg.retrieval_weight,
-        "weight_fit_ndcg@10": weight_fit,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
-    return stack, summary
-
-
-def build_stack(
-    data_dir: Path,
-    sids_path: Path,
-    out_dir: Path,
-    *,
-    device: str = "cpu",
-    seed: int = 0,
-    overrides: dict | None = None,
-    progress: bool = False,
-) -> Path:
-    """Train a stack on a dataset folder's training interactions and one SID table; save it.
-
-    Writes `out_dir/stack.pt` (load with `Stack.load`) and `out_dir/stack.json` (summary),
-    both or neither. Returns the path of `stack.pt`.
-    """
-    from quasid.contracts import write_text_atomic
-    from quasid.data.dataset import load_dataset
-
-    ds = load_dataset(data_dir)
-    sid_table = read_parquet(sids_path, SID_TABLE)
-    cfg = stack_config(overrides)
-    valid = None
-    if ds.cutoff_ts is None:  # leave-one-out: each user's second-to-last item is held out
-        from quasid.evaluate import drop_last, loo_requests
-
-        valid = loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
-    stack, summary = train_stack(ds.items, sid_table, training_interactions(ds), cfg,
-                                 device=device, seed=seed, valid=valid, progress=progress,
-                                 source=str(sids_path))
-    summary["data"] = str(data_dir)
-    summary["sids"] = str(sids_path)
-    out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
-        stack.save(tmp / STACK_FILE)
-        write_text_atomic(json.dumps(summary, indent=2, sort_keys=True) + "\n", tmp / SUMMARY_FILE)
-    return out_dir / STACK_FILE

@@ -21,8 +21,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from scipy.stats import poisson
 
+from quasid.core.hashing import hash_ids, mix64, to_uniform
 from quasid.data.world import World
-from simulator.hashing import hash_ids, mix64, to_uniform
 
 STAGES = {"click": 1, "order": 2, "cancel": 3, "quantity": 4}
 

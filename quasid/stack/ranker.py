@@ -19,31 +19,15 @@ p(order) * price ** alpha (alpha = 0: plain p(order)).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quasid.retrieval import train_epochs, trim_padding
-
-
-@dataclass(frozen=True)
-class RankerConfig:
-    """Ranker size and training schedule."""
-
-    d_model: int = 64
-    n_heads: int = 2
-    n_layers: int = 2
-    dropout: float = 0.1
-    max_history: int = 20
-    negatives: int = 32
-    id_dropout: float = 0.2
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+from quasid.stack.config import RankerConfig
+from quasid.stack.retriever import trim_padding
+from quasid.stack.training import train_epochs
 
 
 class Ranker(nn.Module):

@@ -20,18 +20,15 @@ Conventions between the simulator and the analysis (beyond the columns below):
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from quasid.core.io import _UMASK, _atomic_path
+
 MAX_SHOWN_ROWS = 5
-_UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
@@ -282,49 +279,3 @@ def write_parquet(frame: pl.DataFrame, path: str | os.PathLike, schema: Schema) 
     with _atomic_path(path) as tmp:
         frame.select(schema.names).write_parquet(tmp, compression="zstd", statistics=True)
     return path
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it into place on success, delete it on error."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a text file (JSON, Markdown) through a temporary name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
-
-
-@contextlib.contextmanager
-def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Stage several files in a temporary folder and move them into `out` only if all succeed.
-
-    Usage: `with staged_dir(out) as tmp: write files into tmp`. On an exception nothing
-    in `out` changes; on success each staged file replaces its namesake in `out`.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
-    try:
-        yield tmp
-        out.mkdir(parents=True, exist_ok=True)
-        for src in sorted(tmp.rglob("*")):
-            if src.is_file():
-                dst = out / src.relative_to(tmp)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

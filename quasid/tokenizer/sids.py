@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from quasid.contracts import SID_TABLE, validate
+from quasid.core.schemas import SID_TABLE, validate
 
 MAX_CODE = int(np.iinfo(np.int16).max)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quasid.losses import rq_loss
+from quasid.tokenizer.losses import rq_loss
 
 
 def draw(generator: torch.Generator, n: int, high: int, device: torch.device) -> torch.Tensor:

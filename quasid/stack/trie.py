@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from quasid.contracts import SID_TABLE, ContractError, validate
+from quasid.core.schemas import SID_TABLE, ContractError, validate
 
 PAD = -1
 """Padding in the dense child matrices (no edge)."""

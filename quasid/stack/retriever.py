@@ -21,40 +21,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quasid.trie import PAD, SidTrie
-
-
-@dataclass(frozen=True)
-class RetrieverConfig:
-    """Model size and training schedule.
-
-    Defaults: TIGER's width (d_model 128) at half its depth and feed-forward size and a short
-    schedule, chosen from validation learning curves on Beauty under the GPU budget of the
-    offline benchmark (benchmarks/README.md).
-    """
-
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    """Encoder layers and decoder layers (each)."""
-    d_ff: int = 512
-    dropout: float = 0.1
-    max_history: int = 20
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 3e-3
-    weight_decay: float = 0.035
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    beam: int = 20
-    """Beam width at serving time (and the number of items a beam search returns)."""
+from quasid.stack.config import RetrieverConfig
+from quasid.stack.training import _lr_factor, autocast, train_epochs
+from quasid.stack.trie import PAD, SidTrie
 
 
 class DecoderLayer(nn.Module):
@@ -243,30 +219,6 @@ def trim_padding(histories: torch.Tensor) -> torch.Tensor:
     return histories[:, histories.shape[1] - max(1, longest):]
 
 
-def bucketed_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator
-                     ) -> list[np.ndarray]:
-    """Shuffled batches of indices whose members have similar lengths (less padding to compute).
-
-    Indices are shuffled, cut into chunks of 32 batches, sorted by length within a chunk,
-    batched, and the batches shuffled: random order, similar lengths inside a batch.
-    """
-    n = len(lengths)
-    perm = torch.randperm(n, generator=gen).numpy()
-    chunk = batch_size * 32
-    batches = []
-    for start in range(0, n, chunk):
-        idx = perm[start:start + chunk]
-        idx = idx[np.argsort(lengths[idx], kind="stable")]
-        batches.extend(idx[b:b + batch_size] for b in range(0, len(idx), batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-
-
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA (small launch-bound matmuls: bf16 halves the traffic); off on CPU."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 
 def train_retriever(
     model: Retriever,
@@ -295,49 +247,6 @@ def train_retriever(
     return train_epochs(model, lambda idx, _: model.loss(hist[idx], tgt[idx]), histories,
                         cfg.batch_size, cfg.epochs, opt, sched, gen, grad_clip=cfg.grad_clip,
                         progress=progress)
-
-
-def train_epochs(model: nn.Module, batch_loss, histories: np.ndarray, batch_size: int,
-                 epochs: int, opt: torch.optim.Optimizer, sched, gen: torch.Generator, *,
-                 grad_clip: float | None = None, epoch_setup=None, progress=None) -> list[float]:
-    """The training loop of the retriever and the ranker; returns the mean loss per epoch.
-
-    Each epoch: `epoch_setup()` (if given; e.g. the ranker's negatives, drawn from `gen`
-    before the batches), then length-bucketed batches in a `gen`-seeded order, each one
-    `batch_loss(idx, setup)` under autocast, backward, optional clipping, optimizer and
-    scheduler steps. `progress(epoch, loss)` after each epoch.
-    """
-    device = next(model.parameters()).device
-    n = len(histories)
-    lengths = (np.asarray(histories) >= 0).sum(axis=1)
-    losses = []
-    model.train()
-    for epoch in range(epochs):
-        setup = epoch_setup() if epoch_setup is not None else None
-        total_loss = torch.zeros((), device=device)
-        for batch in bucketed_batches(lengths, batch_size, gen):
-            idx = torch.as_tensor(batch, device=device)
-            with autocast(device):
-                loss = batch_loss(idx, setup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            total_loss += loss.detach() * len(idx)
-        losses.append(float(total_loss) / n)
-        if progress is not None:
-            progress(epoch, losses[-1])
-    model.eval()
-    return losses
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 @torch.inference_mode()

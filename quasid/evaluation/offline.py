@@ -27,46 +27,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from quasid.contracts import SID_TABLE, read_parquet, staged_dir, write_text_atomic
+from quasid.core.io import staged_dir, write_text_atomic
+from quasid.core.layout import TOKENIZER_SETTINGS_FILE
+from quasid.core.schemas import SID_TABLE, read_parquet
+from quasid.data.sequences import drop_last, loo_requests
+from quasid.stack.metrics import KS, hit_ndcg
 
-KS = (5, 10)
 METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
 STAGES = ("stack", "retrieval")
 METRICS_FILE = "metrics.json"
-TOKENIZER_SETTINGS_FILE = "eval_settings.json"  # what the run's tokenizer was trained with
-
-
-def hit_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
-             ) -> dict[str, np.ndarray]:
-    """Per-request HR@k and NDCG@k of ranked item ids (n, >= max k) against one target each (n,)."""
-    ranked, targets = np.asarray(ranked), np.asarray(targets)
-    if ranked.ndim != 2 or len(ranked) != len(targets) or ranked.shape[1] < max(ks):
-        raise ValueError(f"ranked {ranked.shape} / targets {targets.shape}: expected (n, >= {max(ks)}) "
-                         "and (n,)")
-    match = ranked[:, : max(ks)] == targets[:, None]
-    rank = np.where(match.any(axis=1), match.argmax(axis=1), np.iinfo(np.int64).max)
-    out = {}
-    for k in ks:
-        hit = rank < k
-        out[f"hr@{k}"] = hit.astype(np.float64)
-        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
-    return out
-
-
-def loo_requests(interactions: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(histories (n_users, max_len), targets (n_users,)): each user's last item and its past."""
-    from quasid.stack import sequence_windows
-
-    hist, items, _, is_last = sequence_windows(interactions, max_len)
-    keep = is_last & (hist[:, -1] >= 0)  # a user with a single interaction has no request
-    return hist[keep], items[keep]
-
-
-def drop_last(interactions: pl.DataFrame) -> pl.DataFrame:
-    """Each user's interactions without the last one (so the validation item becomes the last)."""
-    ordered = interactions.sort(["user_id", "ts", "item_id"])
-    return ordered.filter(pl.int_range(pl.len()).over("user_id") < pl.len().over("user_id") - 1)
 
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
@@ -111,7 +81,8 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
 
     from quasid.data.dataset import load_dataset
     from quasid.data.splits import leave_one_out
-    from quasid.stack import stack_config, train_stack
+    from quasid.stack.build import train_stack
+    from quasid.stack.config import stack_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -134,7 +105,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     tokenizer_s = 0.0
     if not sids_path.exists() or (record.exists()
                                   and json.loads(record.read_text()) != tok_settings):
-        from quasid.training import train_tokenizer
+        from quasid.tokenizer.train import train_tokenizer
 
         train_tokenizer(Path(data_dir), tokenizer, tok_dir, device=device,
                         epochs=tokenizer_epochs, seed=seed, overrides=tokenizer_overrides)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""The analysis of one run: store → statistics → tests → results (and, in `analyze`, files).
+
+`analyze_run` returns the results without writing anything; `analyze` (the public entry
+point, `analysis.analyze`) also writes `results.json`, `details.json`, `report.md`,
+`report.html` and the plots, all at once or not at all.
+
+`results.json` = `{"rows": [...], "srm": {...}}`; each row has exactly the keys of
+`ROW_KEYS`: one per metric × segment × treatment arm. `details.json` holds what does not fit
+a row: CUPED variance reductions, power and minimum detectable effects, the sequential
+(always-valid) looks by day, skipped cells and the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from analysis.engine import AnalysisConfig, analyze_run
+from quasid.core.layout import DB_NAME
+
+
+def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str | None = None,
+            db_path: Path | None = None, correction: str = "bh",
+            metrics: list[str] | None = None, bootstrap: int = 0, power: float = 0.8,
+            target_uplift: float = 0.02, seed: int = 0, threads: int | None = None,
+            plots: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    """Analyse `run_dir` and write the report to `out_dir`; returns the results dict.
+
+    Writes `results.json` ({"rows", "srm"}), `details.json`, `report.md`, a self-contained
+    `report.html`, `plots/*.png` and (unless `db_path` says elsewhere) the DuckDB views file
+    `events.duckdb`, all at once through a staging folder: bad input raises `AnalysisError`
+    and leaves `out_dir` as it was. DuckDB sums in parallel, so the numbers may differ in
+    their last bits between runs; `threads=1` gives byte-identical files.
+    """
+    from analysis.report import write_report
+    from quasid.core.io import staged_dir
+
+    config = AnalysisConfig(alpha=alpha, control=control, correction=correction,
+                            metrics=tuple(metrics) if metrics is not None else None,
+                            bootstrap=bootstrap, power=power, target_uplift=target_uplift,
+                            seed=seed, threads=threads)
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        db = Path(db_path) if db_path is not None else tmp / DB_NAME
+        analysis = analyze_run(run_dir, db, config, progress)
+        if progress:
+            progress("writing the report")
+        (tmp / "results.json").write_text(json.dumps(analysis.results, indent=2))
+        (tmp / "details.json").write_text(json.dumps(analysis.details, indent=2))
+        write_report(analysis, tmp, plots=plots)
+    return analysis.results

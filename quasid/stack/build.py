@@ -1,0 +1,163 @@
+"""The SID stack an arm serves: generative retrieval (+ popularity fill) -> SID ranker -> top-K.
+
+Built from one tokenizer's SID table. Per batch of requests:
+1. the retriever's constrained beam search proposes `beam` items (cold items included:
+   their SIDs come from content);
+2. cold-start quota: items without training interactions that share their first SID
+   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
+   warm targets only, gives their unseen full codes almost no probability;
+3. the most popular training items not already proposed fill the candidate set up to
+   `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
+4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
+   sigmoid(ranker logit + retrieval_weight * retriever log p), and the best `k` form the slate.
+Everything is batched tensors on one device; item ids are mapped to rows (positions in the
+SID table sorted by item id) on the way in and back on the way out.
+
+`build_stack` trains a stack from a dataset folder and a SID table and saves it;
+`Stack.load` reads it back. Training data: the interactions before `ds.cutoff_ts` when the
+dataset has a cutoff, else the leave-one-out training part (cold items dropped), and then
+the weight of the retriever's log p in the final score is fitted on the validation items.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from quasid.core.io import staged_dir
+from quasid.core.layout import STACK_FILE, SUMMARY_FILE
+from quasid.core.schemas import SID_TABLE, ContractError, read_parquet
+from quasid.data.sequences import row_mapper, training_windows
+from quasid.data.splits import training_interactions
+from quasid.stack.config import StackConfig, stack_config
+from quasid.stack.ranker import Ranker, train_ranker
+from quasid.stack.retriever import Retriever, train_retriever
+from quasid.stack.serving import Stack
+from quasid.stack.trie import SidTrie, full_codes
+
+
+def _epoch_logger(label: str, epochs: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda epoch, loss: console.log(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.4f}",
+                                           markup=False)
+
+
+def train_stack(
+    items: pl.DataFrame,
+    sid_table: pl.DataFrame,
+    train: pl.DataFrame,
+    cfg: StackConfig = StackConfig(),
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
+    source: str = "<sid table>",
+) -> tuple[Stack, dict]:
+    """Train the retriever and the ranker on `train` interactions; returns (stack, summary).
+
+    `sid_table` must give a SID to exactly the items of `items` (errors name `source`).
+    `valid` = (histories, target ids) of held-out requests: the retrieval weight of the
+    final score is then fitted on them (`Stack.fit_retrieval_weight`), else kept as configured.
+    The summary holds the counts, the per-epoch losses, the fitted weight and the times.
+    """
+    item_ids, codes = full_codes(sid_table, source)
+    catalog = np.sort(items["item_id"].to_numpy())
+    if len(catalog) != len(item_ids) or (catalog != item_ids).any():
+        missing = np.setdiff1d(catalog, item_ids)[:5].tolist()
+        extra = np.setdiff1d(item_ids, catalog)[:5].tolist()
+        raise ContractError(f"{source}: column 'item_id': the sid table does not cover the catalog "
+                            f"(items without a SID: {missing}; SIDs of unknown items: {extra})")
+    rows_of = row_mapper(item_ids, "training interactions")
+    price = items.sort("item_id")["price"].to_numpy()
+    popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
+    warm = popularity > 0
+    if not warm.any():
+        raise ContractError("training interactions: empty (expected logged interactions to train on)")
+    torch.manual_seed(seed)
+    tokenizer = str(sid_table["tokenizer"][0])
+    timings = {}
+
+    start = time.perf_counter()
+    retriever = Retriever(SidTrie.from_codes(codes), cfg.retriever).to(device)
+    hist, tgt = training_windows(train, rows_of, cfg.retriever.max_history)
+    r_loss = train_retriever(retriever, hist, tgt, seed=seed, progress=_epoch_logger(
+        f"retriever[{tokenizer}]", cfg.retriever.epochs, progress))
+    timings["retriever_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ranker = Ranker(codes[:, :-1], warm, cfg.ranker).to(device)
+    if cfg.ranker.max_history != cfg.retriever.max_history:
+        hist, tgt = training_windows(train, rows_of, cfg.ranker.max_history)
+    k_loss = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
+        f"ranker[{tokenizer}]", cfg.ranker.epochs, progress))
+    timings["ranker_s"] = time.perf_counter() - start
+
+    stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
+    weight_fit = None
+    if valid is not None:
+        start = time.perf_counter()
+        weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
+        timings["weight_fit_s"] = time.perf_counter() - start
+    summary = {
+        "tokenizer": tokenizer,
+        "seed": seed,
+        "device": str(device),
+        "config": asdict(cfg),
+        "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
+                   "train_interactions": train.height, "train_windows": len(tgt),
+                   "sid_depth": int(codes.shape[1])},
+        "losses": {"retriever": r_loss, "ranker": k_loss},
+        "retrieval_weight": stack.cfg.retrieval_weight,
+        "weight_fit_ndcg@10": weight_fit,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    return stack, summary
+
+
+def build_stack(
+    data_dir: Path,
+    sids_path: Path,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    overrides: dict | None = None,
+    progress: bool = False,
+) -> Path:
+    """Train a stack on a dataset folder's training interactions and one SID table; save it.
+
+    Writes `out_dir/stack.pt` (load with `Stack.load`) and `out_dir/stack.json` (summary),
+    both or neither. Returns the path of `stack.pt`.
+    """
+    from quasid.core.io import write_text_atomic
+    from quasid.data.dataset import load_dataset
+
+    ds = load_dataset(data_dir)
+    sid_table = read_parquet(sids_path, SID_TABLE)
+    cfg = stack_config(overrides)
+    valid = None
+    if ds.cutoff_ts is None:  # leave-one-out: each user's second-to-last item is held out
+        from quasid.data.sequences import drop_last, loo_requests
+
+        valid = loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
+    stack, summary = train_stack(ds.items, sid_table, training_interactions(ds), cfg,
+                                 device=device, seed=seed, valid=valid, progress=progress,
+                                 source=str(sids_path))
+    summary["data"] = str(data_dir)
+    summary["sids"] = str(sids_path)
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        stack.save(tmp / STACK_FILE)
+        write_text_atomic(json.dumps(summary, indent=2, sort_keys=True) + "\n", tmp / SUMMARY_FILE)
+    return out_dir / STACK_FILE

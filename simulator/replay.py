@@ -1,0 +1,210 @@
+"""The replay engine: logged requests -> each arm's stack -> slate -> world -> events.
+
+`run_experiment(config, out_dir, n_shards, map_fn)` = `prepare` (check the run directory,
+write the assignment table first, fit the world when asked) -> `run_shard` for every
+shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by default) ->
+`finalize` (the manifest, from the shards' records).
+
+`run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
+the users whose bucket % n_shards == shard; it streams their requests day by day in
+batches (memory grows with one day of one shard, not with the number of days), writes one
+Parquet file per (experiment, day) atomically, and records itself as done last. A rerun
+skips finished shards and rewrites unfinished ones under the same names, so no event is
+ever duplicated. All randomness is keyed on (seed, request id), so the events are the same
+whatever the number of shards.
+
+Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine's own
+`_simulator/` (plan, fitted world, shard records).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from quasid.core.io import write_text_atomic
+from quasid.core.layout import (
+    ASSIGNMENTS_FILE,
+)
+from quasid.core.recommender import Recommender
+from quasid.core.schemas import ASSIGNMENTS, validate
+from simulator.arms import StackContext, build_stack
+from simulator.config import ExperimentConfig
+from simulator.events import (
+    event_frame,
+    part_name,
+    partition_dir,
+    write_events,
+)
+from simulator.responses import WorldModel, respond
+from simulator.rundir import (
+    ConfigLike,
+    Context,
+    _add_counts,
+    _marker,
+    _read_plan,
+    _remove_stale_temps,
+    _world,
+    as_config,
+    finalize,
+    load_context,
+    prepare,
+    total_requests,
+)
+
+MapFn = Callable[[Callable[[int], dict], Iterable[int]], Iterable[dict]]
+
+
+def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path,
+              stacks: Mapping[str, Recommender] | None = None,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """Simulate one shard (users with bucket % n_shards == shard); returns its counts.
+
+    Needs a prepared run directory (`prepare`). Skips the shard if it is already done.
+    `stacks` overrides the config's stack per arm name; `progress(n)` is called after each
+    batch with the number of requests it served.
+    """
+    cfg = as_config(config)
+    out = Path(out_dir)
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    _read_plan(out, cfg, n_shards)
+    marker = _marker(out, shard, n_shards)
+    if marker.exists():
+        return json.loads(marker.read_text())
+    _remove_stale_temps(out, shard, n_shards)
+    ctx = load_context(cfg)
+    world = _world(ctx, out)
+    served = _stacks(cfg, ctx, stacks)
+    assignments = validate(pl.read_parquet(out / ASSIGNMENTS_FILE), ASSIGNMENTS,
+                           source=str(out / ASSIGNMENTS_FILE))
+    mine = assignments.filter(pl.col("bucket") % n_shards == shard)
+    arm_names = [a.name for a in cfg.arms]
+    counts = {}
+    files = []
+    for period in ("pre", "experiment"):
+        requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
+        requests = requests.join(mine.select("unit_id"), left_on="user_id", right_on="unit_id",
+                                 how="semi").sort("request_id")
+        exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+        counts[period] = {}
+        for day in sorted(requests["day"].unique().to_list()):
+            frame = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
+                                  requests.filter(pl.col("day") == day), progress)
+            path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
+            write_events(frame, path)
+            files.append(str(path.relative_to(out)))
+            _add_counts(counts[period], frame)
+    record = {"shard": shard, "n_shards": n_shards, "counts": counts, "files": files}
+    write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", marker)
+    return record
+
+
+def _stacks(cfg: ExperimentConfig, ctx: Context, overrides: Mapping[str, Recommender] | None
+            ) -> dict[str, Recommender]:
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {a.name for a in cfg.arms}
+    if unknown:
+        raise ValueError(f"stacks given for unknown arms {sorted(unknown)}")
+    out = {}
+    for arm in cfg.arms:
+        if arm.name in overrides:
+            out[arm.name] = overrides[arm.name]
+        else:
+            sctx = StackContext(ctx.stack_context.catalog, ctx.stack_context.train_items,
+                                cfg.seed, arm.name, dict(arm.options))
+            out[arm.name] = build_stack(arm, sctx)
+    return out
+
+
+def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
+                  stacks: dict[str, Recommender], assignments: pl.DataFrame, arm_names: list[str],
+                  period: str, requests: pl.DataFrame,
+                  progress: Callable[[int], None] | None) -> pl.DataFrame:
+    """Events of one day of one shard (requests sorted by id), in batches."""
+    units = assignments["unit_id"].to_numpy()
+    flag_cols = [c for c in assignments.columns if c.startswith("is_cold_user")
+                 or c.startswith("cohort_")]
+    arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
+                                                     return_dtype=pl.Int64).to_numpy())
+    click_factor = np.ones(len(arm_names))
+    order_factor = np.ones(len(arm_names))
+    if period == "experiment":
+        for effect in cfg.effects:
+            target = click_factor if effect.on == "click" else order_factor
+            target[arm_names.index(effect.arm)] *= effect.factor
+    control = arm_names.index(cfg.control_arm)
+    k = cfg.slate_size
+    frames = []
+    exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+    for start in range(0, requests.height, cfg.batch_size):
+        batch = requests.slice(start, cfg.batch_size)
+        req = {c: batch[c].to_numpy() for c in ("request_id", "user_id", "ts", "day")}
+        unit_row = np.searchsorted(units, req["user_id"])
+        arm = arm_of_unit[unit_row] if period == "experiment" else np.full(len(unit_row), control)
+        hist = ctx.logs.histories(req["request_id"], cfg.history_len)
+        items = np.empty((len(unit_row), k), dtype=np.int64)
+        item_rows = np.empty((len(unit_row), k), dtype=np.int64)
+        for a in np.unique(arm):
+            sel = arm == a
+            slate, _ = stacks[arm_names[a]].recommend(hist[sel], k, req["user_id"][sel])
+            items[sel] = _check_slate(slate, int(sel.sum()), k, arm_names[a])
+            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{arm_names[a]}' stack")
+        responses = respond(world, req["user_id"], items, req["request_id"], cfg.seed,
+                            click_factor[arm], order_factor[arm])
+        item_flags = {"is_cold_item": ctx.catalog.is_cold[item_rows],
+                      **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
+        user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
+        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses,
+                                  ctx.catalog.price[item_rows], item_flags, user_flags))
+        if progress is not None:
+            progress(len(unit_row))
+    return pl.concat(frames)
+
+
+def _check_slate(slate: np.ndarray, n: int, k: int, arm: str) -> np.ndarray:
+    slate = np.asarray(slate)
+    if slate.shape != (n, k):
+        raise ValueError(f"arm '{arm}': the stack returned slates of shape {slate.shape}, "
+                         f"expected {(n, k)}")
+    ordered = np.sort(slate, axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError(f"arm '{arm}': the stack returned a slate with a repeated item")
+    return slate
+
+
+def run_experiment(config: ConfigLike, out_dir: str | Path, n_shards: int = 1,
+                   map_fn: MapFn | None = None, stacks: Mapping[str, Recommender] | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   on_prepared: Callable[[int], None] | None = None) -> dict:
+    """Run a whole experiment into `out_dir`; returns the manifest.
+
+    `map_fn(fn, shards)` maps `fn(shard) -> record` over the shard numbers (default: in
+    this process, one after another); e.g. a Prefect task runner's `.map` or a Dask
+    client's. `fn` is a `functools.partial` of `run_shard`, picklable when `stacks` is.
+    `on_prepared(total_requests)` is called once the plan is in place (progress bars).
+    """
+    cfg = as_config(config)
+    prepare(cfg, out_dir, n_shards)
+    if on_prepared is not None:
+        on_prepared(total_requests(cfg, out_dir, n_shards))
+    fn = partial(_shard_job, cfg, n_shards=n_shards, out_dir=str(out_dir), stacks=stacks,
+                 progress=progress if map_fn is None else None)
+    if map_fn is None:
+        for shard in range(n_shards):
+            fn(shard)
+    else:
+        list(map_fn(fn, range(n_shards)))
+    return finalize(cfg, out_dir, n_shards)
+
+
+def _shard_job(cfg: ExperimentConfig, shard: int, n_shards: int, out_dir: str,
+               stacks: Mapping[str, Recommender] | None,
+               progress: Callable[[int], None] | None) -> dict:
+    """`run_shard` with the shard number first-positional-after-config (for partial + map)."""
+    return run_shard(cfg, shard, n_shards, out_dir, stacks=stacks, progress=progress)
