@@ -1,20 +1,6 @@
 """Analysis: DuckDB event store, metrics in SQL, statistics engine, reports.
 
-Public entry point: `analysis.analyze(run_dir, out_dir, *, alpha=0.05, control=None,
-db_path=None, ...) -> dict` (the results: `{"rows": [...], "srm": {...}}`); it is imported
-lazily so that importing the package (the CLI does) stays cheap.
+Entry point: `analysis.analyze.analyze(run_dir, out_dir, ...)` writes every output file at
+once; `analysis.engine.analyze_run` computes the same results without writing them. This
+package imports only `quasid.core` from the rest of the project.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["analyze"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "analyze":
-        from analysis.analyze import analyze
-
-        return analyze
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

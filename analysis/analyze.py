@@ -1,13 +1,8 @@
-"""The analysis of one run: store → statistics → tests → results (and, in `analyze`, files).
+"""`analyze`: one analysis of a run, every output file written at once.
 
-`analyze_run` returns the results without writing anything; `analyze` (the public entry
-point, `analysis.analyze`) also writes `results.json`, `details.json`, `report.md`,
-`report.html` and the plots, all at once or not at all.
-
-`results.json` = `{"rows": [...], "srm": {...}}`; each row has exactly the keys of
-`ROW_KEYS`: one per metric × segment × treatment arm. `details.json` holds what does not fit
-a row: CUPED variance reductions, power and minimum detectable effects, the sequential
-(always-valid) looks by day, skipped cells and the run's settings.
+`analysis.engine.analyze_run` computes the results; this module writes `results.json`,
+`details.json`, `report.md`, `report.html`, the plots and the DuckDB views file through one
+staging folder, so a failed analysis leaves the output folder as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from analysis.engine import AnalysisConfig, analyze_run
+from analysis.report import write_report
+from quasid.core.io import staged_dir
 from quasid.core.layout import DB_NAME
 
 
@@ -33,9 +30,6 @@ def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str |
     and leaves `out_dir` as it was. DuckDB sums in parallel, so the numbers may differ in
     their last bits between runs; `threads=1` gives byte-identical files.
     """
-    from analysis.report import write_report
-    from quasid.core.io import staged_dir
-
     config = AnalysisConfig(alpha=alpha, control=control, correction=correction,
                             metrics=tuple(metrics) if metrics is not None else None,
                             bootstrap=bootstrap, power=power, target_uplift=target_uplift,

@@ -1,8 +1,7 @@
-"""The analysis of one run: store → statistics → tests → results (and, in `analyze`, files).
+"""The analysis engine: store → statistics → tests → results, as data (no report files).
 
-`analyze_run` returns the results without writing anything; `analyze` (the public entry
-point, `analysis.analyze`) also writes `results.json`, `details.json`, `report.md`,
-`report.html` and the plots, all at once or not at all.
+`analyze_run` returns an `Analysis` (results and details) and writes nothing but the DuckDB
+views file; `analysis.analyze.analyze` turns it into the report and the JSON files.
 
 `results.json` = `{"rows": [...], "srm": {...}}`; each row has exactly the keys of
 `ROW_KEYS`: one per metric × segment × treatment arm. `details.json` holds what does not fit
