@@ -54,3 +54,8 @@ def analyze_cmd(
                       f"[{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%], "
                       f"p_adj = {r['p_adjusted']:.3g}")
     console.print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'results.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `analyze` command to a typer app (the `quasid` console command)."""
+    app.command("analyze")(analyze_cmd)

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import duckdb
 
+from quasid.core.io import DIR_MODE
 from quasid.core.schemas import PRE_PERIOD_SUFFIX
 
 _U64 = 18446744073709551616.0
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -238,7 +237,7 @@ def write_fake_run(out: str | os.PathLike, cfg: FakeRunConfig = FakeRunConfig(),
             "counts": counts,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the usual mode
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; give the folder the usual mode
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -156,7 +156,7 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
         "Per-user sums are computed in DuckDB over the run's Parquet; users assigned but without "
         "events count as zeros. Means: Welch t-test; ratios: delta method; relative uplift CIs: "
         "delta method; CUPED: regression on the same metric over the pre-period "
-        f"(`<experiment>__pre`), θ pooled within arms.",
+        "(`<experiment>__pre`), θ pooled within arms.",
         f"Multiplicity: {d['correction']} across every row of results.json.",
         "The intervals cover the randomness of the users given each arm's deployed models, not "
         "the randomness of training them: a model retrained with another seed is another "

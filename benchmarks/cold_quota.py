@@ -12,7 +12,6 @@ test requests: overall, and every request whose target is a cold item (capped).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def main() -> None:
     results = []
     for changes in json.loads(args.settings):
         start = time.perf_counter()
-        stack.set_config(**{**dataclasses.asdict(base), **changes})
+        stack.set_config(**{**base.model_dump(), **changes})
         fit = stack.fit_retrieval_weight(v_hist[valid], v_targets[valid])
         row = {"settings": changes, "retrieval_weight": stack.cfg.retrieval_weight,
                "weight_fit_ndcg@10": {str(w): v for w, v in fit.items()}}

@@ -41,7 +41,7 @@ def step_time(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int, s
               warmup: int, compile_: bool = False) -> float:
     """Mean seconds per training step of tokenizer `name` at batch size `batch`."""
     device = content.device
-    tok = make_tokenizer(name, {"batch_size": batch, "compile": compile_})
+    tok = make_tokenizer(name, {"train": {"batch_size": batch, "compile": compile_}})
     model = tok._build(content.shape[1]).to(device)
     model.set_standardization(content)
     g = torch.Generator().manual_seed(0)

@@ -1,8 +1,8 @@
-"""The `quasid` console command: every step of the harness under one CLI.
+"""The `quasid` console command: every stage of the harness under one CLI.
 
-The model-only commands live in `quasid.cli` (they run on a bare GPU machine); this module
-adds the commands of the packages that know the rest of the stack. Heavy imports (Prefect,
-DuckDB) happen inside each command, so `quasid --help` stays fast.
+This module owns the root app; each package registers its own commands on it (`data`,
+`train`, `eval`, `simulate`, `analyze`), and the flows add `run` and `serve`. Heavy imports
+(Prefect, DuckDB, torch) happen inside each command, so `quasid --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ from pathlib import Path
 
 import typer
 
-from analysis.cli import analyze_cmd
-from quasid.cli import app, console
-from simulator.cli import register as register_simulate
+from analysis import cli as analysis_cli
+from quasid.core.cli import console
+from quasid.data import cli as data_cli
+from quasid.evaluation import cli as evaluation_cli
+from quasid.tokenizer import cli as tokenizer_cli
+from simulator import cli as simulator_cli
 
-app.command("analyze")(analyze_cmd)
-register_simulate(app)
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="QuaSID A/B harness: data, tokenizers, SID stacks, simulated A/B tests.")
+for package_cli in (data_cli, tokenizer_cli, evaluation_cli, simulator_cli, analysis_cli):
+    package_cli.register(app)
 
 
 @app.command("run")
@@ -36,7 +41,7 @@ def run(
     from flows.pipeline import ab_pipeline
 
     run_config = load_run_config(config, out, seed, device)
-    console.print(f"[bold]quasid run[/]: {run_config.experiment['experiment_id']} -> {out} "
+    console.print(f"[bold]quasid run[/]: {run_config.experiment.experiment_id} -> {out} "
                   f"(seed {seed}, {device}); starting Prefect (local, no server needed)")
     summary = ab_pipeline(run_config)
     console.print(f"[bold green]done[/]: report {summary['report']}\n"

@@ -1,11 +1,12 @@
-"""The pipeline's typed parameters: an experiment (the simulator's YAML) plus how to build it.
+"""The pipeline's typed parameters: an experiment (the simulator's config) plus how to build it.
 
-A run config is the simulator's experiment YAML with an optional `pipeline:` section:
+A run config is the simulator's experiment YAML with an optional `pipeline:` section
+(`configs/default_run.yaml` is the main job's):
 
     pipeline:
       synthetic: {n_items: 5000, n_users: 20000}   # used when data.path is `synthetic`
       tokenizer_epochs: 20                         # default: each tokenizer's own
-      tokenizer_overrides: {}                      # per tokenizer name: overrides dict
+      tokenizer_overrides: {}                      # per tokenizer name: nested overrides
       stack_overrides: {retriever: {epochs: 4}}    # applied to every SID stack
       alpha: 0.05
       n_shards: 2
@@ -17,7 +18,9 @@ A run config is the simulator's experiment YAML with an optional `pipeline:` sec
     ...
 
 `data.path: synthetic` means "the built-in synthetic world", generated into the run's
-output folder from `pipeline.synthetic` and the run's seed.
+output folder from `pipeline.synthetic` and the run's seed. Every part is validated when
+the file is read (unknown keys, bad values, unknown tokenizers, stack settings and world
+settings are errors naming the field), before anything is written.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
-from simulator.config import ExperimentConfig, parse_config
+from quasid.core.config import CONFIGS_DIR, Config, load_yaml, parse
+from quasid.data.synthetic import WorldConfig
+from quasid.stack.config import stack_config
+from quasid.tokenizer.config import tokenizer_config
+from simulator.config import ExperimentConfig
 
 SYNTHETIC = "synthetic"
-DEFAULT_CONFIG = Path(__file__).with_name("default_run.yaml")
+DEFAULT_CONFIG = CONFIGS_DIR / "default_run.yaml"
 
 
-class PipelineOptions(BaseModel):
+class PipelineOptions(Config):
     """How the pipeline builds what the experiment needs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     synthetic: dict[str, Any] = Field(default_factory=dict,
                                       description="WorldConfig fields for data.path: synthetic.")
@@ -58,49 +62,55 @@ class PipelineOptions(BaseModel):
                                                        "local cluster of `dask_workers`.")
     dask_workers: int = Field(2, ge=1)
 
+    @model_validator(mode="after")
+    def _builds(self) -> PipelineOptions:
+        # the settings of what the pipeline will build, checked now rather than after
+        # minutes of training
+        WorldConfig(**self.synthetic)
+        stack_config(self.stack_overrides)
+        for name, overrides in self.tokenizer_overrides.items():
+            tokenizer_config(name, overrides)
+        return self
 
-class RunConfig(BaseModel):
+
+class RunConfig(Config):
     """Everything `ab_pipeline` needs: where to write, seed, device, the experiment."""
-
-    model_config = ConfigDict(extra="forbid")
 
     out: Path
     seed: int = 0
     device: str = "cpu"
     pipeline: PipelineOptions = PipelineOptions()
-    experiment: dict[str, Any]
+    experiment: ExperimentConfig
+
+    @model_validator(mode="after")
+    def _tokenizers_known(self) -> RunConfig:
+        for tokenizer in self.tokenizers.values():
+            tokenizer_config(tokenizer)
+        return self
 
     def experiment_config(self, data_path: Path | None = None,
                           stacks: dict[str, str] | None = None) -> ExperimentConfig:
         """The simulator's config with the run's seed, data folder and built stacks filled in."""
-        raw = dict(self.experiment)
+        raw = self.experiment.model_dump(mode="json")
         raw["seed"] = self.seed
         if data_path is not None:
-            raw["data"] = {**raw.get("data", {}), "path": str(data_path)}
+            raw["data"]["path"] = str(data_path)
         if stacks:
-            raw["arms"] = [{**arm, "stack": stacks.get(arm["name"], arm.get("stack"))}
+            raw["arms"] = [{**arm, "stack": stacks.get(arm["name"], arm["stack"])}
                            for arm in raw["arms"]]
-        return parse_config(raw, source=f"{self.out}/run config")
+        return parse(ExperimentConfig, raw, f"{self.out}/run config")
 
     @property
     def tokenizers(self) -> dict[str, str]:
         """`{arm name: tokenizer}` for the arms the pipeline builds a SID stack for."""
-        return {a["name"]: a["tokenizer"] for a in self.experiment["arms"]
-                if a.get("tokenizer") and not a.get("stack")}
+        return {a.name: a.tokenizer for a in self.experiment.arms if a.tokenizer and not a.stack}
 
 
 def load_run_config(path: Path | None, out: Path, seed: int, device: str) -> RunConfig:
-    """Read a run config YAML (default: the packaged QuaSID vs RQ-VAE run) and validate it."""
+    """Read a run config YAML (default: `configs/default_run.yaml`) and validate all of it."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: run config not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    pipeline = raw.pop("pipeline", {}) or {}
-    config = RunConfig(out=out, seed=seed, device=device,
-                       pipeline=PipelineOptions(**pipeline), experiment=raw)
-    # validate the experiment part now (with a stand-in for stacks the pipeline builds)
-    stand_in = {name: "random" for name in config.tokenizers}
-    config.experiment_config(data_path=Path("."), stacks=stand_in)
-    return config
+    raw = load_yaml(path)
+    pipeline = raw.pop("pipeline", None) or {}
+    return parse(RunConfig, {"out": out, "seed": seed, "device": device, "pipeline": pipeline,
+                             "experiment": raw}, str(path))
+

@@ -3,6 +3,8 @@
 `quasid serve` serves both from this process with Prefect's `serve` (cron schedules need a
 running `prefect server`: `prefect server start`, then `PREFECT_API_URL` pointing at it).
 Teams with work pools use `prefect.yaml` at the repository root instead (`prefect deploy`).
+Both read the same run config file (default `configs/default_run.yaml`), so the schedule and
+the main job run the same experiment.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ from pathlib import Path
 
 from prefect import serve
 
-from flows.config import load_run_config
-from flows.pipeline import ab_pipeline, analyze_experiment
+from flows.config import DEFAULT_CONFIG, load_run_config
+from flows.pipeline import analyze_experiment, scheduled_run
 
 
 def deployments(out: Path, config: Path | None, retrain_cron: str, analysis_cron: str,
                 device: str = "cpu") -> list:
     """The two runner deployments with their cron schedules and parameters."""
-    run_config = load_run_config(config, out, seed=0, device=device)
-    nightly = ab_pipeline.to_deployment(
+    config_path = Path(config) if config is not None else DEFAULT_CONFIG
+    run_config = load_run_config(config_path, out, seed=0, device=device)  # fail now, not at 2am
+    nightly = scheduled_run.to_deployment(
         name="nightly-retrain-and-simulate", cron=retrain_cron,
-        parameters={"config": run_config.model_dump(mode="json")},
+        parameters={"config_path": str(config_path.resolve()), "out": str(out), "seed": 0,
+                    "device": device},
         description="Retrain the arms' tokenizers and stacks, replay the window, analyse.")
     daily = analyze_experiment.to_deployment(
         name="daily-analysis", cron=analysis_cron,

@@ -1,12 +1,9 @@
-"""Prefect flows: train tokenizers, evaluate offline, simulate the A/B test, analyse it.
+"""Prefect flows of the A/B pipeline: data, tokenizers, SID stacks, simulation, analysis.
 
-The flows are thin: every task wraps a plain function of `quasid`, `simulator` or
-`analysis`, passes file paths (never frames or models) and is cached on a fingerprint of
-its inputs (data bytes + config), so a rerun skips finished work. When a cached step's
-output has gone missing, the step runs again (`refresh_cache`).
-
-Import `flows.runtime.configure_prefect()` before this module when Prefect has not been
-configured by the environment (the CLI does).
+`ab_pipeline(config)` is the main job (`quasid run`); its parts are flows of their own so
+they can run alone: `train_tokenizers`, `build_stacks`, `simulate_ab` (shards through the
+flow's task runner: threads, or Dask) and `analyze_experiment` (the report as artifacts).
+`scheduled_run` is what the nightly deployment calls: a run config file in, `ab_pipeline`.
 """
 
 from __future__ import annotations
@@ -22,10 +19,8 @@ from prefect.artifacts import (
 )
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import SYNTHETIC, RunConfig
+from flows.config import SYNTHETIC, RunConfig, load_run_config
 from flows.tasks import (
-    DATA_FILES,
-    _run,
     analyze_task,
     build_stack_task,
     finalize_task,
@@ -34,25 +29,20 @@ from flows.tasks import (
     synthesize_task,
     train_tokenizer_task,
 )
-from quasid.core.hashing import config_fingerprint, folder_fingerprint
-
-# ---------------------------------------------------------------- flows
+from quasid.core.layout import SIDS_FILE
 
 
 @flow(name="train-tokenizers")
 def train_tokenizers(data_dir: Path, tokenizers: list[str], out_root: Path, device: str = "cpu",
                      seed: int = 0, epochs: int | None = None,
                      overrides: dict[str, dict] | None = None) -> dict[str, str]:
-    """Train each tokenizer (cached on data + config); returns `{tokenizer: output folder}`."""
-    data_fp = folder_fingerprint(data_dir, DATA_FILES)
+    """Train each tokenizer (cached on data + settings); returns `{tokenizer: output folder}`."""
     outputs = {}
     for name in dict.fromkeys(tokenizers):
         out = Path(out_root) / name
-        over = (overrides or {}).get(name, {})
-        fp = config_fingerprint(data_fp, name, seed, epochs, over, str(out))
-        _run(train_tokenizer_task, out / "sids.parquet", data_dir=str(data_dir), tokenizer=name,
-             out_dir=str(out), device=device, seed=seed, epochs=epochs, overrides=over,
-             fingerprint=fp)
+        train_tokenizer_task(data_dir=str(data_dir), tokenizer=name, out_dir=str(out),
+                             device=device, seed=seed, epochs=epochs,
+                             overrides=(overrides or {}).get(name, {}))
         outputs[name] = str(out)
     return outputs
 
@@ -61,16 +51,11 @@ def train_tokenizers(data_dir: Path, tokenizers: list[str], out_root: Path, devi
 def build_stacks(data_dir: Path, sid_dirs: dict[str, str], out_root: Path, device: str = "cpu",
                  seed: int = 0, overrides: dict | None = None) -> dict[str, str]:
     """Build one SID stack per tokenizer output (cached); returns `{tokenizer: stack folder}`."""
-    data_fp = folder_fingerprint(data_dir, DATA_FILES)
     stacks = {}
     for name, sid_dir in sid_dirs.items():
-        sids = Path(sid_dir) / "sids.parquet"
         out = Path(out_root) / name
-        fp = config_fingerprint(data_fp, folder_fingerprint(sid_dir, "sids.parquet"), seed,
-                                overrides or {}, str(out))
-        _run(build_stack_task, out / "stack.pt", data_dir=str(data_dir), sids_path=str(sids),
-             out_dir=str(out), device=device, seed=seed, overrides=overrides or {},
-             fingerprint=fp)
+        build_stack_task(data_dir=str(data_dir), sids_path=str(Path(sid_dir) / SIDS_FILE),
+                         out_dir=str(out), device=device, seed=seed, overrides=overrides or {})
         stacks[name] = str(out)
     return stacks
 
@@ -123,7 +108,9 @@ def publish_artifacts(out_dir: Path, results: dict) -> None:
 def _task_runner(config: RunConfig):
     options = config.pipeline
     if options.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import (
+            DaskTaskRunner,  # optional extra: `pip install -e ".[dask]"`
+        )
 
         if options.dask_address:
             return DaskTaskRunner(address=options.dask_address)
@@ -138,12 +125,10 @@ def ab_pipeline(config: RunConfig) -> dict:
     logger = get_run_logger()
     out = Path(config.out).resolve()
     options = config.pipeline
-    data_path = Path(config.experiment["data"]["path"])
+    data_path = Path(config.experiment.data.path)
     if str(data_path) == SYNTHETIC:
-        world = {**options.synthetic, "seed": config.seed}
         data_path = out / "data"
-        _run(synthesize_task, data_path / "items.parquet", world=world, out_dir=str(data_path),
-             fingerprint=config_fingerprint(world, str(data_path)))
+        synthesize_task(world={**options.synthetic, "seed": config.seed}, out_dir=str(data_path))
     logger.info("data: %s", data_path)
 
     arm_tokenizers = config.tokenizers
@@ -166,3 +151,9 @@ def ab_pipeline(config: RunConfig) -> dict:
     return {"out": str(out), "report": str(out / "report.md"), "html": str(out / "report.html"),
             "results": str(out / "results.json"), "run_dir": str(run_dir),
             "tokenizers": sid_dirs, "stacks": stack_dirs, "n_rows": len(results["rows"])}
+
+
+@flow(name="scheduled-run")
+def scheduled_run(config_path: str, out: str, seed: int = 0, device: str = "cpu") -> dict:
+    """The nightly deployment's flow: read a run config file and run `ab_pipeline` on it."""
+    return ab_pipeline(load_run_config(Path(config_path), Path(out), seed, device))

@@ -1,9 +1,13 @@
-"""Prefect flows: train tokenizers, evaluate offline, simulate the A/B test, analyse it.
+"""Prefect tasks: one per stage function of `quasid`, `simulator` and `analysis`.
 
-The flows are thin: every task wraps a plain function of `quasid`, `simulator` or
-`analysis`, passes file paths (never frames or models) and is cached on a fingerprint of
-its inputs (data bytes + config), so a rerun skips finished work. When a cached step's
-output has gone missing, the step runs again (`refresh_cache`).
+Tasks pass file paths (never frames or models). The three training stages (world,
+tokenizer, stack) are cached by `stage_cache`: the key is the task's name, its arguments
+and the bytes of the files it reads, so a rerun with the same inputs skips the stage and a
+changed input (data, SID table, settings, device) trains again. Each of them writes a done
+record (`DONE_FILE`, its inputs) last, beside its output: while that record is missing
+(the output was deleted, or a run died half-way) the cache is bypassed and the stage runs.
+The simulation resumes on its own (its run directory keeps a plan and per-shard records)
+and the analysis is cheap, so those tasks are not cached; they retry on transient I/O errors.
 
 Import `flows.runtime.configure_prefect()` before this module when Prefect has not been
 configured by the environment (the CLI does).
@@ -13,89 +17,109 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
-DATA_FILES = "*.*"
+from analysis.analyze import analyze
+from quasid.core.hashing import content_digest, json_digest
+from quasid.core.io import write_text_atomic
+from quasid.core.layout import DATASET_FILES, DONE_FILE, SUMMARY_FILE
+from quasid.data.synthetic import WorldConfig, synthesize
+from quasid.stack.build import build_stack
+from quasid.tokenizer.train import train_tokenizer
+from simulator.replay import run_shard
+from simulator.rundir import finalize, prepare
+
+TRANSIENT = (OSError,)
+"""Errors worth a retry (storage hiccups); validation errors are never retried."""
 
 
-def _cache_key(context: Any, inputs: dict[str, Any]) -> str:
-    """Tasks are keyed on their name and the `fingerprint` argument the flow computed."""
-    return f"{context.task.name}-{inputs['fingerprint']}"
+def _transient(task_, task_run, state) -> bool:
+    """Retry condition: only errors that can pass by themselves."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is deterministic: fail at once
+        return False
+    return False
 
 
-def _run(step, done: Path, **kwargs):
-    """Call a cached task; recompute (refresh the cache) when its output is missing."""
-    return step.with_options(refresh_cache=not done.exists())(**kwargs)
+def stage_cache(out: str, reads: Mapping[str, tuple[str, ...]]):
+    """A `cache_key_fn` over a stage's real inputs.
+
+    `out`: the argument naming the stage's output folder; `reads`: argument -> the files
+    it names (a folder's file names, or `()` for a single file) whose bytes enter the key.
+    Returns no key, so the stage runs, while the output folder has no done record.
+    """
+    def key(context: Any, inputs: dict[str, Any]) -> str | None:
+        if not (Path(inputs[out]) / DONE_FILE).is_file():
+            return None
+        digests = {name: content_digest(inputs[name], files) for name, files in reads.items()}
+        return json_digest(context.task.name, inputs, digests)
+
+    return key
 
 
-# ---------------------------------------------------------------- tasks (plain functions inside)
+def mark_done(out_dir: str, **inputs: Any) -> None:
+    """Write the stage's done record (its inputs, no clock) last, beside its output."""
+    write_text_atomic(json.dumps(inputs, indent=2, sort_keys=True, default=str) + "\n",
+                      Path(out_dir) / DONE_FILE)
 
 
-@task(name="synthesize-world", cache_key_fn=_cache_key, persist_result=True)
-def synthesize_task(world: dict, out_dir: str, fingerprint: str) -> str:
+@task(name="synthesize-world", persist_result=True,
+      cache_key_fn=stage_cache("out_dir", {}))
+def synthesize_task(world: dict, out_dir: str) -> str:
     """Generate the synthetic world into `out_dir` (a dataset folder)."""
-    from quasid.data.synthetic import WorldConfig, synthesize
-
     card = synthesize(WorldConfig(**world), out_dir)
     get_run_logger().info("synthetic world: %s", json.dumps(card["counts"]))
+    mark_done(out_dir, world=world)
     return out_dir
 
 
-@task(name="train-tokenizer", cache_key_fn=_cache_key, persist_result=True)
+@task(name="train-tokenizer", persist_result=True,
+      cache_key_fn=stage_cache("out_dir", {"data_dir": DATASET_FILES}))
 def train_tokenizer_task(data_dir: str, tokenizer: str, out_dir: str, device: str, seed: int,
-                         epochs: int | None, overrides: dict, fingerprint: str) -> dict:
+                         epochs: int | None, overrides: dict) -> dict:
     """Train one tokenizer; returns its SID quality metrics (files in `out_dir`)."""
-    from quasid.tokenizer.train import train_tokenizer
-
     metrics = train_tokenizer(Path(data_dir), tokenizer, Path(out_dir), device=device,
                               epochs=epochs, seed=seed, overrides=overrides or None)
     get_run_logger().info("%s: collision rate %.4f, SID entropy %.3f", tokenizer,
                           metrics["collision_rate"], metrics["sid_entropy"])
+    mark_done(out_dir, data_dir=data_dir, tokenizer=tokenizer, device=device, seed=seed,
+              epochs=epochs, overrides=overrides)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
-@task(name="build-stack", cache_key_fn=_cache_key, persist_result=True)
+@task(name="build-stack", persist_result=True,
+      cache_key_fn=stage_cache("out_dir", {"data_dir": DATASET_FILES, "sids_path": ()}))
 def build_stack_task(data_dir: str, sids_path: str, out_dir: str, device: str, seed: int,
-                     overrides: dict, fingerprint: str) -> str:
+                     overrides: dict) -> str:
     """Train a SID stack (retriever + ranker) on one SID table; returns its folder."""
-    from quasid.stack.build import build_stack
-
     logger = get_run_logger()
     logger.info("training the SID stack on %s (retriever, then ranker)", Path(sids_path).parent.name)
     build_stack(Path(data_dir), Path(sids_path), Path(out_dir), device=device, seed=seed,
                 overrides=overrides or None, progress=True)
-    summary = json.loads((Path(out_dir) / "stack.json").read_text())
+    summary = json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
     logger.info("stack %s: %s", Path(sids_path).parent.name, json.dumps(summary["timings"]))
+    mark_done(out_dir, data_dir=data_dir, sids_path=sids_path, device=device, seed=seed,
+              overrides=overrides)
     return out_dir
 
 
-@task(name="eval-run")
-def eval_run_task(data_dir: str, tokenizer: str, seed: int, run_dir: str, device: str,
-                  overrides: dict, tokenizer_epochs: int | None, tokenizer_overrides: dict) -> str:
-    """One offline-evaluation run (SIDs, stack, metrics); returns its metrics.json path."""
-    from quasid.evaluation.offline import METRICS_FILE, eval_run
-
-    eval_run(data_dir, tokenizer, seed, run_dir, device=device, overrides=overrides,
-             tokenizer_epochs=tokenizer_epochs, tokenizer_overrides=tokenizer_overrides)
-    return str(Path(run_dir) / METRICS_FILE)
-
-
-@task(name="prepare-experiment", retries=2, retry_delay_seconds=1)
+@task(name="prepare-experiment", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=_transient)
 def prepare_task(experiment: dict, run_dir: str, n_shards: int) -> dict:
     """Write the assignments (first) and the run plan."""
-    from simulator.rundir import prepare
-
     return prepare(experiment, run_dir, n_shards)
 
 
-@task(name="simulate-shard", retries=2, retry_delay_seconds=1)
+@task(name="simulate-shard", retries=2, retry_delay_seconds=1, retry_condition_fn=_transient)
 def simulate_shard_task(experiment: dict, shard: int, n_shards: int, run_dir: str) -> dict:
     """Simulate one shard of users; a finished shard is skipped, so a retry is safe."""
-    from simulator.replay import run_shard
-
     counter = _RequestCounter(f"shard {shard + 1}/{n_shards}")
     record = run_shard(experiment, shard, n_shards, run_dir, progress=counter)
     counter.finish()
@@ -122,11 +146,10 @@ class _RequestCounter:
         self.logger.info("%s: done, %d requests served", self.label, self.n)
 
 
-@task(name="finalize-experiment", retries=2, retry_delay_seconds=1)
+@task(name="finalize-experiment", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=_transient)
 def finalize_task(experiment: dict, run_dir: str, n_shards: int) -> dict:
     """Write `manifest.json` from the shard records."""
-    from simulator.rundir import finalize
-
     return finalize(experiment, run_dir, n_shards)
 
 
@@ -135,7 +158,5 @@ def analyze_task(run_dir: str, out_dir: str, alpha: float, control: str | None,
                  target_uplift: float, seed: int, metrics: list[str] | None,
                  threads: int | None) -> dict:
     """Per-user metrics in DuckDB, tests, report; returns `results.json`'s content."""
-    from analysis.analyze import analyze
-
     return analyze(Path(run_dir), Path(out_dir), alpha=alpha, control=control,
                    target_uplift=target_uplift, seed=seed, metrics=metrics, threads=threads)

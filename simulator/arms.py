@@ -1,9 +1,11 @@
-"""Arm → stack: the built-in popularity and random stacks, saved SID stacks, and a hook.
+"""Arm → Recommender: the built-in popularity and random stacks, saved SID stacks, a hook.
 
-`build_stack(arm, context)` resolves an arm's `stack:` value, in this order:
+The one place the simulator reaches the SID stack (`quasid.stack.serving.Stack.load`).
+
+`arm_recommender(arm, context)` resolves an arm's `stack:` value, in this order:
 1. a name registered with `register_stack(name, factory)` (built-ins: `popularity`,
    `random`); a factory takes a `StackContext` and returns a `Recommender`;
-2. otherwise a saved stack directory, loaded with `quasid.stack.Stack.load(dir)`.
+2. otherwise a saved stack directory, loaded with `quasid.stack.serving.Stack.load(dir)`.
 The flows pipeline can also hand in ready stacks per arm name (`run_experiment(...,
 stacks={"treatment": stack})`), which wins over the config. Stacks served from several
 processes must be picklable (or named by directory, which each process loads itself).
@@ -15,7 +17,6 @@ how requests are batched and sharded.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,20 +66,19 @@ register_stack("random", _random)
 
 
 def load_stack_dir(path: str | Path) -> Recommender:
-    """Load a saved SID stack (`quasid.stack.Stack.load`); clear errors when it cannot."""
+    """Load a saved SID stack (`quasid.stack.serving.Stack.load`); clear errors when it cannot."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"stack {str(path)!r}: not a registered stack name "
                                 f"({', '.join(registered_stacks())}) and not a directory")
-    try:
-        module = importlib.import_module("quasid.stack.serving")
-    except ImportError as exc:
-        raise ImportError(f"stack {str(path)!r}: loading a saved stack needs quasid.stack "
-                          f"({exc})") from None
-    return module.Stack.load(path)
+    from quasid.stack.serving import (
+        Stack,  # torch: only imported when a SID stack is served
+    )
+
+    return Stack.load(path)
 
 
-def build_stack(arm: ArmSpec, ctx: StackContext) -> Recommender:
+def arm_recommender(arm: ArmSpec, ctx: StackContext) -> Recommender:
     """The `Recommender` serving `arm` (see the module docstring for the resolution order)."""
     if arm.stack is None:
         raise ValueError(

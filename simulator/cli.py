@@ -32,7 +32,8 @@ def simulate(
         TimeRemainingColumn,
     )
 
-    from simulator.config import ConfigError, load_config
+    from quasid.core.config import ConfigError
+    from simulator.config import load_config
     from simulator.replay import run_experiment
     from simulator.rundir import RunDirError
 

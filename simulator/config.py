@@ -23,8 +23,8 @@ How an arm names its stack (`stack:`):
 - `popularity`: most-interacted items of the training logs (before the window, cold items
   excluded), minus the request's history;
 - `random`: uniformly random items (keyed on the request, so sharding changes nothing);
-- any other value: a saved SID stack directory, loaded with `quasid.stack.Stack.load(dir)`;
-- a name registered with `simulator.stacks.register_stack` (the flows pipeline's hook).
+- any other value: a saved SID stack directory, loaded with `quasid.stack.serving.Stack.load(dir)`;
+- a name registered with `simulator.arms.register_stack` (the flows pipeline's hook).
 An arm may instead (or also) name a `tokenizer:` (e.g. `quasid`, `rqvae`): the flows
 pipeline (`quasid run --config ...`) trains that tokenizer, builds its SID stack and fills
 in `stack:`. `quasid simulate` alone replays saved stacks, so it needs `stack:`.
@@ -33,38 +33,27 @@ in `stack:`. `quasid simulate` alone replays saved stacks, so it needs `stack:`.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
-import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from quasid.core.config import Config, load_yaml, parse
 from quasid.core.schemas import COHORT_PREFIX, PRE_PERIOD_SUFFIX
 from simulator.splitter import HOLDOUT_SALT
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 COHORT_NAME = r"^[a-z][a-z0-9_]*$"
-BUILTIN_STACKS = ("popularity", "random")
 
 
-class ConfigError(ValueError):
-    """An experiment config that cannot be used: names the file, the field and the value."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataSpec(_Model):
+class DataSpec(Config):
     """Where the logs come from and which of them form the experiment window."""
 
     path: Path = Field(description="Dataset folder (items.parquet, interactions.parquet, "
@@ -79,7 +68,7 @@ class DataSpec(_Model):
                                                "the window form the pre-period.")
 
 
-class ArmSpec(_Model):
+class ArmSpec(Config):
     """One arm: its name, traffic share and the stack that serves it."""
 
     name: str = Field(pattern=NAME)
@@ -99,7 +88,7 @@ class ArmSpec(_Model):
         return self
 
 
-class CohortSpec(_Model):
+class CohortSpec(Config):
     """A user-defined cohort: a SQL boolean expression, parsed with `polars.sql_expr`.
 
     level `user`: evaluated on the users table (user_id, n_history = training interactions,
@@ -126,7 +115,7 @@ class CohortSpec(_Model):
         return f"{COHORT_PREFIX}{self.name}"
 
 
-class EffectSpec(_Model):
+class EffectSpec(Config):
     """A known effect: multiply one arm's click or order probability by `factor`."""
 
     arm: str
@@ -134,14 +123,14 @@ class EffectSpec(_Model):
     factor: float = Field(gt=0)
 
 
-class HoldoutSpec(_Model):
+class HoldoutSpec(Config):
     """A share of users kept out of every experiment (hashed with its own salt)."""
 
     share: float = Field(0.0, ge=0, lt=1)
     salt: str = HOLDOUT_SALT
 
 
-class FitSpec(_Model):
+class FitSpec(Config):
     """The fitted world's preference model: BPR matrix factorisation (torch, seeded)."""
 
     dim: int = Field(32, ge=2)
@@ -154,7 +143,7 @@ class FitSpec(_Model):
     seed: int = 0
 
 
-class CalibrationSpec(_Model):
+class CalibrationSpec(Config):
     """How the fitted world's probabilities are put on the logged scale (see simulator.fitted).
 
     source `impressions`: fit on impression logs (position bias, click scale and level,
@@ -180,7 +169,7 @@ class CalibrationSpec(_Model):
     sample_requests: int = Field(20_000, ge=100)
 
 
-class WorldSpec(_Model):
+class WorldSpec(Config):
     """Which world answers: the synthetic truth, or a world fitted on the logs."""
 
     kind: Literal["truth", "fitted"] = "truth"
@@ -188,7 +177,7 @@ class WorldSpec(_Model):
     calibration: CalibrationSpec = CalibrationSpec()
 
 
-class ExperimentConfig(_Model):
+class ExperimentConfig(Config):
     """One simulated experiment (see the module docstring for a YAML example)."""
 
     experiment_id: str = Field(pattern=NAME)
@@ -253,30 +242,9 @@ class ExperimentConfig(_Model):
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a YAML experiment config; `ConfigError` names the file and field."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(raw, source=str(path))
+    return parse_config(load_yaml(path), source=str(path))
 
 
 def parse_config(raw: object, source: str = "<config>") -> ExperimentConfig:
     """Validate a config given as a dict (or an `ExperimentConfig`, returned as is)."""
-    if isinstance(raw, ExperimentConfig):
-        return raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, "
-                          f"got {type(raw).__name__}")
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "<top>"
-            value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            problems.append(f"{where}: {re.sub(r'^Value error, ', '', err['msg'])}{shown}")
-        raise ConfigError(f"{source}: invalid experiment config: " + "; ".join(problems)) from None
+    return parse(ExperimentConfig, raw, source)

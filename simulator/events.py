@@ -14,13 +14,12 @@ written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from quasid.core.io import write_frame_atomic
 from quasid.core.layout import EVENTS_DIR
 from quasid.core.schemas import EVENT_TYPES, EVENTS, validate
 from simulator.responses import Responses
@@ -89,28 +88,7 @@ def event_frame(
 def write_events(frame: pl.DataFrame, path: Path) -> Path:
     """Validate an events file (extra cohort columns kept) and write it atomically."""
     validate(frame, EVENTS, source=str(path))
-    write_parquet_atomic(frame, path)
-    return path
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> Path:
-    """Write all of `frame`'s columns through a temporary sibling, then rename into place.
-
-    (`quasid.contracts.write_parquet` keeps only the schema's columns; events and
-    assignments also carry cohort flag columns.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        frame.write_parquet(tmp, compression="zstd", statistics=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_frame_atomic(frame, path)
 
 
 def read_events(out_dir: str | Path, experiment_id: str | None = None) -> pl.DataFrame:

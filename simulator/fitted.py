@@ -42,7 +42,6 @@ has only 12,700 logged interactions there).
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -52,14 +51,15 @@ import torch
 from scipy.optimize import brentq, minimize
 
 from quasid.core.hashing import hash_ids, string_key, to_uniform
+from quasid.core.io import write_npz_atomic
 from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import CalibrationSpec, FitSpec
 from simulator.responses import (
     Probabilities,
     TrueWorld,
-    _sigmoid,
     check_slates,
     respond,
+    sigmoid,
 )
 
 MAX_POSITIONS = 200
@@ -173,9 +173,9 @@ class FittedWorld:
             raise ValueError(f"slate size {k} exceeds {MAX_POSITIONS} positions")
         personal, bias = self.parts(np.asarray(users)[:, None], items)
         s = personal + bias
-        click = self.position_bias(k)[None, :] * _sigmoid(self.click_logit(personal, bias))
+        click = self.position_bias(k)[None, :] * sigmoid(self.click_logit(personal, bias))
         lrp = self.log_rel_price[self._rows(items, self.item_ids, "item")]
-        order = _sigmoid(self.order_bias + self.order_score_slope * s
+        order = sigmoid(self.order_bias + self.order_score_slope * s
                          + self.order_price_slope * lrp)
         return Probabilities(click, order)
 
@@ -188,16 +188,7 @@ class FittedWorld:
 
     def save(self, path: str | Path) -> Path:
         """Write an `.npz` whose bytes depend on the parameters only."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for f in fields(self):
-                info = zipfile.ZipInfo(f"{f.name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.asarray(getattr(self, f.name)))
-        tmp.replace(path)
-        return path
+        return write_npz_atomic({f.name: getattr(self, f.name) for f in fields(self)}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> FittedWorld:
@@ -222,7 +213,7 @@ def _click_nll(theta: np.ndarray, personal: np.ndarray, bias: np.ndarray, pos: n
     """Negative log-likelihood of clicks under (k+1)^-eta sigmoid(alpha personal + alpha_b
     bias + beta), and its gradient in (alpha, alpha_b, beta, eta)."""
     alpha, alpha_b, beta, eta = theta
-    sig = _sigmoid(alpha * personal + alpha_b * bias + beta)
+    sig = sigmoid(alpha * personal + alpha_b * bias + beta)
     log_k = np.log1p(pos)
     p = np.clip(np.exp(-eta * log_k) * sig, 1e-12, 1 - 1e-12)
     nll = -np.sum(np.where(clicked, np.log(p), np.log1p(-p)))
@@ -315,7 +306,7 @@ def _calibrate_clicks_on_impressions(base: FittedWorld, inputs: CalibrationInput
     z = alpha * personal + alpha_b * bias
 
     def mean_ctr(c: float) -> float:
-        return float(np.mean(pb * _sigmoid(z + c)))
+        return float(np.mean(pb * sigmoid(z + c)))
 
     beta = _solve_level(ctr, mean_ctr, "click rate")
     n_orders = int(logged.order.sum())
@@ -330,7 +321,7 @@ def _calibrate_clicks_on_impressions(base: FittedWorld, inputs: CalibrationInput
         "fitted_ctr": mean_ctr(beta), "mle_converged": bool(res.success),
         "logged_ctr_by_position": [round(float(x), 6) for x in logged.click.mean(0)],
         "fitted_ctr_by_position": [
-            round(float(x), 6) for x in (pb * _sigmoid(z + beta)).reshape(slates.shape).mean(0)],
+            round(float(x), 6) for x in (pb * sigmoid(z + beta)).reshape(slates.shape).mean(0)],
     }
     return out
 
@@ -349,7 +340,7 @@ def _calibrate_clicks_on_targets(base: FittedWorld, inputs: CalibrationInputs,
     pb = base.position_bias(k)[None, :]
 
     def mean_ctr(c: float) -> float:
-        return float(np.mean(pb * _sigmoid(z + c)))
+        return float(np.mean(pb * sigmoid(z + c)))
 
     beta = _solve_level(cal.ctr, mean_ctr, "click rate")
     report["targets"] = {"ctr": cal.ctr, "reference": cal.reference, "requests": int(len(rows)),
@@ -375,7 +366,7 @@ def _calibrate_orders(base: FittedWorld, inputs: CalibrationInputs, cal: Calibra
         x = np.column_stack([np.ones(len(s)), s, lrp])
         fit = sm.Logit(is_order.astype(np.float64), x).fit(disp=0)
         b0, bs, bp = (float(v) for v in fit.params)
-        predicted = float(np.mean(_sigmoid(x @ fit.params)))
+        predicted = float(np.mean(sigmoid(x @ fit.params)))
         report["orders"] = {"method": f"logistic regression of event == {cal.order_event!r} on "
                                       "(score, log relative price)",
                             "interactions": int(len(s)), "logged_rate": float(is_order.mean()),
@@ -383,7 +374,7 @@ def _calibrate_orders(base: FittedWorld, inputs: CalibrationInputs, cal: Calibra
         return {"order_bias": b0, "order_score_slope": bs, "order_price_slope": bp}
 
     def mean_rate(c: float) -> float:
-        return float(np.mean(_sigmoid(c + cal.order_price_slope * lrp)))
+        return float(np.mean(sigmoid(c + cal.order_price_slope * lrp)))
 
     b0 = _solve_level(cal.order_rate, mean_rate, "order rate")
     report["orders"] = {"method": f"assumed: the logs mark no {cal.order_event!r} among "

@@ -33,7 +33,7 @@ from quasid.core.layout import (
 )
 from quasid.core.recommender import Recommender
 from quasid.core.schemas import ASSIGNMENTS, validate
-from simulator.arms import StackContext, build_stack
+from simulator.arms import StackContext, arm_recommender
 from simulator.config import ExperimentConfig
 from simulator.events import (
     event_frame,
@@ -118,7 +118,7 @@ def _stacks(cfg: ExperimentConfig, ctx: Context, overrides: Mapping[str, Recomme
         else:
             sctx = StackContext(ctx.stack_context.catalog, ctx.stack_context.train_items,
                                 cfg.seed, arm.name, dict(arm.options))
-            out[arm.name] = build_stack(arm, sctx)
+            out[arm.name] = arm_recommender(arm, sctx)
     return out
 
 

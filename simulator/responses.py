@@ -52,7 +52,7 @@ class WorldModel(Protocol):
         ...
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
@@ -84,8 +84,8 @@ class TrueWorld:
             raise ValueError(f"slate size {k} exceeds the world's {len(w.position_bias)} positions")
         u = np.broadcast_to(np.asarray(users)[:, None], items.shape)
         a = w.affinity(u, items)
-        click = w.position_bias[:k][None, :] * _sigmoid(a + w.click_bias)
-        order = _sigmoid(w.order_bias + w.order_slope * a + w.price_utility(u, items))
+        click = w.position_bias[:k][None, :] * sigmoid(a + w.click_bias)
+        order = sigmoid(w.order_bias + w.order_slope * a + w.price_utility(u, items))
         return Probabilities(click, order)
 
     def describe(self) -> dict:

@@ -19,7 +19,6 @@ Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from quasid.core.io import write_text_atomic
+from quasid.core.hashing import files_digest
+from quasid.core.io import write_frame_atomic, write_text_atomic
 from quasid.core.layout import (
     ASSIGNMENTS_FILE,
     FITTED_WORLD_FILE,
@@ -46,7 +46,6 @@ from simulator.cohorts import Catalog, user_table
 from simulator.config import ExperimentConfig, parse_config
 from simulator.events import (
     part_name,
-    write_parquet_atomic,
 )
 from simulator.fitted import CalibrationInputs, FittedWorld, fit_world
 from simulator.responses import TrueWorld, WorldModel
@@ -73,15 +72,7 @@ def as_config(config: ConfigLike) -> ExperimentConfig:
 
 def data_fingerprint(root: Path) -> str:
     """sha256 over the dataset files the simulation reads (items, interactions, world)."""
-    h = hashlib.sha256()
-    for name in (ITEMS_FILE, INTERACTIONS_FILE, WORLD_FILE):
-        path = Path(root) / name
-        if path.exists():
-            h.update(name.encode())
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-    return h.hexdigest()
+    return files_digest(root, (ITEMS_FILE, INTERACTIONS_FILE, WORLD_FILE))
 
 
 def allocation_of(cfg: ExperimentConfig) -> Allocation:
@@ -209,7 +200,7 @@ def prepare(config: ConfigLike, out_dir: str | Path, n_shards: int = 1) -> dict:
     if assignments.height == 0:
         raise ValueError(f"experiment {cfg.experiment_id}: no user falls in any arm "
                          f"(allocations {[a.allocation for a in cfg.arms]})")
-    write_parquet_atomic(assignments, out / ASSIGNMENTS_FILE)
+    write_frame_atomic(assignments, out / ASSIGNMENTS_FILE)
     fitted_path = out / STATE_DIR / FITTED_WORLD_FILE
     if cfg.world.kind == "fitted" and not (resumed and fitted_path.exists()):
         _fit_and_save_world(ctx, out)

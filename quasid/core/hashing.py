@@ -1,23 +1,19 @@
-"""The interface every arm's stack serves, as the simulator and the offline evaluation see it.
+"""Stable hashing: 64-bit mixers for per-request randomness and buckets, and content digests.
 
-A request is a user and the items they touched before it (oldest first). Histories travel
-as one padded int64 matrix, so a whole batch of requests is one call:
-
-    histories[r] = [-1, -1, ..., i_1, i_2, ..., i_t]   (left-padded with PAD, newest last)
-
-`recommend` returns, per request, the `k` best item ids in slate order with their scores.
-Implementations: the SID `Stack` (generative retrieval over SIDs + SID ranker), and the
-popularity and random stacks the simulator is built and tested with.
+`mix64`/`hash_ids`/`to_uniform` give the same numbers in every process and version (unlike
+Python's `hash`), so traffic buckets and simulated user responses are functions of ids and
+seeds alone. `file_digest`/`files_digest`/`folder_digest` are the one content hash of files
+and data folders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -35,7 +31,6 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-__all__ = ["mix64", "string_key", "hash_ids", "to_uniform"]
 
 
 def string_key(text: str) -> np.uint64:
@@ -60,8 +55,8 @@ def to_uniform(h: np.ndarray) -> np.ndarray:
 CHUNK = 1 << 20
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
+def file_digest(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(CHUNK):
@@ -69,26 +64,43 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_fingerprint(folder: str | Path, pattern: str = "*") -> str:
-    """sha256 over the relative names and bytes of every file under `folder` matching `pattern`."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: cannot fingerprint a folder that does not exist")
+def files_digest(root: str | Path, names: Iterable[str]) -> str:
+    """Hex sha256 over each existing file's relative name and bytes, in the order given.
+
+    The one content hash of data folders: the simulator's manifest records it for the
+    files it read, and the flows key their caches on it.
+    """
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob(pattern) if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(file_digest(path).encode())
+    for name in names:
+        path = Path(root) / name
+        if path.is_file():
+            h.update(str(name).encode())
+            with open(path, "rb") as fh:
+                while block := fh.read(CHUNK):
+                    h.update(block)
     return h.hexdigest()
 
 
-def config_fingerprint(*parts: object) -> str:
-    """sha256 of JSON-serialised config parts (pydantic models, dicts, scalars)."""
-    def plain(obj: object) -> object:
-        if isinstance(obj, BaseModel):
-            return obj.model_dump(mode="json")
-        if isinstance(obj, Path):
-            return str(obj)
-        return obj
+def folder_digest(folder: str | Path, pattern: str = "*") -> str:
+    """`files_digest` over every file under `folder` matching `pattern`, in sorted order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: cannot fingerprint a folder that does not exist")
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob(pattern) if p.is_file())
+    return files_digest(folder, names)
 
-    payload = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+
+def content_digest(path: str | Path, names: Iterable[str] = ()) -> str:
+    """Hex sha256 of a file's bytes, or `files_digest(path, names)` of a folder."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: cannot fingerprint what does not exist")
+    return files_digest(path, names)
+
+
+def json_digest(*parts: object) -> str:
+    """Hex sha256 of JSON-serialised parts (dicts, lists, scalars; paths as strings)."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,21 +1,9 @@
-"""Data contracts: the schemas every file between two steps must follow, and their validator.
+"""Atomic writes: the one way every file of the project reaches the disk.
 
-One schema per file kind (items, interactions, sid table, assignments, events; see DESIGN.md).
-`validate` checks a polars frame against a schema and raises `ContractError` naming the
-source (file), the column, the first offending rows and what was expected. Nothing is
-coerced: a wrong dtype is an error, not a cast. `write_parquet` validates first and writes
-through a temporary name, so bad input never leaves a partial file behind.
-
-Conventions between the simulator and the analysis (beyond the columns below):
-- user-level cohorts travel in `assignments.parquet` as extra boolean columns
-  (`is_cold_user`, and `cohort_<name>` for user-defined cohorts), so users without events
-  still count (as zeros) in their cohort; events carry `is_cold_item`, `is_cold_user` and
-  event-level `cohort_<name>` flags;
-- the pre-period (every user on control, for CUPED covariates) is written as events of the
-  experiment `<experiment_id>__pre` (see `PRE_PERIOD_SUFFIX`), with the same user ids;
-- `day` counts from 0 at the first day of the experiment's window (or of its pre-period);
-- `manifest.json` holds at least `experiment_id`, `arms` (`{arm: allocation share}`),
-  `control` (the control arm's name), `seed`, `config`, `data_fingerprint` and `counts`.
+Each writer goes through a temporary sibling that is renamed into place, so a reader never
+sees half a file and an error leaves the old file (or none). One file-mode policy: new
+files get the process's usual mode (0666 less the umask), whatever the writer.
+`staged_dir` does the same for a set of files that must appear together.
 """
 
 from __future__ import annotations
@@ -24,36 +12,88 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
-import torch
+import numpy as np
+import polars as pl
 
 _UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of every file written here (mkstemp alone would make them 0600)."""
+DIR_MODE = 0o777 & ~_UMASK
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it into place on success, delete it on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file object)` on a temporary sibling, then rename it into place.
+
+    For writers that take a file object, e.g. `write_atomic(p, lambda fh: torch.save(obj, fh))`
+    (a file object, not a path: torch names the archive inside after a path's file name,
+    which would put the temporary name into the bytes).
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+    return Path(path)
+
+
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a text file (JSON, Markdown) through a temporary name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
+    """Write a text file (JSON, Markdown) atomically."""
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return path
+    return Path(path)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write a binary file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_frame_atomic(frame: pl.DataFrame, path: str | os.PathLike) -> Path:
+    """Write all of `frame`'s columns as zstd Parquet (with statistics) atomically.
+
+    Callers that must follow a schema validate first (`quasid.core.schemas.write_parquet`).
+    """
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, compression="zstd", statistics=True)
+    return Path(path)
+
+
+def write_npz_atomic(arrays: Mapping[str, object], path: str | os.PathLike) -> Path:
+    """Write arrays as an uncompressed `.npz` whose bytes depend on the arrays alone.
+
+    (`np.savez` stamps the current time into the zip; a fixed stamp keeps the bytes a
+    function of the data.) Read back with `np.load`.
+    """
+    def write(fh: BinaryIO) -> None:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.asarray(value))
+
+    return write_atomic(path, write)
 
 
 @contextlib.contextmanager
@@ -73,20 +113,7 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
             if src.is_file():
                 dst = out / src.relative_to(tmp)
                 dst.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(src, FILE_MODE)
                 os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save through a temporary sibling and a rename (no half-written checkpoint)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,25 +1,16 @@
-"""Training the SID tokenizers: the seeded fit loop and the `train` pipeline over a dataset folder.
+"""Every file and folder name of the project's folders, defined once.
 
-`fit_model` is the loop: k-means codebook init, AdamW with linear warm-up and cosine decay,
-bf16 autocast on CUDA (the quantizer and the losses stay in fp32), gradient clipping,
-dead-code re-seeding after each epoch, per-epoch losses and SID metrics, a rich progress
-bar, and a checkpoint that a rerun with the same config resumes from (same seed, same
-result as an uninterrupted run, on the CPU).
-
-`train_tokenizer` is what `quasid train` and the flows call: data folder in, SID table,
-tokenizer, metrics and plot out.
+A dataset folder: ITEMS_FILE, INTERACTIONS_FILE, DATACARD_FILE[, WORLD_FILE].
+A tokenizer folder: SIDS_FILE, MODEL_FILE, CONFIG_FILE, TOKENIZER_METRICS_FILE, HISTORY_FILE,
+PLOT_FILE, CHECKPOINT_FILE.
+A stack folder: STACK_FILE, SUMMARY_FILE. An offline-evaluation run: RUN_METRICS_FILE,
+TOKENIZER_SETTINGS_FILE (in its tokenizer folder).
+A run directory (simulator): ASSIGNMENTS_FILE, EVENTS_DIR, MANIFEST_FILE, STATE_DIR with
+PLAN_FILE and FITTED_WORLD_FILE. An analysis output folder: DB_NAME and the report files.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
-
-
 CHECKPOINT_FILE = "checkpoint.pt"
+TOKENIZER_METRICS_FILE = "metrics.json"  # SID quality of one trained tokenizer
 SIDS_FILE = "sids.parquet"
 HISTORY_FILE = "history.json"
 PLOT_FILE = "training.png"
@@ -33,6 +24,7 @@ STACK_FILE = "stack.pt"
 SUMMARY_FILE = "stack.json"
 
 
+RUN_METRICS_FILE = "metrics.json"  # HR/NDCG of one offline-evaluation run (tokenizer x seed)
 TOKENIZER_SETTINGS_FILE = "eval_settings.json"  # what the run's tokenizer was trained with
 
 
@@ -40,6 +32,8 @@ ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
 DATACARD_FILE = "datacard.json"
 WORLD_FILE = "world.npz"
+DATASET_FILES = (ITEMS_FILE, INTERACTIONS_FILE, DATACARD_FILE, WORLD_FILE)
+"""The files of a dataset folder, in digest order (`world.npz`: synthetic worlds only)."""
 
 
 EVENTS_DIR = "events"
@@ -50,6 +44,12 @@ MANIFEST_FILE = "manifest.json"
 STATE_DIR = "_simulator"
 PLAN_FILE = "plan.json"
 FITTED_WORLD_FILE = "world.npz"
+DATASET_FILES = (ITEMS_FILE, INTERACTIONS_FILE, DATACARD_FILE, WORLD_FILE)
+"""The files of a dataset folder, in digest order (`world.npz`: synthetic worlds only)."""
 
 
 DB_NAME = "events.duckdb"
+
+
+DONE_FILE = "done.json"
+"""A flows stage's done record beside its output (its inputs; written last)."""

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import polars as pl
 
-from quasid.core.io import _UMASK, _atomic_path
+from quasid.core.io import write_frame_atomic
 
 MAX_SHOWN_ROWS = 5
-os.umask(_UMASK)
 
 
 class ContractError(ValueError):
@@ -273,9 +272,5 @@ def write_parquet(frame: pl.DataFrame, path: str | os.PathLike, schema: Schema) 
     Only the schema's columns are written, in schema order, so the bytes depend on the
     data alone: the same frame gives the same file.
     """
-    path = Path(path)
     validate(frame, schema, source=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
-        frame.select(schema.names).write_parquet(tmp, compression="zstd", statistics=True)
-    return path
+    return write_frame_atomic(frame.select(schema.names), path)

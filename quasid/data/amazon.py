@@ -28,8 +28,6 @@ same seed gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +36,8 @@ import polars as pl
 import scipy.sparse as sp
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
+from quasid.core.config import Config, merge
+from quasid.core.hashing import file_digest
 from quasid.core.schemas import ContractError
 from quasid.data.dataset import counts, write_dataset
 from quasid.data.splits import leave_one_out
@@ -55,8 +55,7 @@ _ATTRIBUTES = TypeAdapter(
 )
 
 
-@dataclass(frozen=True)
-class AmazonConfig:
+class AmazonConfig(Config):
     """Settings of the import; the defaults are what `quasid data import-amazon` uses."""
 
     dim: int = 64
@@ -413,11 +412,6 @@ def duplicate_report(content: np.ndarray, is_cold: np.ndarray, attributes: pl.Da
     }
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file (the source fingerprint in the data card)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def datacard(name: str, paths: tuple[Path, Path], seed: int, cfg: AmazonConfig,
              items: pl.DataFrame, interactions: pl.DataFrame, figures: dict) -> dict:
     """The data card: source, seed, counts, what is real, simulated and derived, and how."""
@@ -425,9 +419,9 @@ def datacard(name: str, paths: tuple[Path, Path], seed: int, cfg: AmazonConfig,
     return {
         "name": name,
         "source": "Amazon review data, 5-core (McAuley et al. 2014), S3-Rec packaging",
-        "source_files": {p.name: file_sha256(p) for p in paths},
+        "source_files": {p.name: file_digest(p) for p in paths},
         "seed": seed,
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "counts": {**counts(items, interactions), "attributes": figures["attributes"],
                    "train_interactions": figures["train_interactions"]},
         "cutoff_ts": None,
@@ -489,7 +483,7 @@ def import_amazon(name: str, src: str | Path, out: str | Path, seed: int = 0, di
     `config` overrides every setting but `dim`. Bad input raises `ContractError` naming the
     file, the line or key and what was expected; nothing is written then.
     """
-    cfg = AmazonConfig(**{**asdict(config or AmazonConfig()), "dim": dim})
+    cfg = merge(config or AmazonConfig(), {"dim": dim}, "import_amazon")
     paths = source_paths(name, src)
     interactions, attributes = read_s3rec(name, src)
     items, figures = build_items(interactions, attributes, seed, cfg)

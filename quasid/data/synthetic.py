@@ -16,19 +16,19 @@ Everything is numpy, vectorized and chunked over requests; the same seed gives t
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from pydantic import model_validator
 
+from quasid.core.config import Config
 from quasid.data.dataset import counts, write_dataset
 from quasid.data.world import DAY_SECONDS, World
 
 
-@dataclass(frozen=True)
-class WorldConfig:
+class WorldConfig(Config):
     """Size and shape of a synthetic world; defaults generate in seconds."""
 
     n_items: int = 5_000
@@ -65,7 +65,8 @@ class WorldConfig:
     chunk_requests: int = 200_000
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _valid(self) -> WorldConfig:
         checks = {
             "n_items": self.n_items >= 50,
             "n_users": self.n_users >= 10,
@@ -80,7 +81,8 @@ class WorldConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"WorldConfig: invalid value for {bad} in {asdict(self)}")
+            raise ValueError(f"WorldConfig: invalid value for {bad} in {self.model_dump()}")
+        return self
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -386,7 +388,7 @@ def datacard(cfg: WorldConfig, items: pl.DataFrame, interactions: pl.DataFrame, 
         "name": "synthetic",
         "source": "quasid built-in synthetic world (quasid.data.synthetic)",
         "seed": cfg.seed,
-        "config": json.loads(json.dumps(asdict(cfg))),
+        "config": cfg.model_dump(mode="json"),
         "counts": counts(items, interactions),
         "cutoff_ts": int(world.cutoff_ts),
         "end_ts": int(world.end_ts),

@@ -17,11 +17,12 @@ The true model (all on the logit scale):
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from quasid.core.io import write_npz_atomic
 
 DAY_SECONDS = 86_400
 
@@ -91,13 +92,7 @@ class World:
 
     def save(self, path: str | Path) -> None:
         """Write to an `.npz` file (scalars stored as 0-d arrays)."""
-        # np.savez stamps the current time into the zip; a fixed stamp keeps the bytes a
-        # function of the seed alone.
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-            for f in fields(self):
-                info = zipfile.ZipInfo(f"{f.name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.asarray(getattr(self, f.name)))
+        write_npz_atomic({f.name: getattr(self, f.name) for f in fields(self)}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> World:

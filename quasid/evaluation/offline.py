@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from quasid.core.io import staged_dir, write_text_atomic
-from quasid.core.layout import TOKENIZER_SETTINGS_FILE
+from quasid.core.layout import RUN_METRICS_FILE, TOKENIZER_SETTINGS_FILE
 from quasid.core.schemas import SID_TABLE, read_parquet
 from quasid.data.sequences import drop_last, loo_requests
 from quasid.stack.metrics import KS, hit_ndcg
@@ -36,7 +36,6 @@ from quasid.stack.metrics import KS, hit_ndcg
 METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
 STAGES = ("stack", "retrieval")
-METRICS_FILE = "metrics.json"
 
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
@@ -89,7 +88,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     run_dir = Path(run_dir)
     settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
                 **eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)}
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / RUN_METRICS_FILE
     if metrics_path.exists():
         cached = json.loads(metrics_path.read_text())
         if cached.get("settings") == settings:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +112,7 @@ def train_stack(
         "tokenizer": tokenizer,
         "seed": seed,
         "device": str(device),
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
                    "train_interactions": train.height, "train_windows": len(tgt),
                    "sid_depth": int(codes.shape[1])},

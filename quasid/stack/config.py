@@ -1,30 +1,18 @@
-"""Generative retrieval over SIDs (TIGER-style): a small encoder-decoder Transformer.
+"""What shapes a SID stack: the retriever's and the ranker's sizes and schedules, serving.
 
-Input: the user's recent items (item rows, left-padded with -1, newest last), each spelled
-as its full code (SID levels + collision rank, see `quasid.trie`), one token per level,
-followed by an always-present end token (so an empty history still has something to
-attend to). Output: the next item's code, one level at a time. Each level has its own
-token range in one shared vocabulary (token = level offset + code), so the embedding and
-output layers are shared while levels never mix.
-
-Decoding is beam search constrained by the `SidTrie`: at each level a beam may only extend
-its prefix with a token that leads to an existing item, so every result is a real item.
-Beams of one request share the encoder memory: the decoder folds the beams into the
-cross-attention's query axis instead of copying the memory once per beam.
-The item score is log p(code) = the sum of the per-level log-probabilities (softmax over
-the level's full vocabulary, as the model was trained; invalid tokens are then excluded).
-`score_items` computes the same number by teacher forcing for any items, the brute-force
-reference the beam search is tested against.
+`stack_config(overrides)` is the default `StackConfig` with nested overrides merged in
+(`quasid.core.config.merge`), e.g. `{"retriever": {"epochs": 5}, "candidates": 40}`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
+
+from quasid.core.config import Config, merge
 
 
-@dataclass(frozen=True)
-class RetrieverConfig:
+class RetrieverConfig(Config):
     """Model size and training schedule.
 
     Defaults: TIGER's width (d_model 128) at half its depth and feed-forward size and a short
@@ -49,8 +37,7 @@ class RetrieverConfig:
     """Beam width at serving time (and the number of items a beam search returns)."""
 
 
-@dataclass(frozen=True)
-class RankerConfig:
+class RankerConfig(Config):
     """Ranker size and training schedule."""
 
     d_model: int = 64
@@ -66,12 +53,11 @@ class RankerConfig:
     weight_decay: float = 1e-4
 
 
-@dataclass(frozen=True)
-class StackConfig:
+class StackConfig(Config):
     """Everything that shapes a stack; `overrides` dicts map onto these fields."""
 
-    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
-    ranker: RankerConfig = field(default_factory=RankerConfig)
+    retriever: RetrieverConfig = RetrieverConfig()
+    ranker: RankerConfig = RankerConfig()
     candidates: int = 100
     """Candidate set size handed to the ranker (beam, cold quota, then popularity fill)."""
     price_alpha: float = 0.0
@@ -96,33 +82,7 @@ class StackConfig:
     batch_size: int = 1024
     """Requests per device batch when serving."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight_grid", tuple(float(w) for w in self.weight_grid))
 
-
-def stack_config(overrides: dict | None = None) -> StackConfig:
-    """`StackConfig` with `overrides` applied, e.g. `{"retriever": {"epochs": 5}, "candidates": 40}`.
-
-    Unknown keys raise `ValueError` naming them and the known ones.
-    """
-    return _replace(StackConfig(), overrides or {}, "overrides")
-
-
-def _replace(obj, changes: dict, where: str):
-    known = {f.name: f for f in dataclasses.fields(obj)}
-    kwargs = {}
-    for key, value in changes.items():
-        if key not in known:
-            raise ValueError(f"{where}: unknown key '{key}' (expected one of {sorted(known)})")
-        current = getattr(obj, key)
-        kwargs[key] = (_replace(current, value, f"{where}.{key}")
-                       if dataclasses.is_dataclass(current) and isinstance(value, dict) else value)
-    return dataclasses.replace(obj, **kwargs)
-
-
-def config_from_dict(data: dict) -> StackConfig:
-    """Inverse of `dataclasses.asdict` for `StackConfig`."""
-    data = dict(data)
-    retriever = RetrieverConfig(**data.pop("retriever"))
-    ranker = RankerConfig(**data.pop("ranker"))
-    return StackConfig(retriever=retriever, ranker=ranker, **data)
+def stack_config(overrides: Mapping[str, Any] | None = None) -> StackConfig:
+    """`StackConfig` with `overrides` merged in; unknown keys raise `ConfigError` naming them."""
+    return merge(StackConfig(), overrides, "overrides")

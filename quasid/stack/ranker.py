@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quasid.core.schedule import lr_factor
 from quasid.stack.config import RankerConfig
 from quasid.stack.retriever import trim_padding
 from quasid.stack.training import train_epochs
@@ -136,7 +137,7 @@ def train_ranker(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, math.ceil(n / cfg.batch_size)) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        opt, lambda s: lr_factor(s, total, 0, 0.0))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and ID dropout draws
     return train_epochs(

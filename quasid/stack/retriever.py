@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quasid.core.schedule import lr_factor
 from quasid.stack.config import RetrieverConfig
-from quasid.stack.training import _lr_factor, autocast, train_epochs
+from quasid.stack.training import autocast, train_epochs
 from quasid.stack.trie import PAD, SidTrie
 
 
@@ -208,9 +208,6 @@ class Retriever(nn.Module):
         self.trie = self.trie.to(device)
         return out
 
-    def config_dict(self) -> dict:
-        """Config as a plain dict (for saving)."""
-        return asdict(self.cfg)
 
 
 def trim_padding(histories: torch.Tensor) -> torch.Tensor:
@@ -241,7 +238,7 @@ def train_retriever(
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, 0.1))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws
     return train_epochs(model, lambda idx, _: model.loss(hist[idx], tgt[idx]), histories,

@@ -21,22 +21,20 @@ the weight of the retriever's log p in the final score is fitted on the validati
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from quasid.core.config import merge
+from quasid.core.io import write_atomic
 from quasid.core.layout import STACK_FILE
 from quasid.core.recommender import PAD
 from quasid.data.sequences import row_mapper
 from quasid.stack.config import (
     StackConfig,
-    _replace,
-    config_from_dict,
 )
 from quasid.stack.ranker import Ranker, log_gmv_score
 from quasid.stack.retriever import Retriever
@@ -67,7 +65,7 @@ class Stack:
 
     def set_config(self, **changes) -> None:
         """Change serving settings (e.g. `cold_candidates=0`, `retrieval_weight=2.0`) in place."""
-        self.cfg = _replace(self.cfg, changes, "set_config")
+        self.cfg = merge(self.cfg, changes, "set_config")
         self._derive()
 
     def _derive(self) -> None:
@@ -241,7 +239,7 @@ class Stack:
         state = {
             "format": 1,
             "tokenizer": self.tokenizer,
-            "config": json.dumps(asdict(self.cfg)),
+            "config": json.dumps(self.cfg.model_dump()),
             "item_ids": torch.as_tensor(self.item_ids),
             "popularity": torch.as_tensor(self.popularity),
             "price": torch.as_tensor(self.price),
@@ -251,13 +249,7 @@ class Stack:
             "retriever": {k: v.cpu() for k, v in self.retriever.state_dict().items()},
             "ranker": {k: v.cpu() for k, v in self.ranker.state_dict().items()},
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-        return path
+        return write_atomic(path, lambda fh: torch.save(state, fh))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Stack:
@@ -268,7 +260,7 @@ class Stack:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no saved stack (expected a file written by Stack.save)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = config_from_dict(json.loads(state["config"]))
+        cfg = StackConfig.model_validate_json(state["config"])
         trie = SidTrie.from_state_dict(state["trie"])
         retriever = Retriever(trie, cfg.retriever)
         retriever.load_state_dict(state["retriever"])

@@ -19,8 +19,6 @@ reference the beam search is tested against.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -84,10 +82,3 @@ def train_epochs(model: nn.Module, batch_loss, histories: np.ndarray, batch_size
             progress(epoch, losses[-1])
     model.eval()
     return losses
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))

@@ -1,28 +1,24 @@
-"""Training the SID tokenizers: the seeded fit loop and the `train` pipeline over a dataset folder.
+"""A tokenizer's settings: architecture, regularizers and training, and the named presets.
 
-`fit_model` is the loop: k-means codebook init, AdamW with linear warm-up and cosine decay,
-bf16 autocast on CUDA (the quantizer and the losses stay in fp32), gradient clipping,
-dead-code re-seeding after each epoch, per-epoch losses and SID metrics, a rich progress
-bar, and a checkpoint that a rerun with the same config resumes from (same seed, same
-result as an uninterrupted run, on the CPU).
-
-`train_tokenizer` is what `quasid train` and the flows call: data folder in, SID table,
-tokenizer, metrics and plot out.
+`TokenizerConfig` (with its `TrainConfig` under `train`) is a `quasid.core.config.Config`;
+the registry's presets (`configs/tokenizers.yaml`: tokenizer name -> the fields it sets)
+and `tokenizer_config(name, overrides)` build one, overrides merged the one way every
+config is (`merge`, nested: `{"latent": 16, "train": {"epochs": 5}}`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
-if TYPE_CHECKING:
-    from quasid.tokenizer.config import TokenizerConfig
-from dataclasses import asdict, field
+from pydantic import model_validator
+
+from quasid.core.config import CONFIGS_DIR, Config, ConfigError, load_yaml, merge
+
+PRESETS_FILE = CONFIGS_DIR / "tokenizers.yaml"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How a neural tokenizer trains (shared by all of them)."""
 
     epochs: int = 75
@@ -41,7 +37,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _valid(self) -> TrainConfig:
         bad = {k: getattr(self, k) for k, ok in {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 4 and self.batch_size % 4 == 0,
@@ -51,19 +48,11 @@ class TrainConfig:
         }.items() if not ok}
         if bad:
             raise ValueError(f"TrainConfig: invalid value(s) {bad}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Build from a dict (lists become tuples); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown} (known: {sorted(known)})")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return self
 
 
-@dataclass(frozen=True)
-class TokenizerConfig:
+
+class TokenizerConfig(Config):
     """Architecture, regularizers and training of one tokenizer (see the module docstring)."""
 
     name: str = "rqvae"
@@ -103,7 +92,7 @@ class TokenizerConfig:
     pair_window: int = 2
     pair_min_count: int = 2
     kmeans_iters: int = 25
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = TrainConfig()
 
     @property
     def neural(self) -> bool:
@@ -122,51 +111,27 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (the train config nested under `train`)."""
-        return json.loads(json.dumps(asdict(self)))
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: dict) -> TokenizerConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenizerConfig:
         """Inverse of `to_dict`; unknown keys are an error naming them."""
-        data = dict(data)
-        train = TrainConfig.from_dict(data.pop("train", {}))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TokenizerConfig: unknown key(s) {unknown} (known: {sorted(known)})")
-        if "hidden" in data:
-            data["hidden"] = tuple(data["hidden"])
-        return cls(train=train, **data)
+        return cls.model_validate(dict(data))
 
 
-PRESETS: dict[str, dict] = {
-    "rqvae": {},
-    "rqkmeans": {},
-    "quasid": {"hamr": True, "contrastive": True},
-    "adasid": {"adasid": True},
-    "uniform": {"uniform": True},
-    "rqvae+hamr": {"hamr": True},
-    "adasid+hamr": {"adasid": True, "hamr": True},
-}
+PRESETS: dict[str, dict] = load_yaml(PRESETS_FILE)
+"""The registry: tokenizer name -> the config fields it sets (`configs/tokenizers.yaml`)."""
 
 
-def tokenizer_config(name: str, overrides: dict | None = None) -> TokenizerConfig:
-    """The preset config of `name` with `overrides` (keys of TokenizerConfig or TrainConfig).
+def tokenizer_config(name: str, overrides: Mapping[str, Any] | None = None) -> TokenizerConfig:
+    """The preset config of `name` with nested `overrides` merged in.
 
-    Raises ValueError for an unknown name or override key, naming the known ones.
+    Raises `ConfigError` (a ValueError) for an unknown name or override key, naming the
+    known ones.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown tokenizer {name!r}; known: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown tokenizer {name!r}; known: {sorted(PRESETS)}")
+    if overrides and "name" in overrides:
+        raise ConfigError(f"overrides for tokenizer {name!r}: 'name' cannot be overridden")
     cfg = TokenizerConfig(name=name, **PRESETS[name])
-    top = {f.name for f in fields(TokenizerConfig)} - {"name", "train"}
-    train_keys = {f.name for f in fields(TrainConfig)}
-    tok_over, train_over = {}, {}
-    for key, value in (overrides or {}).items():
-        key = key.removeprefix("train.")
-        if key in top:
-            tok_over[key] = tuple(value) if key == "hidden" else value
-        elif key in train_keys:
-            train_over[key] = tuple(value) if isinstance(value, list) else value
-        else:
-            raise ValueError(f"unknown override {key!r} for tokenizer {name!r}; known: "
-                             f"{sorted(top | train_keys)}")
-    return replace(cfg, train=replace(cfg.train, **train_over), **tok_over)
+    return merge(cfg, overrides, f"overrides for tokenizer {name!r}")

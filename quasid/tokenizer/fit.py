@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from quasid.core.io import save_atomic
-from quasid.core.schedule import lr_factor
+from quasid.core.io import write_atomic
+from quasid.core.schedule import lr_factor, warmup_steps
 from quasid.tokenizer.batches import Batch, BatchSampler
 from quasid.tokenizer.config import TrainConfig
 from quasid.tokenizer.pairs import PairIndex
@@ -55,8 +55,9 @@ def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda")
+    warm = warmup_steps(tc.warmup_share, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_share, tc.final_lr_share))
+        optimizer, lambda s: lr_factor(s, total_steps, warm, tc.final_lr_share))
     return params, optimizer, scheduler
 
 
@@ -164,11 +165,12 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
             history["train_seconds"] = record["seconds"]
             bar.describe(_describe(record, tc.epochs))
             if checkpoint is not None and ((epoch + 1) % tc.checkpoint_every == 0 or last):
-                save_atomic({"config": cfg.to_dict(), "epoch": epoch + 1,
+                saved = {"config": cfg.to_dict(), "epoch": epoch + 1,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(),
                              "generator": generator.get_state(), "sampler": sampler.state(),
-                             "history": history}, checkpoint)
+                             "history": history}
+                write_atomic(checkpoint, lambda fh: torch.save(saved, fh))
             if callback is not None:
                 callback(record)
     model.eval()

@@ -19,13 +19,13 @@ L = L_rec + L_rq + λ_h HaMR + λ_c InfoNCE + λ_a AdaSID + λ_u Uniform (see `q
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quasid.core.io import save_atomic, write_text_atomic
+from quasid.core.config import merge
+from quasid.core.io import write_atomic, write_text_atomic
 from quasid.core.layout import CONFIG_FILE, MODEL_FILE
 from quasid.tokenizer.config import TokenizerConfig, tokenizer_config
 from quasid.tokenizer.fit import fit_model
@@ -47,7 +47,7 @@ class Tokenizer:
         return self.config.name
 
     def _build(self, content_dim: int) -> SIDModel:
-        self.config = replace(self.config, content_dim=content_dim)
+        self.config = merge(self.config, {"content_dim": content_dim}, "tokenizer")
         # the weights' init depends on the seed alone, not on the global RNG
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.train.seed)
@@ -104,7 +104,8 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.cpu() for k, v in self._fitted().state_dict().items()}
-        save_atomic({"config": self.config.to_dict(), "state": state}, folder / MODEL_FILE)
+        blob = {"config": self.config.to_dict(), "state": state}
+        write_atomic(folder / MODEL_FILE, lambda fh: torch.save(blob, fh))
         write_text_atomic(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n",
                           folder / CONFIG_FILE)
         return folder

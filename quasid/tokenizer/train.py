@@ -1,33 +1,33 @@
-"""Training the SID tokenizers: the seeded fit loop and the `train` pipeline over a dataset folder.
+"""The tokenizer stage: a dataset folder in; SID table, tokenizer, metrics and plot out.
 
-`fit_model` is the loop: k-means codebook init, AdamW with linear warm-up and cosine decay,
-bf16 autocast on CUDA (the quantizer and the losses stay in fp32), gradient clipping,
-dead-code re-seeding after each epoch, per-epoch losses and SID metrics, a rich progress
-bar, and a checkpoint that a rerun with the same config resumes from (same seed, same
-result as an uninterrupted run, on the CPU).
-
-`train_tokenizer` is what `quasid train` and the flows call: data folder in, SID table,
-tokenizer, metrics and plot out.
+`train_tokenizer` is what `quasid train` and the flows call.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from quasid.core.layout import CHECKPOINT_FILE, HISTORY_FILE, PLOT_FILE, SIDS_FILE
+from quasid.core.config import merge
+from quasid.core.io import staged_dir, write_text_atomic
+from quasid.core.layout import (
+    CHECKPOINT_FILE,
+    HISTORY_FILE,
+    PLOT_FILE,
+    SIDS_FILE,
+    TOKENIZER_METRICS_FILE,
+)
+from quasid.core.schemas import SID_TABLE, write_parquet
+from quasid.data.dataset import load_dataset
 from quasid.data.splits import training_interactions
-
-if TYPE_CHECKING:
-    pass
-
-
-METRICS_FILE = "metrics.json"
+from quasid.tokenizer.metrics import sid_metrics
+from quasid.tokenizer.pairs import collaborative_pairs, pairs_to_rows
+from quasid.tokenizer.plots import plot_training
+from quasid.tokenizer.sids import sid_table
+from quasid.tokenizer.tokenizer import make_tokenizer
 
 
 def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: str = "cpu",
@@ -41,22 +41,13 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     (`sid_metrics` plus run facts), `history.json` and `training.png`; the outputs appear
     together or not at all (`checkpoint.pt` is kept for resuming). Returns the metrics.
     """
-    from quasid.core.io import staged_dir, write_text_atomic
-    from quasid.core.schemas import SID_TABLE, write_parquet
-    from quasid.data.dataset import load_dataset
-    from quasid.tokenizer.metrics import sid_metrics
-    from quasid.tokenizer.pairs import collaborative_pairs, pairs_to_rows
-    from quasid.tokenizer.plots import plot_training
-    from quasid.tokenizer.sids import sid_table
-    from quasid.tokenizer.tokenizer import make_tokenizer
-
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train_tokenizer: device {device!r} asked for, but CUDA is not available")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ds = load_dataset(data_dir)
     tok = make_tokenizer(tokenizer, overrides)
     train_over = {"seed": seed} | ({"epochs": epochs} if epochs is not None else {})
-    tok.config = replace(tok.config, train=replace(tok.config.train, **train_over))
+    tok.config = merge(tok.config, {"train": train_over}, "train_tokenizer")
 
     item_ids = ds.items["item_id"].to_numpy()
     content = ds.content()
@@ -92,7 +83,7 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     with staged_dir(out_dir) as tmp:
         write_parquet(table, tmp / SIDS_FILE, SID_TABLE)
         tok.save(tmp)
-        write_text_atomic(json.dumps(metrics, indent=2, sort_keys=True) + "\n", tmp / METRICS_FILE)
+        write_text_atomic(json.dumps(metrics, indent=2, sort_keys=True) + "\n", tmp / TOKENIZER_METRICS_FILE)
         write_text_atomic(json.dumps(history, indent=2, sort_keys=True) + "\n", tmp / HISTORY_FILE)
         plot_training(history, metrics, tmp / PLOT_FILE, title=f"{tokenizer} on {ds.name}")
     return metrics

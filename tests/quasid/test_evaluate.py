@@ -100,7 +100,7 @@ def test_offline_eval_writes_results_and_the_cli_reads_them_back(tiny_world, tmp
     assert math.isclose(rows[0]["hr@10"], np.mean([r["stack"]["all"]["hr@10"] for r in runs]))
     assert "| km | all |" in (tmp_path / "out" / "results.md").read_text()
 
-    from quasid.cli import (
+    from flows.cli import (
         app,  # aggregation of the finished runs only: fast, no training
     )
 

@@ -12,8 +12,8 @@ from quasid.tokenizer.pairs import PairIndex
 from quasid.tokenizer.tokenizer import Tokenizer, make_tokenizer
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
-TINY = dict(hidden=[32], latent=8, levels=2, codebook_size=16, tower_dim=8, batch_size=64,
-            epochs=3, kmeans_iters=5)
+TINY = dict(hidden=[32], latent=8, levels=2, codebook_size=16, tower_dim=8, kmeans_iters=5,
+            train=dict(batch_size=64, epochs=3))
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,10 @@ def test_registry_names_and_presets():
     assert tokenizer_config("rqvae+hamr").hamr and not tokenizer_config("rqvae+hamr").contrastive
     plug = tokenizer_config("adasid+hamr")
     assert plug.adasid and plug.hamr
-    assert tokenizer_config("quasid", {"epochs": 7, "latent": 4}).train.epochs == 7
+    assert tokenizer_config("quasid", {"train": {"epochs": 7}, "latent": 4}).train.epochs == 7
     with pytest.raises(ValueError, match="unknown tokenizer 'tiger'"):
         make_tokenizer("tiger")
-    with pytest.raises(ValueError, match="unknown override 'latnet'"):
+    with pytest.raises(ValueError, match="tokenizer 'rqvae': unknown key 'latnet'"):
         tokenizer_config("rqvae", {"latnet": 4})
 
 
@@ -76,7 +76,7 @@ def test_fit_is_deterministic_on_cpu_and_depends_on_the_seed(content):
     assert np.array_equal(a.encode(content), b.encode(content))
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(va, vb), k
-    c = make_tokenizer("quasid", TINY | {"seed": 1})
+    c = make_tokenizer("quasid", TINY | {"train": TINY["train"] | {"seed": 1}})
     c.fit(content, pairs)
     assert not torch.equal(a.model.encoder.net[0].weight, c.model.encoder.net[0].weight)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quasid.core.schedule import lr_factor
+from quasid.core.schedule import lr_factor, warmup_steps
 from quasid.core.schemas import SID_TABLE, read_parquet
 from quasid.tokenizer.batches import BatchSampler, lexicographic_partner
 from quasid.tokenizer.metrics import sid_metrics
@@ -20,7 +20,12 @@ from quasid.tokenizer.train import train_tokenizer
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(hidden=[64, 32], latent=16, levels=3, codebook_size=16, tower_dim=16,
-            batch_size=128, kmeans_iters=5, lr=3e-3)
+            kmeans_iters=5, train=dict(batch_size=128, lr=3e-3))
+
+
+def tiny(**train) -> dict:
+    """TINY with more training settings (nested under `train`, as every override is)."""
+    return TINY | {"train": TINY["train"] | train}
 
 
 def test_collaborative_pairs_within_a_window_and_min_count():
@@ -86,7 +91,7 @@ def test_batch_blocks_hold_anchors_and_their_partners(small_world):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = [lr_factor(s, 100, 0.1, 0.05) for s in range(100)]
+    f = [lr_factor(s, 100, warmup_steps(0.1, 100), 0.05) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] == pytest.approx(0.05, abs=1e-3)
@@ -103,7 +108,7 @@ def _fit_data(small_world):
 
 def test_a_tiny_cpu_fit_lowers_the_loss_and_the_collision_rate(small_world):
     content, rows = _fit_data(small_world)
-    tok = make_tokenizer("quasid", TINY | {"epochs": 10})
+    tok = make_tokenizer("quasid", tiny(epochs=10))
     history = tok.fit(content, rows)
     first, last = history["epochs"][0], history["epochs"][-1]
     assert last["total"] < 0.5 * first["total"]
@@ -116,7 +121,7 @@ def test_a_tiny_cpu_fit_lowers_the_loss_and_the_collision_rate(small_world):
 
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_path):
     content, rows = _fit_data(small_world)
-    cfg = TINY | {"epochs": 4, "checkpoint_every": 1}
+    cfg = tiny(epochs=4, checkpoint_every=1)
     straight = make_tokenizer("rqvae+hamr", cfg)
     straight.fit(content, rows)
 
@@ -166,7 +171,7 @@ def test_train_tokenizer_writes_every_output(small_world_dir, small_world, tmp_p
 
 
 def test_train_cli(small_world_dir, tmp_path):
-    from quasid.cli import app
+    from flows.cli import app
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["train", "--data", str(small_world_dir), "--tokenizer",

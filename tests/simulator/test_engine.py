@@ -233,7 +233,7 @@ def test_clockless_data_uses_a_virtual_clock(small_world, tmp_path, base_config)
 
 
 def test_bad_configs_are_rejected_with_clear_errors(base_config, tmp_path):
-    from simulator.config import ConfigError
+    from quasid.core.config import ConfigError
 
     bad = copy.deepcopy(base_config)
     bad["arms"][1]["allocation"] = 0.7

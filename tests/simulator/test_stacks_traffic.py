@@ -7,7 +7,7 @@ import pytest
 
 from quasid.core.recommender import PAD, Recommender
 from quasid.data.splits import history_before
-from simulator.arms import StackContext, build_stack, register_stack
+from simulator.arms import StackContext, arm_recommender, register_stack
 from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import ArmSpec
 from simulator.responses import request_keys, stage_uniforms
@@ -81,7 +81,7 @@ def test_registered_stacks_are_the_flows_hook():
 
     register_stack("custom-test", factory)
     ctx = StackContext(np.arange(10), np.arange(3), seed=1, arm="t", options={"x": 1})
-    stack = build_stack(ArmSpec(name="t", stack="custom-test", allocation=0.5), ctx)
+    stack = arm_recommender(ArmSpec(name="t", stack="custom-test", allocation=0.5), ctx)
     assert stack.name == "custom" and seen["ctx"].options == {"x": 1}
     with pytest.raises(FileNotFoundError, match="not a registered stack name"):
-        build_stack(ArmSpec(name="t", stack="/no/such/stack", allocation=0.5), ctx)
+        arm_recommender(ArmSpec(name="t", stack="/no/such/stack", allocation=0.5), ctx)
