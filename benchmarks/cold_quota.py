@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from quasid.data.dataset import load_dataset
-from quasid.data.sequences import drop_last, loo_requests
+from quasid.data.sequences import loo_requests, validation_requests
 from quasid.stack.metrics import hit_ndcg
 from quasid.stack.serving import Stack
 
@@ -43,7 +43,7 @@ def main() -> None:
     stack = Stack.load(args.stack)
     cold_ids = ds.items.filter(pl.col("is_cold"))["item_id"].to_numpy()
     hist, targets = loo_requests(ds.interactions, 20)
-    v_hist, v_targets = loo_requests(drop_last(ds.interactions), 20)
+    v_hist, v_targets = validation_requests(ds.interactions, 20)
     rng = np.random.default_rng(0)
     sample = rng.permutation(len(targets))[: args.requests]
     cold = rng.permutation(np.flatnonzero(np.isin(targets, cold_ids)))[: args.cold_requests]

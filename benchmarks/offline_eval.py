@@ -2,10 +2,10 @@
 
 Each run trains the tokenizer, then the stack (retriever + ranker) on the leave-one-out
 training part, fits the final score's retrieval weight on the validation items and scores
-the test items (`quasid.evaluate.eval_run`). The small models leave one GPU mostly idle, so
+the test items (`quasid.evaluation.offline.eval_run`). The small models leave one GPU mostly idle, so
 `--jobs` runs share it; runs are ordered seed-major, so a deadline cuts seeds, not
 tokenizers. At `--deadline` seconds unfinished runs are stopped and reported as failed;
-the finished ones are aggregated per dataset (`quasid.evaluate.offline_eval(reuse_only=True)`).
+the finished ones are aggregated per dataset (`quasid.evaluation.offline.offline_eval(reuse_only=True)`).
 Then the serving speed of the first finished stack is measured: the retriever's constrained
 beam search (beam 20, top-10) and the whole stack's `recommend`, on the device and the CPU,
 over the dataset's real test histories.

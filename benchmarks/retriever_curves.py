@@ -33,10 +33,9 @@ def _curve(data: str, sids: str, overrides: dict, device: str, eval_every: int, 
     from quasid.core.schemas import SID_TABLE, read_parquet
     from quasid.data.dataset import load_dataset
     from quasid.data.sequences import (
-        drop_last,
-        loo_requests,
         row_mapper,
         training_windows,
+        validation_requests,
     )
     from quasid.data.splits import leave_one_out
     from quasid.stack.config import stack_config
@@ -53,7 +52,7 @@ def _curve(data: str, sids: str, overrides: dict, device: str, eval_every: int, 
     cold = ds.items.filter(pl.col("is_cold"))["item_id"]
     train = leave_one_out(ds.interactions, cold_items=cold).train
     hist, tgt = training_windows(train, rows_of, cfg.max_history)
-    v_hist, v_tgt = loo_requests(drop_last(ds.interactions), cfg.max_history)
+    v_hist, v_tgt = validation_requests(ds.interactions, cfg.max_history)
     pick = np.random.default_rng(0).permutation(len(v_tgt))[:n_valid]
     v_hist = torch.as_tensor(rows_of(v_hist[pick]), device=device)
     v_tgt = rows_of(v_tgt[pick])

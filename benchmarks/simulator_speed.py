@@ -4,7 +4,7 @@
     python benchmarks/simulator_speed.py --users 20000 --items 5000 --memory-days 3,14
 
 Generates a synthetic world (or reads `--data`), then runs a popularity-vs-popularity
-experiment through `simulator.engine.run_experiment` in one process (one shard unless
+experiment through `simulator.replay.run_experiment` in one process (one shard unless
 `--shards`), timing the whole run and the serving phase (the shards: stack -> world ->
 events -> Parquet). Throughput = requests served (experiment + pre-period) / seconds.
 With `--memory-days a,b,...` it reruns the experiment once per window length in a fresh

@@ -1,6 +1,6 @@
 """SID quality of each tokenizer on one dataset, over seeds: the issue-4 targets, measured.
 
-Runs `quasid.training.train_tokenizer` for every (tokenizer, seed) and prints one row per
+Runs `quasid.tokenizer.train.train_tokenizer` for every (tokenizer, seed) and prints one row per
 tokenizer with the mean ± standard error over seeds of collision rate, SID entropy, and,
 on the synthetic world, the harmful / benign collision rates; writes every run's metrics.
 

@@ -1,6 +1,6 @@
 """Tokenizer speed: training-step time per tokenizer and batch size, SID assignment throughput.
 
-Step time: the real training step (`quasid.training.train_step` on a `BatchSampler` batch:
+Step time: the real training step (`quasid.tokenizer.fit.train_step` on a `BatchSampler` batch:
 batch drawing and gathering, forward, losses, backward, AdamW, LR schedule), on random
 content with random collaborative pairs, averaged over timed steps after warm-up; reported
 with its overhead over `rqvae` at the same batch size.

@@ -24,6 +24,7 @@ from flows.tasks import (
     analyze_task,
     build_stack_task,
     finalize_task,
+    is_done,
     prepare_task,
     simulate_shard_task,
     synthesize_task,
@@ -40,9 +41,9 @@ def train_tokenizers(data_dir: Path, tokenizers: list[str], out_root: Path, devi
     outputs = {}
     for name in dict.fromkeys(tokenizers):
         out = Path(out_root) / name
-        train_tokenizer_task(data_dir=str(data_dir), tokenizer=name, out_dir=str(out),
-                             device=device, seed=seed, epochs=epochs,
-                             overrides=(overrides or {}).get(name, {}))
+        train_tokenizer_task.with_options(refresh_cache=not is_done(out))(
+            data_dir=str(data_dir), tokenizer=name, out_dir=str(out), device=device, seed=seed,
+            epochs=epochs, overrides=(overrides or {}).get(name, {}))
         outputs[name] = str(out)
     return outputs
 
@@ -54,8 +55,9 @@ def build_stacks(data_dir: Path, sid_dirs: dict[str, str], out_root: Path, devic
     stacks = {}
     for name, sid_dir in sid_dirs.items():
         out = Path(out_root) / name
-        build_stack_task(data_dir=str(data_dir), sids_path=str(Path(sid_dir) / SIDS_FILE),
-                         out_dir=str(out), device=device, seed=seed, overrides=overrides or {})
+        build_stack_task.with_options(refresh_cache=not is_done(out))(
+            data_dir=str(data_dir), sids_path=str(Path(sid_dir) / SIDS_FILE), out_dir=str(out),
+            device=device, seed=seed, overrides=overrides or {})
         stacks[name] = str(out)
     return stacks
 
@@ -128,7 +130,8 @@ def ab_pipeline(config: RunConfig) -> dict:
     data_path = Path(config.experiment.data.path)
     if str(data_path) == SYNTHETIC:
         data_path = out / "data"
-        synthesize_task(world={**options.synthetic, "seed": config.seed}, out_dir=str(data_path))
+        synthesize_task.with_options(refresh_cache=not is_done(data_path))(
+            world={**options.synthetic, "seed": config.seed}, out_dir=str(data_path))
     logger.info("data: %s", data_path)
 
     arm_tokenizers = config.tokenizers

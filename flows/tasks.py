@@ -4,8 +4,9 @@ Tasks pass file paths (never frames or models). The three training stages (world
 tokenizer, stack) are cached by `stage_cache`: the key is the task's name, its arguments
 and the bytes of the files it reads, so a rerun with the same inputs skips the stage and a
 changed input (data, SID table, settings, device) trains again. Each of them writes a done
-record (`DONE_FILE`, its inputs) last, beside its output: while that record is missing
-(the output was deleted, or a run died half-way) the cache is bypassed and the stage runs.
+record (`DONE_FILE`, its inputs) last, beside its output; the flows call a stage with
+`refresh_cache=not is_done(out)`, so a deleted or half-written output is built again even
+where Prefect still holds a cached result for the same inputs.
 The simulation resumes on its own (its run directory keeps a plan and per-shard records)
 and the analysis is cheap, so those tasks are not cached; they retry on transient I/O errors.
 
@@ -48,20 +49,22 @@ def _transient(task_, task_run, state) -> bool:
     return False
 
 
-def stage_cache(out: str, reads: Mapping[str, tuple[str, ...]]):
+def stage_cache(reads: Mapping[str, tuple[str, ...]]):
     """A `cache_key_fn` over a stage's real inputs.
 
-    `out`: the argument naming the stage's output folder; `reads`: argument -> the files
-    it names (a folder's file names, or `()` for a single file) whose bytes enter the key.
-    Returns no key, so the stage runs, while the output folder has no done record.
+    `reads`: argument -> the files it names (a folder's file names, or `()` for a single
+    file) whose bytes enter the key.
     """
-    def key(context: Any, inputs: dict[str, Any]) -> str | None:
-        if not (Path(inputs[out]) / DONE_FILE).is_file():
-            return None
+    def key(context: Any, inputs: dict[str, Any]) -> str:
         digests = {name: content_digest(inputs[name], files) for name, files in reads.items()}
         return json_digest(context.task.name, inputs, digests)
 
     return key
+
+
+def is_done(out_dir: str | Path) -> bool:
+    """Whether a stage's output folder holds its done record (the stage finished there)."""
+    return (Path(out_dir) / DONE_FILE).is_file()
 
 
 def mark_done(out_dir: str, **inputs: Any) -> None:
@@ -71,7 +74,7 @@ def mark_done(out_dir: str, **inputs: Any) -> None:
 
 
 @task(name="synthesize-world", persist_result=True,
-      cache_key_fn=stage_cache("out_dir", {}))
+      cache_key_fn=stage_cache({}))
 def synthesize_task(world: dict, out_dir: str) -> str:
     """Generate the synthetic world into `out_dir` (a dataset folder)."""
     card = synthesize(WorldConfig(**world), out_dir)
@@ -81,7 +84,7 @@ def synthesize_task(world: dict, out_dir: str) -> str:
 
 
 @task(name="train-tokenizer", persist_result=True,
-      cache_key_fn=stage_cache("out_dir", {"data_dir": DATASET_FILES}))
+      cache_key_fn=stage_cache({"data_dir": DATASET_FILES}))
 def train_tokenizer_task(data_dir: str, tokenizer: str, out_dir: str, device: str, seed: int,
                          epochs: int | None, overrides: dict) -> dict:
     """Train one tokenizer; returns its SID quality metrics (files in `out_dir`)."""
@@ -95,7 +98,7 @@ def train_tokenizer_task(data_dir: str, tokenizer: str, out_dir: str, device: st
 
 
 @task(name="build-stack", persist_result=True,
-      cache_key_fn=stage_cache("out_dir", {"data_dir": DATASET_FILES, "sids_path": ()}))
+      cache_key_fn=stage_cache({"data_dir": DATASET_FILES, "sids_path": ()}))
 def build_stack_task(data_dir: str, sids_path: str, out_dir: str, device: str, seed: int,
                      overrides: dict) -> str:
     """Train a SID stack (retriever + ranker) on one SID table; returns its folder."""

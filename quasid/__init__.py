@@ -1,1 +1,5 @@
-"""QuaSID: collision-qualified semantic IDs, their tokenizers and the SID retrieval/ranking stack."""
+"""QuaSID: collision-qualified semantic IDs, their tokenizers and the SID retrieval/ranking stack.
+
+Stage packages in the order the data moves: `core` (contracts, io, layout, config, hashing),
+`data`, `tokenizer`, `stack`, `evaluation`.
+"""

@@ -1,13 +1,7 @@
-"""The interface every arm's stack serves, as the simulator and the offline evaluation see it.
+"""Baseline stacks the simulator is built and tested with: popularity and random.
 
-A request is a user and the items they touched before it (oldest first). Histories travel
-as one padded int64 matrix, so a whole batch of requests is one call:
-
-    histories[r] = [-1, -1, ..., i_1, i_2, ..., i_t]   (left-padded with PAD, newest last)
-
-`recommend` returns, per request, the `k` best item ids in slate order with their scores.
-Implementations: the SID `Stack` (generative retrieval over SIDs + SID ranker), and the
-popularity and random stacks the simulator is built and tested with.
+Both implement `quasid.core.recommender.Recommender` and are row-wise deterministic (a
+request's slate depends on its own history and user only), like every stack must be.
 """
 
 from __future__ import annotations

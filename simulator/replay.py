@@ -13,8 +13,8 @@ skips finished shards and rewrites unfinished ones under the same names, so no e
 ever duplicated. All randomness is keyed on (seed, request id), so the events are the same
 whatever the number of shards.
 
-Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine's own
-`_simulator/` (plan, fitted world, shard records).
+The run directory itself (`assignments.parquet`, `events/`, `manifest.json`, and the
+engine's own `_simulator/`: plan, fitted world, shard records) is `simulator.rundir`'s.
 """
 
 from __future__ import annotations

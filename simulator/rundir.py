@@ -1,17 +1,9 @@
-"""The replay engine: logged requests -> each arm's stack -> slate -> world -> events.
+"""The run directory of a simulated experiment: prepare it, read its plan, finalize it.
 
-`run_experiment(config, out_dir, n_shards, map_fn)` = `prepare` (check the run directory,
-write the assignment table first, fit the world when asked) -> `run_shard` for every
-shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by default) ->
-`finalize` (the manifest, from the shards' records).
-
-`run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
-the users whose bucket % n_shards == shard; it streams their requests day by day in
-batches (memory grows with one day of one shard, not with the number of days), writes one
-Parquet file per (experiment, day) atomically, and records itself as done last. A rerun
-skips finished shards and rewrites unfinished ones under the same names, so no event is
-ever duplicated. All randomness is keyed on (seed, request id), so the events are the same
-whatever the number of shards.
+`prepare` checks the run directory, writes the assignment table first and the plan (config
+fingerprint, shard count), and fits the world when asked; `simulator.replay.run_shard` then
+fills `events/`; `finalize` writes the manifest from the shards' records. `load_context`
+reads what every shard needs (dataset, traffic, catalog, cohorts) once per process.
 
 Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine's own
 `_simulator/` (plan, fitted world, shard records).

@@ -1,9 +1,8 @@
 """Logged traffic as requests: which logged interactions are replayed, with what history.
 
 Every logged interaction in the experiment window becomes one request: the user, the time,
-and the items the user touched before it (`quasid.data.splits.history_before` computes the
-same thing as a list column; here it is a gather into one padded matrix per batch, so a
-request costs no Python and no list column). The request id is the interaction's row in
+and the items the user touched before it (`quasid.data.sequences.window_histories`, a gather
+into one padded matrix per batch, so a request costs no Python and no list column). The request id is the interaction's row in
 the logs sorted by (user_id, ts, item_id): stable, unique, and the same in every shard.
 
 Windows:
@@ -26,10 +25,8 @@ import numpy as np
 import polars as pl
 
 from quasid.core.hashing import hash_ids, string_key, to_uniform
-from quasid.core.recommender import PAD
+from quasid.data.sequences import user_starts, window_histories
 from quasid.data.world import DAY_SECONDS
-
-REQUEST_COLUMNS = ("request_id", "user_id", "ts", "day")
 
 
 @dataclass
@@ -46,11 +43,8 @@ class Logs:
         """Sort the interactions and index each user's block."""
         ordered = interactions.select("user_id", "item_id", "ts").sort(["user_id", "ts", "item_id"])
         user = ordered["user_id"].to_numpy()
-        new_user = np.ones(len(user), dtype=bool)
-        new_user[1:] = user[1:] != user[:-1]
-        first = np.flatnonzero(new_user)
-        start = first[np.cumsum(new_user) - 1]
-        return cls(user, ordered["item_id"].to_numpy(), ordered["ts"].to_numpy(), start)
+        return cls(user, ordered["item_id"].to_numpy(), ordered["ts"].to_numpy(),
+                   user_starts(user))
 
     def __len__(self) -> int:
         return len(self.user)
@@ -65,10 +59,7 @@ class Logs:
 
     def histories(self, rows: np.ndarray, max_len: int) -> np.ndarray:
         """(len(rows), max_len) int64: each row's previous items, left-padded with PAD."""
-        rows = np.asarray(rows, dtype=np.int64)
-        idx = rows[:, None] - max_len + np.arange(max_len)[None, :]
-        valid = idx >= self.start[rows][:, None]
-        return np.where(valid, self.item[np.maximum(idx, 0)], PAD)
+        return window_histories(self.item, self.start, rows, max_len)
 
 
 @dataclass(frozen=True)

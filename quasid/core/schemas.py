@@ -1,6 +1,6 @@
 """Data contracts: the schemas every file between two steps must follow, and their validator.
 
-One schema per file kind (items, interactions, sid table, assignments, events; see DESIGN.md).
+One schema per file kind (items, interactions, sid table, assignments, events; see docs/design.md).
 `validate` checks a polars frame against a schema and raises `ContractError` naming the
 source (file), the column, the first offending rows and what was expected. Nothing is
 coerced: a wrong dtype is an error, not a cast. `write_parquet` validates first and writes
@@ -157,7 +157,6 @@ EVENTS = Schema(
     unique=("request_id", "item_id", "event_type"),
 )
 
-SCHEMAS = {s.name: s for s in (ITEMS, INTERACTIONS, SID_TABLE, ASSIGNMENTS, EVENTS)}
 
 
 def _show_rows(frame: pl.DataFrame, mask: pl.Series, columns: list[str]) -> str:

@@ -1,1 +1,3 @@
-"""Data: contracts-conforming datasets, the synthetic world, the Amazon import, splits."""
+"""Data: dataset folders, the synthetic world and its truth, the Amazon import, splits and
+sequences.
+"""

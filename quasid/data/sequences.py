@@ -1,22 +1,10 @@
-"""The SID stack an arm serves: generative retrieval (+ popularity fill) -> SID ranker -> top-K.
+"""Interaction logs as sequences: each interaction with the user's history before it.
 
-Built from one tokenizer's SID table. Per batch of requests:
-1. the retriever's constrained beam search proposes `beam` items (cold items included:
-   their SIDs come from content);
-2. cold-start quota: items without training interactions that share their first SID
-   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
-   warm targets only, gives their unseen full codes almost no probability;
-3. the most popular training items not already proposed fill the candidate set up to
-   `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
-4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
-   sigmoid(ranker logit + retrieval_weight * retriever log p), and the best `k` form the slate.
-Everything is batched tensors on one device; item ids are mapped to rows (positions in the
-SID table sorted by item id) on the way in and back on the way out.
-
-`build_stack` trains a stack from a dataset folder and a SID table and saves it;
-`Stack.load` reads it back. Training data: the interactions before `ds.cutoff_ts` when the
-dataset has a cutoff, else the leave-one-out training part (cold items dropped), and then
-the weight of the retriever's log p in the final score is fitted on the validation items.
+The one way histories are built: `user_starts` + `window_histories` gather each row's
+previous items into a left-padded matrix (PAD = -1, newest last), vectorized over all
+users. On top: `sequence_windows` (every interaction), `training_windows` (the stacks'
+training pairs), `loo_requests` (leave-one-out test requests) and `validation_requests`
+(each user's second-to-last item), plus `row_mapper` (item ids -> SID-table rows).
 """
 
 from __future__ import annotations
@@ -26,6 +14,24 @@ import polars as pl
 
 from quasid.core.recommender import PAD
 from quasid.core.schemas import ContractError
+
+
+def user_starts(users: np.ndarray) -> np.ndarray:
+    """For rows sorted by user: the index of the first row of each row's user."""
+    users = np.asarray(users)
+    if len(users) == 0:
+        return np.zeros(0, dtype=np.int64)
+    new_user = np.r_[True, users[1:] != users[:-1]]
+    return np.maximum.accumulate(np.where(new_user, np.arange(len(users)), 0))
+
+
+def window_histories(items: np.ndarray, start: np.ndarray, rows: np.ndarray, max_len: int
+                     ) -> np.ndarray:
+    """(len(rows), max_len) int64: the `max_len` items before each row within its user
+    (`start` from `user_starts`), left-padded with PAD, newest last."""
+    rows = np.asarray(rows, dtype=np.int64)
+    idx = rows[:, None] - np.arange(max_len, 0, -1)[None, :]
+    return np.where(idx >= start[rows][:, None], items[idx.clip(min=0)], PAD)
 
 
 def sequence_windows(interactions: pl.DataFrame, max_len: int
@@ -42,11 +48,8 @@ def sequence_windows(interactions: pl.DataFrame, max_len: int
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return np.zeros((0, max_len), dtype=np.int64), empty, empty, empty.astype(bool)
-    new_user = np.r_[True, users[1:] != users[:-1]]
     is_last = np.r_[users[1:] != users[:-1], True]
-    start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
-    idx = np.arange(n)[:, None] - np.arange(max_len, 0, -1)[None, :]
-    hist = np.where(idx >= start[:, None], items[idx.clip(min=0)], PAD)
+    hist = window_histories(items, user_starts(users), np.arange(n), max_len)
     return hist, items, users, is_last
 
 
@@ -79,8 +82,6 @@ def row_mapper(item_ids: np.ndarray, source: str):
 
 def loo_requests(interactions: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(histories (n_users, max_len), targets (n_users,)): each user's last item and its past."""
-    from quasid.data.sequences import sequence_windows
-
     hist, items, _, is_last = sequence_windows(interactions, max_len)
     keep = is_last & (hist[:, -1] >= 0)  # a user with a single interaction has no request
     return hist[keep], items[keep]
@@ -90,3 +91,10 @@ def drop_last(interactions: pl.DataFrame) -> pl.DataFrame:
     """Each user's interactions without the last one (so the validation item becomes the last)."""
     ordered = interactions.sort(["user_id", "ts", "item_id"])
     return ordered.filter(pl.int_range(pl.len()).over("user_id") < pl.len().over("user_id") - 1)
+
+
+def validation_requests(interactions: pl.DataFrame, max_len: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out validation requests: each user's second-to-last item and its past
+    (never the test item), for tuning and early stopping."""
+    return loo_requests(drop_last(interactions), max_len)

@@ -51,19 +51,6 @@ def time_split(interactions: pl.DataFrame, cutoff_ts: int) -> tuple[pl.DataFrame
     return interactions.filter(before), interactions.filter(~before)
 
 
-def history_before(interactions: pl.DataFrame, max_len: int) -> pl.DataFrame:
-    """Each interaction with the user's previous `max_len` items as a list column `history`.
-
-    The request a logged interaction becomes: what the user had done before it, oldest
-    first. Vectorized with a rolling window over each user's sorted rows.
-    """
-    ordered = interactions.sort(["user_id", "ts", "item_id"])
-    shifted = [pl.col("item_id").shift(k).over("user_id") for k in range(max_len, 0, -1)]
-    return ordered.with_columns(
-        pl.concat_list(shifted).list.drop_nulls().alias("history")
-    )
-
-
 def cold_users(train: pl.DataFrame, users: pl.Series, max_history: int = COLD_USER_MAX_HISTORY
                ) -> pl.Series:
     """Users (from `users`) with at most `max_history` training interactions."""

@@ -16,7 +16,6 @@ The true model (all on the logit scale):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -116,10 +115,3 @@ class World:
             "cutoff_ts": int(self.cutoff_ts),
             "end_ts": int(self.end_ts),
         }
-
-
-def world_to_json(world: World) -> str:
-    """Scalars of the world as JSON (for manifests and data cards)."""
-    scalars = {f.name: getattr(world, f.name) for f in fields(world)
-               if not isinstance(getattr(world, f.name), np.ndarray)}
-    return json.dumps(scalars, sort_keys=True)

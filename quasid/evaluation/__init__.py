@@ -1,0 +1,2 @@
+"""The offline benchmark: tokenizers x seeds -> SIDs -> stack -> leave-one-out HR/NDCG.
+"""

@@ -8,7 +8,7 @@ segment is the requests whose target is a cold item. Both the full stack's slate
 are scored. With one relevant item per request, HR@K = [rank < K] and
 NDCG@K = [rank < K] / log2(rank + 2) (rank 0-based).
 
-`offline_eval` runs tokenizers x seeds: train the tokenizer (`quasid.training.train_tokenizer`),
+`offline_eval` runs tokenizers x seeds: train the tokenizer (`quasid.tokenizer.train.train_tokenizer`),
 train a stack on the leave-one-out training part, evaluate, and aggregate mean and standard
 deviation over seeds into `results.json` and `results.md`. Each run's metrics are cached in
 `out/runs/<tokenizer>/seed<k>/metrics.json` (reused when the settings match), and runs can
@@ -30,17 +30,16 @@ import polars as pl
 from quasid.core.io import staged_dir, write_text_atomic
 from quasid.core.layout import RUN_METRICS_FILE, TOKENIZER_SETTINGS_FILE
 from quasid.core.schemas import SID_TABLE, read_parquet
-from quasid.data.sequences import drop_last, loo_requests
+from quasid.data.sequences import drop_last, loo_requests, validation_requests
 from quasid.stack.metrics import KS, hit_ndcg
 
 METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
-STAGES = ("stack", "retrieval")
 
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
                    ) -> dict:
-    """Leave-one-out metrics of a `quasid.stack.Stack`: {stage: {segment: {metric: mean}}, "n": {...}}.
+    """Leave-one-out metrics of a `quasid.stack.serving.Stack`: {stage: {segment: {metric: mean}}, "n": {...}}.
 
     split="test" scores each user's last item; "valid" the second-to-last (for tuning).
     """
@@ -116,7 +115,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     train = leave_one_out(ds.interactions, cold_items=cold).train
     cfg = stack_config(overrides)
     # the blend weight is fitted on validation requests, so only when testing on the test split
-    valid = (loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
+    valid = (validation_requests(ds.interactions, cfg.retriever.max_history)
              if split == "test" else None)
     stack, summary = train_stack(ds.items, sid_table, train, cfg, device=device, seed=seed,
                                  valid=valid, source=str(sids_path))

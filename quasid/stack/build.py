@@ -1,22 +1,10 @@
-"""The SID stack an arm serves: generative retrieval (+ popularity fill) -> SID ranker -> top-K.
+"""The stack stage: train a SID stack on a dataset folder and one SID table, and save it.
 
-Built from one tokenizer's SID table. Per batch of requests:
-1. the retriever's constrained beam search proposes `beam` items (cold items included:
-   their SIDs come from content);
-2. cold-start quota: items without training interactions that share their first SID
-   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
-   warm targets only, gives their unseen full codes almost no probability;
-3. the most popular training items not already proposed fill the candidate set up to
-   `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
-4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
-   sigmoid(ranker logit + retrieval_weight * retriever log p), and the best `k` form the slate.
-Everything is batched tensors on one device; item ids are mapped to rows (positions in the
-SID table sorted by item id) on the way in and back on the way out.
-
-`build_stack` trains a stack from a dataset folder and a SID table and saves it;
-`Stack.load` reads it back. Training data: the interactions before `ds.cutoff_ts` when the
-dataset has a cutoff, else the leave-one-out training part (cold items dropped), and then
-the weight of the retriever's log p in the final score is fitted on the validation items.
+`train_stack` trains the retriever and the ranker on training interactions (before
+`ds.cutoff_ts` when the dataset has a clock, else the leave-one-out training part, cold
+items dropped) and fits the weight of the retriever's log p in the final score on
+validation requests. `build_stack` is what the flows and `quasid eval` call: folder in,
+`stack.pt` + `stack.json` out, both or neither.
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ import torch
 from quasid.core.io import staged_dir
 from quasid.core.layout import STACK_FILE, SUMMARY_FILE
 from quasid.core.schemas import SID_TABLE, ContractError, read_parquet
-from quasid.data.sequences import row_mapper, training_windows
+from quasid.data.sequences import row_mapper, training_windows, validation_requests
 from quasid.data.splits import training_interactions
 from quasid.stack.config import StackConfig, stack_config
 from quasid.stack.ranker import Ranker, train_ranker
@@ -147,9 +135,8 @@ def build_stack(
     cfg = stack_config(overrides)
     valid = None
     if ds.cutoff_ts is None:  # leave-one-out: each user's second-to-last item is held out
-        from quasid.data.sequences import drop_last, loo_requests
 
-        valid = loo_requests(drop_last(ds.interactions), cfg.retriever.max_history)
+        valid = validation_requests(ds.interactions, cfg.retriever.max_history)
     stack, summary = train_stack(ds.items, sid_table, training_interactions(ds), cfg,
                                  device=device, seed=seed, valid=valid, progress=progress,
                                  source=str(sids_path))

@@ -1,18 +1,7 @@
-"""Offline evaluation: leave-one-out HR@K and NDCG@K over the full item set (the TIGER protocol).
+"""Offline ranking metrics: HR@K and NDCG@K with one relevant item per request.
 
-Per user, the last interaction is the test target and everything before it (at most the
-model's history length) the request. Cold items' interactions are dropped from training
-only (`leave_one_out(cold_items=...)`), so a cold item can be a test target; the `cold`
-segment is the requests whose target is a cold item. Both the full stack's slates
-(retriever -> ranker) and the retriever's beam alone (ordered by log p, as TIGER reports)
-are scored. With one relevant item per request, HR@K = [rank < K] and
-NDCG@K = [rank < K] / log2(rank + 2) (rank 0-based).
-
-`offline_eval` runs tokenizers x seeds: train the tokenizer (`quasid.training.train_tokenizer`),
-train a stack on the leave-one-out training part, evaluate, and aggregate mean and standard
-deviation over seeds into `results.json` and `results.md`. Each run's metrics are cached in
-`out/runs/<tokenizer>/seed<k>/metrics.json` (reused when the settings match), and runs can
-go in parallel processes sharing one GPU (`jobs`).
+HR@K = [rank < K] and NDCG@K = [rank < K] / log2(rank + 2), rank 0-based; the benchmark's
+and the stack's validation-time weight fit use the same function.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Generative retrieval over SIDs (TIGER-style): a small encoder-decoder Transformer.
 
 Input: the user's recent items (item rows, left-padded with -1, newest last), each spelled
-as its full code (SID levels + collision rank, see `quasid.trie`), one token per level,
+as its full code (SID levels + collision rank, see `quasid.stack.trie`), one token per level,
 followed by an always-present end token (so an empty history still has something to
 attend to). Output: the next item's code, one level at a time. Each level has its own
 token range in one shared vocabulary (token = level offset + code), so the embedding and

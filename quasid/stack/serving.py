@@ -43,7 +43,7 @@ from quasid.stack.trie import SidTrie
 
 
 class Stack:
-    """A trained SID stack; implements `quasid.recommender.Recommender`."""
+    """A trained SID stack; implements `quasid.core.recommender.Recommender`."""
 
     def __init__(self, item_ids: np.ndarray, retriever: Retriever, ranker: Ranker,
                  popularity: np.ndarray, price: np.ndarray, cfg: StackConfig,

@@ -1,20 +1,8 @@
-"""Generative retrieval over SIDs (TIGER-style): a small encoder-decoder Transformer.
+"""The training loop shared by the retriever and the ranker, and its batching.
 
-Input: the user's recent items (item rows, left-padded with -1, newest last), each spelled
-as its full code (SID levels + collision rank, see `quasid.trie`), one token per level,
-followed by an always-present end token (so an empty history still has something to
-attend to). Output: the next item's code, one level at a time. Each level has its own
-token range in one shared vocabulary (token = level offset + code), so the embedding and
-output layers are shared while levels never mix.
-
-Decoding is beam search constrained by the `SidTrie`: at each level a beam may only extend
-its prefix with a token that leads to an existing item, so every result is a real item.
-Beams of one request share the encoder memory: the decoder folds the beams into the
-cross-attention's query axis instead of copying the memory once per beam.
-The item score is log p(code) = the sum of the per-level log-probabilities (softmax over
-the level's full vocabulary, as the model was trained; invalid tokens are then excluded).
-`score_items` computes the same number by teacher forcing for any items, the brute-force
-reference the beam search is tested against.
+`train_epochs` runs seeded epochs of length-bucketed batches (`bucketed_batches`: random
+order, similar lengths inside a batch, less padding) with bf16 autocast on CUDA
+(`autocast`), clipping and a per-step LR schedule (`quasid.core.schedule.lr_factor`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""Training the SID tokenizers: the seeded fit loop and the `train` pipeline over a dataset folder.
+"""The tokenizers' seeded fit loop.
 
-`fit_model` is the loop: k-means codebook init, AdamW with linear warm-up and cosine decay,
-bf16 autocast on CUDA (the quantizer and the losses stay in fp32), gradient clipping,
-dead-code re-seeding after each epoch, per-epoch losses and SID metrics, a rich progress
-bar, and a checkpoint that a rerun with the same config resumes from (same seed, same
-result as an uninterrupted run, on the CPU).
-
-`train_tokenizer` is what `quasid train` and the flows call: data folder in, SID table,
-tokenizer, metrics and plot out.
+`fit_model`: k-means codebook init, AdamW with linear warm-up and cosine decay, bf16 autocast
+on CUDA (the quantizer and the losses stay in fp32), gradient clipping, dead-code re-seeding
+after each epoch, per-epoch losses and SID metrics, a rich progress bar, and a checkpoint
+that a rerun with the same config resumes from (same seed, same result as an uninterrupted
+run, on the CPU).
 """
 
 from __future__ import annotations

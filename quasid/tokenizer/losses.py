@@ -65,11 +65,6 @@ def shared_prefix(codes: torch.Tensor) -> torch.Tensor:
     return prefix
 
 
-def pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
-    """cos_ij = ⟨x_i, x_j⟩ / (‖x_i‖ ‖x_j‖), (B, B) float32."""
-    unit = F.normalize(x.float(), dim=1, eps=_EPS)
-    return unit @ unit.T
-
 
 def unit_distances(z: torch.Tensor) -> torch.Tensor:
     """d_ij = ‖ẑ_i − ẑ_j‖, ẑ = z / ‖z‖, as sqrt(2 − 2⟨ẑ_i, ẑ_j⟩ + ε) (d = 0 keeps a gradient)."""

@@ -1,19 +1,8 @@
-"""The SID tokenizers behind one interface, and their registry.
+"""The model behind every neural tokenizer: standardization, encoder, residual quantizer,
+decoder and contrastive towers, and the total loss of one batch:
 
-| name | what it trains |
-| --- | --- |
-| `rqvae` | reconstruction + residual quantization (the TIGER tokenizer) |
-| `rqkmeans` | no gradient training: residual k-means on the standardized content (OneRec-style) |
-| `quasid` | rqvae + HaMR over CVPM-valid pairs + dual-tower contrastive (collaborative positives) |
-| `adasid` | rqvae + adaptive overlap regulation (compatibility-relaxed, load-scaled, scheduled) |
-| `uniform` | rqvae + every collision (same full SID) repelled alike: no qualification or severity |
-| `rqvae+hamr`, `adasid+hamr` | HaMR (with CVPM) plugged into the other tokenizers |
-
-A `Tokenizer` fits on the content of the training items and optionally their collaborative
-positive pairs, encodes any item from its content alone (new items need no retraining), and
-saves to / loads from a folder (`tokenizer.pt` with weights and config, `tokenizer.json`
-with the config for people). Total training loss:
-L = L_rec + L_rq + λ_h HaMR + λ_c InfoNCE + λ_a AdaSID + λ_u Uniform (see `quasid.losses`).
+L = L_rec + L_rq + λ_h HaMR + λ_c InfoNCE + λ_a AdaSID + λ_u Uniform (terms in
+`quasid.tokenizer.losses`; each switched on by its `TokenizerConfig` flag).
 """
 
 from __future__ import annotations

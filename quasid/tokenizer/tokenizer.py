@@ -13,7 +13,7 @@ A `Tokenizer` fits on the content of the training items and optionally their col
 positive pairs, encodes any item from its content alone (new items need no retraining), and
 saves to / loads from a folder (`tokenizer.pt` with weights and config, `tokenizer.json`
 with the config for people). Total training loss:
-L = L_rec + L_rq + λ_h HaMR + λ_c InfoNCE + λ_a AdaSID + λ_u Uniform (see `quasid.losses`).
+L = L_rec + L_rq + λ_h HaMR + λ_c InfoNCE + λ_a AdaSID + λ_u Uniform (see `quasid.tokenizer.losses`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from quasid.data.splits import cold_users, history_before, leave_one_out, time_split
+from quasid.core.recommender import PAD
+from quasid.data.sequences import sequence_windows
+from quasid.data.splits import cold_users, leave_one_out, time_split
 
 
 def _log() -> pl.DataFrame:
@@ -39,10 +41,12 @@ def test_time_split_is_strict_at_the_cutoff():
     assert sorted(window["ts"].to_list()) == [4, 5, 6, 9]
 
 
-def test_history_before_lists_previous_items_oldest_first():
-    hist = history_before(_log(), max_len=2).filter(pl.col("user_id") == 1)
-    assert hist["item_id"].to_list() == [11, 13, 12, 10]
-    assert hist["history"].to_list() == [[], [11], [11, 13], [13, 12]]
+def test_sequence_windows_list_previous_items_oldest_first():
+    hist, items, users, is_last = sequence_windows(_log(), max_len=2)
+    mine = users == 1
+    assert items[mine].tolist() == [11, 13, 12, 10]
+    assert hist[mine].tolist() == [[PAD, PAD], [PAD, 11], [11, 13], [13, 12]]
+    assert is_last.tolist() == [False, False, False, True, False, True, True]
 
 
 def test_cold_users_counts_training_history():

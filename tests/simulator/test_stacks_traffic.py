@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
 from quasid.core.recommender import PAD, Recommender
-from quasid.data.splits import history_before
 from simulator.arms import StackContext, arm_recommender, register_stack
 from simulator.baselines import PopularityRecommender, RandomRecommender
 from simulator.config import ArmSpec
@@ -46,6 +46,20 @@ def test_random_stack_is_keyed_on_the_request_not_the_batch():
     assert counts.min() >= 1 and counts.max() < 30
     other, _ = RandomRecommender(np.arange(100, 400), seed=6).recommend(hist, 10, users)
     assert (other != items).mean() > 0.9
+
+
+def history_before(interactions: pl.DataFrame, max_len: int) -> pl.DataFrame:
+    """Reference (polars, independent of the gather): each interaction with the user's previous
+    `max_len` items as a list column `history`.
+
+    The request a logged interaction becomes: what the user had done before it, oldest
+    first. Vectorized with a rolling window over each user's sorted rows.
+    """
+    ordered = interactions.sort(["user_id", "ts", "item_id"])
+    shifted = [pl.col("item_id").shift(k).over("user_id") for k in range(max_len, 0, -1)]
+    return ordered.with_columns(
+        pl.concat_list(shifted).list.drop_nulls().alias("history")
+    )
 
 
 def test_histories_match_history_before(small_world):
