@@ -181,7 +181,7 @@ def popularity_experiment(harness, small_world_dir) -> dict:
 
 
 def test_a_shard_that_fails_once_is_retried(popularity_experiment, tmp_path, monkeypatch):
-    import simulator.replay as engine
+    import flows.tasks as engine
     from flows.pipeline import simulate_ab
 
     real, calls = engine.run_shard, []

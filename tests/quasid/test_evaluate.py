@@ -120,7 +120,7 @@ def test_a_run_retrains_its_tokenizer_when_the_tokenizer_settings_change(tiny_wo
     from quasid.evaluation.offline import eval_run
 
     tok = {"hidden": [16], "latent": 8, "codebook_size": 8, "kmeans_iters": 3,
-           "batch_size": 64}
+           "train": {"batch_size": 64}}
     run = tmp_path / "run"
     eval_run(tiny_world, "rqvae", 0, run, overrides=TINY, tokenizer_epochs=1,
              tokenizer_overrides=tok, save_stack=False)

@@ -131,7 +131,7 @@ def test_assignments_written_first_and_rebuilt_from_the_salt(base_config, tmp_pa
 
 _KILLER = """
 import json, os, signal, sys
-import simulator.events as events
+import quasid.core.io as atomic_io
 from simulator.replay import run_experiment
 
 config, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -146,7 +146,7 @@ def replace(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst)
 
-events.os.replace = replace
+atomic_io.os.replace = replace  # every file goes through quasid.core.io
 run_experiment(config, out, n_shards=4)
 """
 
