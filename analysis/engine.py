@@ -296,7 +296,7 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
             say(f"bootstrap: {config.bootstrap} Poisson replicates in DuckDB")
             t1 = time.perf_counter()
             replicates = bootstrap_replicates(con, metrics, info, st.caps, config.bootstrap,
-                                              config.seed)
+                                              config.seed, st.shifts)
             timings["bootstrap"] = time.perf_counter() - t1
     say("testing")
     t1 = time.perf_counter()
