@@ -67,6 +67,7 @@ class Metric:
     cuped: bool = True
     primary: bool = False
     description: str = ""
+    guardrail: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -78,9 +79,16 @@ class Metric:
         if (self.kind == "ratio") != (self.denominator is not None):
             raise AnalysisError(f"metric {self.name!r}: a denominator is required for ratio "
                                 f"metrics and only for them (kind {self.kind!r})")
+        if self.primary and self.guardrail:
+            raise AnalysisError(f"metric {self.name!r}: primary or guardrail, not both")
         if self.cap_quantile is not None and not 0.0 < self.cap_quantile < 1.0:
             raise AnalysisError(f"metric {self.name!r}: cap_quantile {self.cap_quantile!r}, "
                                 f"expected a number in (0, 1)")
+
+    @property
+    def role(self) -> str:
+        """`primary`, `guardrail` or `secondary`: the metric's multiple-testing family."""
+        return "primary" if self.primary else "guardrail" if self.guardrail else "secondary"
 
     @property
     def is_ratio(self) -> bool:

@@ -33,6 +33,10 @@ SRM_THRESHOLD = 1e-3
 # (1 + 1/r)(2 log(1/α) + log(1 + r)) is minimal near r = 8 for α = 0.05, so the
 # always-valid interval is tightest at the end of the planned run.
 MSPRT_RHO = 8.0
+# A ratio ȳ/x̄ is analysed by linearizing 1/x̄; with the denominator's mean fewer than this
+# many standard errors from 0 (its relative error above 20%) the linearization and the
+# relative uplift are unreliable: the row gets a warning and no relative CI.
+DENOMINATOR_Z = 5.0
 
 
 class StatsError(ValueError):

@@ -12,7 +12,7 @@ from tests.analysis import reference as ref
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
     config = pytest.importorskip("simulator.config")
-    engine = pytest.importorskip("simulator.rundir")
+    engine = pytest.importorskip("simulator.replay")  # run_experiment moved from rundir
     from quasid.data.synthetic import WorldConfig, synthesize
 
     base = tmp_path_factory.mktemp("sim")
