@@ -116,6 +116,12 @@ def register(metric: Metric, *, replace: bool = False) -> Metric:
     return metric
 
 
+# GMV per user is deliberately not capped by default (issue 17): at 200 vs 5,000 units,
+# heavy-tailed spend gives Welch an A/A rate of 7.8-8.0%, and winsorizing at the pooled 99.9%
+# quantile leaves it at ~7.5% (99%: 6.0-7.2%) while changing the estimand
+# (`benchmarks/analysis_calibration.py`). The small arm's skew, not the extreme values, makes
+# the test liberal: keep allocations balanced, or use `--bootstrap`, or register a capped
+# variant (`cap_quantile`) where a capped estimand is what the decision needs.
 for _m in (
     Metric("gmv_per_user", "mean", GMV, primary=True,
            description="GMV per user: order value minus cancelled value"),
