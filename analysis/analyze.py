@@ -13,8 +13,14 @@ from pathlib import Path
 
 from analysis.engine import AnalysisConfig, analyze_run
 from analysis.report import write_report
+from analysis.store import AnalysisError
 from quasid.core.io import staged_dir
 from quasid.core.layout import DB_NAME
+
+# The analysis state kept beside the outputs: the sequential looks' τ², fixed at the first
+# analysis of a run from its planned horizon and reused by every re-analysis into the same
+# folder (delete it to start the looks over).
+STATE_FILE = "analysis_state.json"
 
 
 def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str | None = None,
@@ -25,7 +31,8 @@ def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str |
     """Analyse `run_dir` and write the report to `out_dir`; returns the results dict.
 
     Writes `results.json` ({"rows", "srm"}), `details.json`, `report.md`, a self-contained
-    `report.html`, `plots/*.png` and (unless `db_path` says elsewhere) the DuckDB views file
+    `report.html`, `plots/*.png`, `analysis_state.json` (the sequential τ², read back by the
+    next analysis into `out_dir`) and (unless `db_path` says elsewhere) the DuckDB views file
     `events.duckdb`, all at once through a staging folder: bad input raises `AnalysisError`
     and leaves `out_dir` as it was. DuckDB sums in parallel, so the numbers may differ in
     their last bits between runs; `threads=1` gives byte-identical files.
@@ -35,12 +42,21 @@ def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str |
                             bootstrap=bootstrap, power=power, target_uplift=target_uplift,
                             seed=seed, threads=threads)
     out_dir = Path(out_dir)
+    state_file = out_dir / STATE_FILE
+    state = None
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise AnalysisError(f"{state_file}: not valid JSON ({exc}); delete it to start the "
+                                f"sequential looks over") from exc
     with staged_dir(out_dir) as tmp:
         db = Path(db_path) if db_path is not None else tmp / DB_NAME
-        analysis = analyze_run(run_dir, db, config, progress)
+        analysis = analyze_run(run_dir, db, config, progress, state)
         if progress:
             progress("writing the report")
         (tmp / "results.json").write_text(json.dumps(analysis.results, indent=2))
         (tmp / "details.json").write_text(json.dumps(analysis.details, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps(analysis.state, indent=2))
         write_report(analysis, tmp, plots=plots)
     return analysis.results

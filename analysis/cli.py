@@ -14,7 +14,9 @@ def analyze_cmd(
                                                 "results.json, details.json, plots/."),
     alpha: float = typer.Option(0.05, help="Significance level (two-sided)."),
     control: str = typer.Option(None, help="Control arm (default: the manifest's control)."),
-    correction: str = typer.Option("bh", help="Multiplicity correction across rows: bh or holm."),
+    correction: str = typer.Option("bh", help="Multiplicity correction within each family "
+                                              "(primary metrics × arms; secondary; guardrail; "
+                                              "segments and days exploratory): bh or holm."),
     metric: list[str] = typer.Option(None, "--metric", help="Metric to analyse (repeatable; "
                                                             "default: every registered metric)."),
     bootstrap: int = typer.Option(0, help="Poisson bootstrap replicates for the CIs of mean "
@@ -28,6 +30,7 @@ def analyze_cmd(
     from rich.console import Console
 
     from analysis.analyze import analyze
+    from analysis.stats import StatsError
     from analysis.store import AnalysisError
 
     console = Console()
@@ -37,7 +40,7 @@ def analyze_cmd(
                               correction=correction, metrics=metric or None, bootstrap=bootstrap,
                               target_uplift=target_uplift,
                               progress=lambda msg: status.update(msg))
-    except AnalysisError as exc:
+    except (AnalysisError, StatsError) as exc:
         console.print(f"[bold red]analysis failed:[/] {exc}")
         raise typer.Exit(1) from exc
     srm = results["srm"]
@@ -50,10 +53,21 @@ def analyze_cmd(
     significant = [r for r in results["rows"] if r["segment"] == "all"
                    and r["p_adjusted"] is not None and r["p_adjusted"] < alpha]
     for r in significant:
-        console.print(f"  {r['metric']} ({r['arm']}): {100 * r['rel_effect']:+.2f}% "
-                      f"[{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%], "
-                      f"p_adj = {r['p_adjusted']:.3g}")
+        console.print(f"  {r['metric']} ({r['arm']}, {r['family']}): {_pct(r['rel_effect'])} "
+                      f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}], "
+                      f"abs {_num(r['abs_effect'])} [{_num(r['abs_ci_low'])}, "
+                      f"{_num(r['abs_ci_high'])}], p_adj = {r['p_adjusted']:.3g}"
+                      + (f" ({r['warning']})" if r.get("warning") else ""))
     console.print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'results.json'}")
+
+
+def _pct(x: float | None) -> str:
+    """A relative value as a signed percentage, `n/a` when undefined (None)."""
+    return "n/a" if x is None else f"{100 * x:+.2f}%"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def register(app: typer.Typer) -> None:

@@ -7,12 +7,25 @@ views file; `analysis.analyze.analyze` turns it into the report and the JSON fil
 `ROW_KEYS`: one per metric × segment × treatment arm. `details.json` holds what does not fit
 a row: CUPED variance reductions, power and minimum detectable effects, the sequential
 (always-valid) looks by day, skipped cells and the run's settings.
+
+Multiple testing is per family (`family_of`): the primary metrics × treatment arms on all
+users are the confirmatory family; secondary and guardrail metrics are families of their
+own; segments and days are exploratory families (adjusted within themselves, labelled
+`exploratory`). Each row's CIs are at the level its family's adjusted decision implies
+(`stats.decision_level`, `ci_level` in the row), so a CI excludes 0 exactly when the row is
+significant after adjustment.
+
+The sequential looks use a mixture variance τ² fixed once, from the planned horizon (the
+manifest's `days`), at the first analysis of a run, and reused from the analysis state
+(`analysis_state.json`, written beside the outputs) at every re-analysis.
 """
 
 from __future__ import annotations
 
 import math
 import time
+
+import duckdb
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +45,9 @@ from analysis.store import AnalysisError, StoreInfo, build_store, connect
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
-            "p_adjusted", "n_control", "n_treatment", "method")
+            "p_adjusted", "n_control", "n_treatment", "method", "family", "exploratory",
+            "ci_level", "warning")
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class Analysis:
     results: dict
     details: dict
     timings: dict[str, float] = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
 
 
 def _finite(x: float) -> float | None:
@@ -145,8 +161,10 @@ def plan_tests(cells: list[Cell], control: str, treatments: list[str],
     return jobs, skipped
 
 
-def run_jobs(jobs: list[_Job], config: stats.TestConfig) -> list[stats.TestResult]:
-    """Run every test, one vectorized call per method (the statistics are stacked)."""
+def run_jobs(jobs: list[_Job], config: stats.TestConfig,
+             alphas: list[float] | None = None) -> list[stats.TestResult]:
+    """Run every test, one vectorized call per method (the statistics are stacked); with
+    `alphas`, each job's CIs at its own level."""
     results: list[stats.TestResult | None] = [None] * len(jobs)
     by_method: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -154,39 +172,98 @@ def run_jobs(jobs: list[_Job], config: stats.TestConfig) -> list[stats.TestResul
     for method, idx in by_method.items():
         c = stats.Moments.stack([jobs[i].control for i in idx])
         t = stats.Moments.stack([jobs[i].treatment for i in idx])
-        res = stats.run_test(method, c, t, config)
+        cfg = config if alphas is None else stats.TestConfig(np.array([alphas[i] for i in idx]))
+        res = stats.run_test(method, c, t, cfg)
         for pos, i in enumerate(idx):
             results[i] = stats.TestResult(**{
                 k: (v if k == "method" else np.asarray(v)[pos]) for k, v in vars(res).items()})
     return results  # type: ignore[return-value]
 
 
-def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str) -> list[dict]:
-    """Result rows with exactly `ROW_KEYS`; `p_adjusted` across all rows."""
-    p_adj = stats.adjust(np.array([float(r.p_value) for r in results]), correction) \
-        if results else np.array([])
+def family_of(metric: Metric, segment: str) -> str:
+    """The multiple-testing family of a row: `primary`, `secondary` or `guardrail` on all
+    users (confirmatory), `exploratory: segments` or `exploratory: days`."""
+    if segment == "all":
+        return metric.role
+    return "exploratory: days" if segment.startswith("day=") else "exploratory: segments"
+
+
+def _warnings(job: _Job, res: stats.TestResult, level: float) -> list[str]:
+    """Why a row's relative uplift needs care (or has no CI)."""
+    out = []
+    q = float(stats.sps.t.ppf(1 - level / 2, float(res.df)))
+    if job.metric.is_ratio and not float(res.denominator_z) > stats.DENOMINATOR_Z:
+        out.append(f"ratio denominator's mean is not clearly away from 0 (|mean|/se = "
+                   f"{float(res.denominator_z):.2g} <= {stats.DENOMINATOR_Z:g} in an arm): the "
+                   f"ratio is unstable, no relative CI")
+    elif not np.isfinite(float(res.rel_se)):
+        out.append("an arm has the same value for every unit: no relative CI")
+    elif not float(res.base_z) > q:
+        out.append("control mean is not significantly away from 0: no relative CI "
+                   "(read the absolute CI)")
+    if float(res.control_mean) < 0:
+        out.append("control mean is negative: uplift is relative to |control| "
+                   "(positive = treatment higher)")
+    return out
+
+
+def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str,
+              alpha: float = 0.05) -> list[dict]:
+    """Result rows with exactly `ROW_KEYS`; `p_adjusted` within each row's family
+    (`family_of`), CIs at the family's decision level (`stats.decision_level`)."""
+    families = [family_of(j.metric, j.segment) for j in jobs]
+    p_raw = np.array([float(r.p_value) for r in results])
+    p_adj = np.full(len(jobs), np.nan)
+    level = np.full(len(jobs), float(alpha))
+    for fam in dict.fromkeys(families):
+        idx = [i for i, f in enumerate(families) if f == fam]
+        p_adj[idx] = stats.adjust(p_raw[idx], correction)
+        level[idx] = stats.decision_level(p_raw[idx], correction, alpha)
+    if jobs and np.any(level != alpha):
+        results = run_jobs(jobs, stats.TestConfig(alpha), list(level))
     rows = []
-    for job, res, pa in zip(jobs, results, p_adj):
+    for job, res, pa, fam, lv in zip(jobs, results, p_adj, families, level):
+        notes = _warnings(job, res, lv)
+        rel_ci_ok = not (job.metric.is_ratio
+                         and not float(res.denominator_z) > stats.DENOMINATOR_Z)
         rows.append({
             "metric": job.metric.name, "segment": job.segment, "arm": job.arm,
             "control_mean": _finite(res.control_mean),
             "treatment_mean": _finite(res.treatment_mean),
             "abs_effect": _finite(res.abs_effect), "rel_effect": _finite(res.rel_effect),
-            "ci_low": _finite(res.ci_low), "ci_high": _finite(res.ci_high),
+            "ci_low": _finite(res.ci_low) if rel_ci_ok else None,
+            "ci_high": _finite(res.ci_high) if rel_ci_ok else None,
             "abs_ci_low": _finite(res.abs_ci_low), "abs_ci_high": _finite(res.abs_ci_high),
             "p_value": _finite(res.p_value), "p_adjusted": _finite(pa),
             "n_control": int(res.n_control), "n_treatment": int(res.n_treatment),
-            "method": res.method,
+            "method": res.method, "family": fam, "exploratory": fam.startswith("exploratory"),
+            "ci_level": float(1.0 - lv), "warning": "; ".join(notes) or None,
         })
     return rows
 
 
+def planned_days(manifest: dict) -> int | None:
+    """The run's planned duration in days from the manifest (`days`, or `config.days`)."""
+    for value in (manifest.get("days"), (manifest.get("config") or {}).get("days")):
+        if isinstance(value, (int, float)) and value >= 1:
+            return int(value)
+    return None
+
+
 def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments: list[str],
-                covariate_methods: dict[tuple[str, str], str],
-                config: AnalysisConfig) -> list[dict]:
-    """Always-valid (mSPRT) p-values and CIs of the cumulative effect at the end of each day."""
+                covariate_methods: dict[tuple[str, str], str], config: AnalysisConfig,
+                state: dict) -> list[dict]:
+    """Always-valid (mSPRT) p-values and CIs of the cumulative effect at the end of each day.
+
+    τ² per metric × arm is read from `state["tau2"]` or, the first time, fixed from the
+    planned horizon `state["planned_days"]` (`stats.planned_tau2`, on the average effect per
+    elapsed day for the absolute scale, see `stats.msprt`) and written into `state`. A
+    relative τ² that is undefined at this analysis (no usable relative variance yet) is
+    fixed at the first analysis that has one."""
     out = []
     tcfg = stats.TestConfig(config.alpha)
+    horizon = state["planned_days"]
+    tau_state = state.setdefault("tau2", {})
     for m in metrics:
         for arm in treatments:
             c_all, t_all = st.cumulative[m.name][control], st.cumulative[m.name][arm]
@@ -201,12 +278,29 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
                 continue
             c, t = _subset(c_all, looks), _subset(t_all, looks)
             res = stats.run_test(method, c, t, tcfg)
+            elapsed = np.array([st.days[i] + 1.0 for i in looks])
             var = res.abs_se**2
-            seq = stats.msprt(res.abs_effect, var, alpha=config.alpha,
-                              tau2=stats.MSPRT_RHO * var[-1])
             rel_var = res.rel_se**2
-            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha,
-                                  tau2=stats.MSPRT_RHO * rel_var[-1])
+            key = f"{m.name}/{arm}"
+            entry = tau_state.setdefault(key, {"metric": m.name, "arm": arm, "method": method,
+                                               "abs_per_day": None, "rel": None,
+                                               "fixed_at_day": {}})
+            if entry["abs_per_day"] is None:
+                e = elapsed[-1]
+                entry["abs_per_day"] = _finite(stats.planned_tau2(var[-1] / e**2, e, horizon,
+                                                                  stats.MSPRT_RHO))
+                entry["fixed_at_day"]["abs"] = int(st.days[looks[-1]])
+            usable_rel = np.flatnonzero(np.isfinite(rel_var) & (rel_var > 0))
+            if entry["rel"] is None and usable_rel.size:
+                j = usable_rel[-1]
+                entry["rel"] = _finite(stats.planned_tau2(rel_var[j], elapsed[j], horizon,
+                                                          stats.MSPRT_RHO))
+                entry["fixed_at_day"]["rel"] = int(st.days[looks[j]])
+            tau_abs = entry["abs_per_day"] if entry["abs_per_day"] is not None else np.nan
+            tau_rel = entry["rel"] if entry["rel"] is not None else np.nan
+            seq = stats.msprt(res.abs_effect, var, alpha=config.alpha, tau2=tau_abs,
+                              elapsed=elapsed)
+            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha, tau2=tau_rel)
             mde = stats.mde(res.abs_se, alpha=config.alpha, power=config.power)
             with np.errstate(divide="ignore", invalid="ignore"):  # a 0 control mean: n/a
                 mde_rel = mde / np.abs(res.control_mean)
@@ -222,8 +316,35 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
                 "ci_low_always_valid": _list(rel_seq.ci_low),
                 "ci_high_always_valid": _list(rel_seq.ci_high),
                 "mde_rel": _list(mde_rel),
+                "tau2_abs_per_day": entry["abs_per_day"], "tau2_rel": entry["rel"],
+                "tau2_fixed_at_day": dict(entry["fixed_at_day"]),
             })
     return out
+
+
+def _initial_state(info: StoreInfo, state: dict | None, days: list[int]) -> dict:
+    """The analysis state to continue from: the given one (checked), or a new one whose
+    planned horizon is the manifest's `days` (else the days observed now)."""
+    exp = info.manifest.experiment_id
+    if state:
+        if state.get("version") != STATE_VERSION or state.get("experiment_id") != exp:
+            raise AnalysisError(
+                f"analysis state: written for experiment {state.get('experiment_id')!r} "
+                f"(version {state.get('version')!r}), this run is {exp!r} (version "
+                f"{STATE_VERSION}); analyse into another output folder or delete its "
+                f"analysis_state.json to start the sequential looks over")
+        return json_copy(state)
+    planned = planned_days(info.manifest.raw)
+    return {"version": STATE_VERSION, "experiment_id": exp,
+            "planned_days": planned if planned is not None else len(days),
+            "horizon_source": "manifest" if planned is not None else "observed days",
+            "rho": stats.MSPRT_RHO, "tau2": {}}
+
+
+def json_copy(obj: dict) -> dict:
+    """A deep copy of a JSON-like dict."""
+    import json
+    return json.loads(json.dumps(obj))
 
 
 def _at(m: stats.Moments, i: int) -> stats.Moments:
@@ -271,8 +392,21 @@ def _power(jobs: list[_Job], results: list[stats.TestResult], info: StoreInfo, c
 
 
 def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig = AnalysisConfig(),
-                progress: Callable[[str], None] | None = None) -> Analysis:
-    """Analyse a run directory; returns the results and details, writes only the DuckDB views."""
+                progress: Callable[[str], None] | None = None,
+                state: dict | None = None) -> Analysis:
+    """Analyse a run directory; returns the results, details and the analysis state (the
+    sequential τ², from `state` when given: the previous analysis's), writes only the DuckDB
+    views. Every failure on the input is an `AnalysisError`."""
+    try:
+        return _analyze_run(run_dir, db_path, config, progress, state)
+    except stats.StatsError as exc:
+        raise AnalysisError(f"{run_dir}: {exc}") from exc
+    except duckdb.Error as exc:
+        raise AnalysisError(f"{run_dir}: DuckDB could not read the run's files: {exc}") from exc
+
+
+def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig,
+                 progress: Callable[[str], None] | None, state: dict | None) -> Analysis:
     timings: dict[str, float] = {}
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -296,7 +430,7 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
             say(f"bootstrap: {config.bootstrap} Poisson replicates in DuckDB")
             t1 = time.perf_counter()
             replicates = bootstrap_replicates(con, metrics, info, st.caps, config.bootstrap,
-                                              config.seed)
+                                              config.seed, st.shifts)
             timings["bootstrap"] = time.perf_counter() - t1
     say("testing")
     t1 = time.perf_counter()
@@ -305,10 +439,11 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
                                frozenset(config.metrics or ()))
     tcfg = stats.TestConfig(config.alpha)
     results = run_jobs(jobs, tcfg)
-    rows = make_rows(jobs, results, config.correction)
+    rows = make_rows(jobs, results, config.correction, config.alpha)
     bootstrap_info = _apply_bootstrap(rows, jobs, replicates, control, tcfg)
     methods = {(j.metric.name, j.arm): j.method for j in jobs if j.segment == "all"}
-    sequential = _sequential(st, metrics, control, treatments, methods, config)
+    new_state = _initial_state(info, state, st.days)
+    sequential = _sequential(st, metrics, control, treatments, methods, config, new_state)
     power = _power(jobs, results, info, control, config)
     timings["statistics"] = time.perf_counter() - t1
     srm_dict = {"p_value": srm.p_value, "statistic": srm.statistic, "df": srm.df,
@@ -323,9 +458,12 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
         "pre_period": info.has_pre_period, "days": st.days,
         "segments": [{"name": s.name, "level": s.level, "column": s.column}
                      for s in info.segments],
-        "metrics": [{"name": m.name, "kind": m.kind, "primary": m.primary,
+        "metrics": [{"name": m.name, "kind": m.kind, "primary": m.primary, "role": m.role,
                      "description": m.description, "cap_quantile": m.cap_quantile}
                     for m in metrics],
+        "families": _family_summary(rows, config.alpha),
+        "sequential_state": {k: new_state[k] for k in ("planned_days", "horizon_source",
+                                                       "rho")},
         "caps": st.caps,
         "cuped": [{"metric": j.metric.name, "segment": j.segment, "arm": j.arm,
                    "variance_reduction": _finite(r.variance_reduction)}
@@ -333,16 +471,28 @@ def analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfig
         "power_analysis": power, "sequential": sequential, "skipped": skipped,
     }
     timings["total"] = time.perf_counter() - t0
-    return Analysis({"rows": rows, "srm": srm_dict}, details, timings)
+    return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
+
+
+def _family_summary(rows: list[dict], alpha: float) -> list[dict]:
+    """Each multiple-testing family: its size, significant rows and CI level."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        f = out.setdefault(r["family"], {"family": r["family"], "exploratory": r["exploratory"],
+                                         "rows": 0, "significant": 0, "ci_level": r["ci_level"]})
+        f["rows"] += 1
+        f["significant"] += int(r["p_adjusted"] is not None and r["p_adjusted"] < alpha)
+    return list(out.values())
 
 
 def _apply_bootstrap(rows: list[dict], jobs: list[_Job],
                      replicates: dict[tuple[str, str], dict[str, stats.Moments]], control: str,
                      config: stats.TestConfig) -> dict:
-    """Replace the CIs of bootstrapped rows by percentile bootstrap CIs (method `+bootstrap`)."""
+    """Replace the CIs of bootstrapped rows by percentile bootstrap CIs (method `+bootstrap`),
+    each at its row's CI level. Degenerate replicates are dropped and counted."""
     if not replicates:
-        return {"replicates": 0, "rows": 0}
-    done = 0
+        return {"replicates": 0, "rows": 0, "dropped_replicates": 0, "dropped": []}
+    done, dropped = 0, []
     for row, job in zip(rows, jobs):
         reps = replicates.get((job.metric.name, job.segment))
         if reps is None:
@@ -350,9 +500,18 @@ def _apply_bootstrap(rows: list[dict], jobs: list[_Job],
         c, t = reps[control], reps[job.arm]
         if job.control.k < c.k:  # the covariate was dropped for this row
             c, t = c.take(list(range(job.control.k))), t.take(list(range(job.control.k)))
-        ci = stats.bootstrap_ci(c, t, job.method, config)
+        ci = stats.bootstrap_ci(c, t, job.method, stats.TestConfig(1.0 - row["ci_level"]))
+        n_drop = int(ci.pop("dropped"))
         row.update({k: _finite(v) for k, v in ci.items()})
         row["method"] = job.method + "+bootstrap"
+        if n_drop:
+            dropped.append({"metric": job.metric.name, "segment": job.segment, "arm": job.arm,
+                            "dropped": n_drop})
+            note = (f"bootstrap: {n_drop} of {c.n.shape[0]} replicates degenerate (no variance) "
+                    f"and dropped" + ("; too few left, no bootstrap CI"
+                                      if row["abs_ci_low"] is None else ""))
+            row["warning"] = "; ".join(w for w in (row["warning"], note) if w)
         done += 1
     return {"replicates": next(iter(next(iter(replicates.values())).values())).n.shape[0],
-            "rows": done}
+            "rows": done, "dropped_replicates": sum(d["dropped"] for d in dropped),
+            "dropped": dropped}

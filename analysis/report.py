@@ -47,18 +47,26 @@ def _ci(lo: float | None, hi: float | None, fmt) -> str:
 
 def _result_table(rows: list[dict], alpha: float, with_segment: bool) -> Block:
     header = (("segment",) if with_segment else ()) + (
-        "metric", "arm", "control", "treatment", "uplift", f"{100 * (1 - alpha):g}% CI",
-        "abs. effect", "abs. CI", "p", "p adj.", "n (c / t)", "method")
+        "metric", "arm", "family", "control", "treatment", "uplift", "CI", "abs. effect",
+        "abs. CI", "CI level", "p", "p adj.", "n (c / t)", "method")
     body = []
     for r in rows:
         sig = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
         body.append(((r["segment"],) if with_segment else ()) + (
-            r["metric"] + (" **" if sig else ""), r["arm"], _num(r["control_mean"]),
+            r["metric"] + (" **" if sig else "") + (" ⚠" if r["warning"] else ""), r["arm"],
+            r["family"], _num(r["control_mean"]),
             _num(r["treatment_mean"]), _pct(r["rel_effect"]),
             _ci(r["ci_low"], r["ci_high"], _pct), _num(r["abs_effect"]),
-            _ci(r["abs_ci_low"], r["abs_ci_high"], _num), _p(r["p_value"]), _p(r["p_adjusted"]),
+            _ci(r["abs_ci_low"], r["abs_ci_high"], _num), f"{100 * r['ci_level']:.4g}%",
+            _p(r["p_value"]), _p(r["p_adjusted"]),
             f"{r['n_control']} / {r['n_treatment']}", r["method"]))
     return Block("table", header=header, rows=tuple(body))
+
+
+def _warning_list(rows: list[dict]) -> list[Block]:
+    items = tuple(f"{r['metric']} / {r['segment']} / {r['arm']}: {r['warning']}"
+                  for r in rows if r["warning"])
+    return [Block("p", "⚠ Warnings:"), Block("list", items=items)] if items else []
 
 
 def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
@@ -120,24 +128,57 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
     daily = [r for r in rows if r["segment"].startswith("day=")]
     doc.append(Block("h2", "3. Results: all users"))
     correction = "Holm" if d["correction"] == "holm" else "Benjamini-Hochberg"
-    doc.append(Block("p", f"Uplift = (treatment − control) / control; `**` marks adjusted p < "
-                          f"{alpha:g} ({correction} across all {len(rows)} rows). CUPED rows "
-                          f"show unadjusted means and the covariate-adjusted effect. A 95% CI of "
-                          f"n/a: one arm has the same value for every user (e.g. no events), "
-                          f"so the relative CI is undefined; read the absolute CI and p."))
+    fams = {f["family"]: f for f in d.get("families", [])}
+
+    def fam_text(name: str) -> str:
+        f = fams.get(name)
+        return (f"`{name}`: {f['rows']} row(s), {f['significant']} significant, CIs at "
+                f"{100 * f['ci_level']:.4g}%" if f else f"`{name}`: no rows")
+
+    doc.append(Block("p", f"Uplift = (treatment − control) / |control| (positive: treatment "
+                          f"higher, also for a negative control). `**` marks adjusted p < "
+                          f"{alpha:g}, {correction} within each family: the confirmatory "
+                          f"family is the primary metrics × treatment arms ("
+                          f"{fam_text('primary')}); secondary ({fam_text('secondary')}) and "
+                          f"guardrail ({fam_text('guardrail')}) metrics are families of their "
+                          f"own. CIs are shown at the level their family's adjusted decision "
+                          f"implies (column CI level), so a CI excludes 0 exactly when the "
+                          f"row is significant. CUPED rows show unadjusted means and the "
+                          f"covariate-adjusted effect. A relative CI of n/a: an arm is constant, "
+                          f"the control mean (or a ratio's denominator) is not clearly away "
+                          f"from 0; read the absolute CI and p."))
     doc.append(_result_table(overall, alpha, with_segment=False))
+    doc.extend(_warning_list(overall))
     if plots:
         doc.append(Block("img", "forest"))
-    doc.append(Block("h2", "4. Segments (cohorts)"))
+    doc.append(Block("h2", "4. Segments (cohorts): exploratory"))
+    doc.append(Block("p", f"EXPLORATORY: segment rows are not part of the confirmatory family; "
+                          f"their p adj. is {correction} within the segment rows only "
+                          f"({fam_text('exploratory: segments')}). Use them to form hypotheses, "
+                          f"not to decide."))
     doc.append(_result_table(cohorts, alpha, with_segment=True) if cohorts
                else Block("p", "No cohort columns in this run."))
-    doc.append(Block("h2", "5. By day (that day's events)"))
+    doc.extend(_warning_list(cohorts))
+    doc.append(Block("h2", "5. By day (that day's events): exploratory"))
+    doc.append(Block("p", f"EXPLORATORY: days are subsets of `all` and depend on each other; "
+                          f"their p adj. is {correction} within the day rows only "
+                          f"({fam_text('exploratory: days')})."))
     doc.append(_result_table(daily, alpha, with_segment=True))
+    doc.extend(_warning_list(daily))
 
     doc.append(Block("h2", "6. Sequential looks: always-valid p-values (mSPRT)"))
+    seq_state = d.get("sequential_state", {})
     doc.append(Block("p", "Cumulative effect at the end of each day. The always-valid p-value and "
-                          "CI (mixture SPRT) stay valid however often you look; the fixed-horizon "
-                          "p-value is valid only at the planned end."))
+                          "CI (mixture SPRT) stay valid however often you look, because the "
+                          "mixture variance τ² is fixed once: at the first analysis of the run, "
+                          f"from its planned horizon of {seq_state.get('planned_days', '?')} "
+                          f"day(s) ({seq_state.get('horizon_source', '?')}), kept in "
+                          "`analysis_state.json` beside this report and reused by every "
+                          "re-analysis into this folder (deleting it restarts the looks). The "
+                          "absolute scale is tested as the average effect per elapsed day (the "
+                          "users are a fixed population whose cumulative sums grow). Looks with "
+                          "an undefined variance add no evidence. The fixed-horizon p-value is "
+                          "valid only at the planned end."))
     for s in d["sequential"]:
         doc.append(Block("h3", f"{s['metric']} ({s['arm']}, {s['method']})"))
         doc.append(Block("table", header=("day", "uplift", "always-valid CI", "always-valid p",
@@ -154,10 +195,19 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
     doc.append(Block("h2", "7. Method notes"))
     notes = [
         "Per-user sums are computed in DuckDB over the run's Parquet; users assigned but without "
-        "events count as zeros. Means: Welch t-test; ratios: delta method; relative uplift CIs: "
-        "delta method; CUPED: regression on the same metric over the pre-period "
-        "(`<experiment>__pre`), θ pooled within arms.",
-        f"Multiplicity: {d['correction']} across every row of results.json.",
+        "events count as zeros; event values are checked (NULL, NaN, inf stop the analysis). "
+        "Moments are summed about a pooled shift (no cancellation at large means). Means: Welch "
+        "t-test; ratios: delta method; relative uplift = effect / |control| with Fieller's CI "
+        "(agrees with the absolute test; undefined when the control mean is not significantly "
+        f"away from 0; ratio rows whose denominator mean is within {_num(5.0)} standard errors "
+        "of 0 get a warning and no relative CI); CUPED: regression on the same metric over the "
+        "pre-period (`<experiment>__pre`), θ pooled within arms.",
+        f"Multiplicity: {d['correction']} within each family (primary, secondary, guardrail on "
+        "all users: confirmatory; segments, days: exploratory), CIs at each family's decision "
+        "level.",
+        "Heavy tails: GMV per user is not winsorized by default; measured A/A rate of Welch at "
+        "200 vs 5,000 units with heavy-tailed spend: ~8% (winsorized at the pooled 99.9% "
+        "quantile ~7.5%), 4.8-5.1% for balanced arms. Prefer balanced arms or --bootstrap.",
         "The intervals cover the randomness of the users given each arm's deployed models, not "
         "the randomness of training them: a model retrained with another seed is another "
         "treatment, so judge a modelling change over several training seeds.",
@@ -172,8 +222,13 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
         notes.append("Capped per-user values (winsorized at the configured quantile): " + ", ".join(
             f"{k} ≤ {_num(v)}" for k, v in d["caps"].items()))
     if d["bootstrap"]["replicates"]:
+        dropped = d["bootstrap"].get("dropped_replicates", 0)
         notes.append(f"Bootstrap: {d['bootstrap']['replicates']} Poisson replicates; rows with "
-                     f"method `+bootstrap` have percentile CIs (p-values stay analytic).")
+                     f"method `+bootstrap` have percentile CIs (p-values stay analytic); "
+                     f"{dropped} degenerate replicate(s) (no variance in a sparse cell) dropped"
+                     + (": " + ", ".join(f"{x['metric']}/{x['segment']}/{x['arm']} {x['dropped']}"
+                                        for x in d["bootstrap"]["dropped"]) if dropped else "")
+                     + ".")
     for s in d["skipped"]:
         notes.append(f"Not tested: {s['metric']} / {s['segment']} / {s['arm']}: {s['reason']}.")
     doc.append(Block("list", items=tuple(notes)))

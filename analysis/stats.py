@@ -33,36 +33,57 @@ SRM_THRESHOLD = 1e-3
 # (1 + 1/r)(2 log(1/α) + log(1 + r)) is minimal near r = 8 for α = 0.05, so the
 # always-valid interval is tightest at the end of the planned run.
 MSPRT_RHO = 8.0
+# A ratio ȳ/x̄ is analysed by linearizing 1/x̄; with the denominator's mean fewer than this
+# many standard errors from 0 (its relative error above 20%) the linearization and the
+# relative uplift are unreliable: the row gets a warning and no relative CI.
+DENOMINATOR_Z = 5.0
 
 
 class StatsError(ValueError):
     """A test that cannot be computed from these statistics (zero variance, zero denominator)."""
 
 
+# Below this share of Σ(v − shift)² the centred sum of squares is rounding noise: the
+# variance is not resolvable from the sums and counts as 0 (e.g. raw sums of values with
+# mean 1e9 and sd 1; shifted sums do not get there).
+RESOLUTION = 1e-10
+
+
 @dataclass(frozen=True)
 class Moments:
-    """Sufficient statistics of k per-unit variables: `n`, `sums` (…, k), `cross` (…, k, k).
+    """Sufficient statistics of k per-unit variables: `n`, `sums` (…, k), `cross` (…, k, k),
+    taken about `shift` (…, k): `sums[..., i]` = Σ (vᵢ − shiftᵢ), `cross[..., i, j]` =
+    Σ (vᵢ − shiftᵢ)(vⱼ − shiftⱼ) over units. `shift` None means 0 (raw power sums).
 
-    `cross[..., i, j]` is Σ vᵢvⱼ over units. Leading dimensions are batch dimensions
-    (replicates, days); `n` has the batch shape.
+    A shift near the mean keeps the centred second moment Σ(v − s)² − n(v̄ − s)² free of
+    cancellation (raw sums of values with mean 1e9 and sd 1 lose every digit); the SQL
+    shifts by the pooled mean, `of` by the sample mean. Leading dimensions are batch
+    dimensions (replicates, days); `n` has the batch shape.
     """
 
     n: np.ndarray
     sums: np.ndarray
     cross: np.ndarray
+    shift: np.ndarray | None = None
 
     @classmethod
     def of(cls, values: np.ndarray) -> Moments:
-        """Moments of per-unit values, shape (units,) or (units, k) (for tests and references)."""
+        """Moments of per-unit values, shape (units,) or (units, k), about their mean."""
         v = np.asarray(values, dtype=np.float64)
         v = v[:, None] if v.ndim == 1 else v
-        return cls(np.float64(v.shape[0]), v.sum(axis=0), v.T @ v)
+        shift = v.mean(axis=0)
+        d = v - shift
+        return cls(np.float64(v.shape[0]), d.sum(axis=0), d.T @ d, shift)
 
     @classmethod
     def stack(cls, items: list[Moments]) -> Moments:
         """Stack statistics of equal k along a new leading batch dimension."""
+        shifts = None
+        if any(m.shift is not None for m in items):
+            shifts = np.stack([m.offset for m in items])
         return cls(np.stack([np.asarray(m.n, dtype=np.float64) for m in items]),
-                   np.stack([m.sums for m in items]), np.stack([m.cross for m in items]))
+                   np.stack([m.sums for m in items]), np.stack([m.cross for m in items]),
+                   shifts)
 
     @property
     def k(self) -> int:
@@ -70,35 +91,71 @@ class Moments:
         return int(np.shape(self.sums)[-1])
 
     @property
+    def offset(self) -> np.ndarray:
+        """The shift as an array of the sums' shape (zeros for raw sums)."""
+        if self.shift is None:
+            return np.zeros(np.shape(self.sums))
+        return np.broadcast_to(np.asarray(self.shift, dtype=np.float64), np.shape(self.sums))
+
+    @property
     def mean(self) -> np.ndarray:
         """Means of the variables, shape (…, k)."""
-        return np.asarray(self.sums) / np.asarray(self.n, dtype=np.float64)[..., None]
+        return self.offset + np.asarray(self.sums) / np.asarray(self.n, dtype=np.float64)[..., None]
 
     @property
     def cov(self) -> np.ndarray:
-        """Sample covariance (ddof = 1) of the variables, shape (…, k, k)."""
+        """Sample covariance (ddof = 1) of the variables, shape (…, k, k).
+
+        A variance below `RESOLUTION` × Σ(v − shift)²/n is indistinguishable from rounding
+        and is 0 (with its covariances), so "zero variance" is detected instead of tested.
+        """
         n = np.asarray(self.n, dtype=np.float64)[..., None, None]
-        mean = self.mean
-        centered = np.asarray(self.cross) - n * mean[..., :, None] * mean[..., None, :]
+        centred_mean = np.asarray(self.sums) / n[..., 0]
+        cross = np.asarray(self.cross, dtype=np.float64)
+        centered = cross - n * centred_mean[..., :, None] * centred_mean[..., None, :]
+        diag = np.diagonal(centered, axis1=-2, axis2=-1)
+        raw = np.diagonal(cross, axis1=-2, axis2=-1)
+        flat = diag <= RESOLUTION * raw
+        if np.any(flat):
+            keep = ~flat
+            centered = centered * (keep[..., :, None] & keep[..., None, :])
         return centered / (n - 1.0)
+
+    def reshift(self, shift: np.ndarray | float) -> Moments:
+        """The same statistics about another shift (exact algebra; precision is that of the
+        new shift's distance from the mean)."""
+        new = np.broadcast_to(np.asarray(shift, dtype=np.float64), np.shape(self.sums))
+        d = self.offset - new
+        n = np.asarray(self.n, dtype=np.float64)
+        sums = np.asarray(self.sums)
+        cross = (np.asarray(self.cross) + d[..., :, None] * sums[..., None, :]
+                 + sums[..., :, None] * d[..., None, :]
+                 + n[..., None, None] * d[..., :, None] * d[..., None, :])
+        return Moments(self.n, sums + n[..., None] * d, cross, np.array(new))
 
     def take(self, index: list[int]) -> Moments:
         """The moments of a subset of the variables, in the order given."""
         idx = np.asarray(index)
+        shift = None if self.shift is None else self.offset[..., idx]
         return Moments(self.n, np.asarray(self.sums)[..., idx],
-                       np.asarray(self.cross)[..., idx[:, None], idx[None, :]])
+                       np.asarray(self.cross)[..., idx[:, None], idx[None, :]], shift)
 
     def __add__(self, other: Moments) -> Moments:
+        if self.shift is not None or other.shift is not None:
+            if not np.array_equal(self.offset, other.offset):
+                other = other.reshift(self.offset)
         return Moments(np.asarray(self.n) + np.asarray(other.n),
                        np.asarray(self.sums) + np.asarray(other.sums),
-                       np.asarray(self.cross) + np.asarray(other.cross))
+                       np.asarray(self.cross) + np.asarray(other.cross), self.shift)
 
 
 @dataclass(frozen=True)
 class TestConfig:
-    """What a test needs beyond the statistics: the level of its two-sided intervals."""
+    """What a test needs beyond the statistics: the level of its two-sided intervals (a
+    scalar, or an array over the batch: each row's CI at its own multiplicity-adjusted
+    level)."""
 
-    alpha: float = 0.05
+    alpha: float | np.ndarray = 0.05
 
 
 @dataclass(frozen=True)
@@ -106,8 +163,16 @@ class TestResult:
     """Effect of treatment vs control: absolute and relative, with CIs and the p-value.
 
     `abs_effect` is the (CUPED-adjusted, where the method says so) difference;
-    `control_mean`/`treatment_mean` are the arms' unadjusted estimates; `rel_effect` is
-    `abs_effect / control_mean` with a delta-method interval (`ci_low`, `ci_high`).
+    `control_mean`/`treatment_mean` are the arms' unadjusted estimates. The relative uplift
+    is `rel_effect = abs_effect / |control_mean|`: positive means treatment higher, whatever
+    the control's sign. Its CI (`ci_low`, `ci_high`) is Fieller's: the set of uplifts r with
+    |abs_effect − r·|control|| ≤ q·sd(abs_effect − r·|control|), q the same t quantile as the
+    absolute CI; so the relative CI excludes 0 exactly when the absolute test rejects. It is
+    undefined (NaN) when the control mean is not significantly away from 0 at the CI's level
+    (`base_z` ≤ q: the set is unbounded), or when an arm is constant. `rel_se` is the delta
+    method's standard error of the uplift (used by the sequential looks).
+    `base_z` = |control mean| / its standard error; `denominator_z` (ratios; NaN otherwise)
+    = the smaller over arms of |mean denominator| / its standard error.
     `variance_reduction` is 1 − Var(adjusted)/Var(unadjusted) (0 without a covariate);
     `var_control`/`var_treatment` are the variances of each arm's (adjusted) estimate.
     """
@@ -130,6 +195,8 @@ class TestResult:
     variance_reduction: np.ndarray
     var_control: np.ndarray
     var_treatment: np.ndarray
+    base_z: np.ndarray
+    denominator_z: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -139,26 +206,37 @@ class _Arm:
     n: np.ndarray
     point: np.ndarray      # (…, p): the metric, then the covariate if any
     unit_cov: np.ndarray   # (…, p, p): covariance of the per-unit influence values
+    den_z: np.ndarray      # |mean denominator| / its standard error (NaN for means)
 
 
-def _linearize(m: Moments, ratio: bool, cuped: bool) -> _Arm:
-    """Point estimates and delta-method unit covariance of (metric[, covariate]) for one arm."""
+def _linearize(m: Moments, ratio: bool, cuped: bool, strict: bool = True) -> _Arm:
+    """Point estimates and delta-method unit covariance of (metric[, covariate]) for one arm.
+
+    `strict=False` (bootstrap replicates): a zero denominator gives NaN instead of an error."""
     expected_k = (2 if ratio else 1) * (2 if cuped else 1)
     if m.k != expected_k:
         raise StatsError(f"expected moments of {expected_k} variables "
                          f"({'ratio' if ratio else 'mean'}{' + covariate' if cuped else ''}), "
                          f"got {m.k}")
     mean = m.mean
+    cov = m.cov
     k = m.k
     groups = [(0, 1), (2, 3)] if ratio else [(0,), (1,)]
     groups = groups[: 2 if cuped else 1]
     points, grads = [], []
-    for group in groups:
+    n = np.asarray(m.n, dtype=np.float64)
+    den_z = np.full(np.shape(n), np.nan)
+    for gi, group in enumerate(groups):
         if ratio:
             num, den = mean[..., group[0]], mean[..., group[1]]
             if np.any(den == 0):
-                raise StatsError("ratio denominator has mean 0 in an arm (no units with a "
-                                 "positive denominator)")
+                if strict:
+                    raise StatsError("ratio denominator has mean 0 in an arm (no units with a "
+                                     "positive denominator)")
+                den = np.where(den == 0, np.nan, den)
+            if gi == 0:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    den_z = np.abs(den) / np.sqrt(cov[..., group[1], group[1]] / n)
             point = num / den
             grad = np.zeros(mean.shape)
             grad[..., group[0]] = 1.0 / den
@@ -170,9 +248,9 @@ def _linearize(m: Moments, ratio: bool, cuped: bool) -> _Arm:
         points.append(point)
         grads.append(grad)
     g = np.stack(grads, axis=-2)  # (…, p, k)
-    unit_cov = g @ m.cov @ np.swapaxes(g, -1, -2)
+    unit_cov = g @ cov @ np.swapaxes(g, -1, -2)
     assert unit_cov.shape[-1] == len(groups) and g.shape[-1] == k
-    return _Arm(np.asarray(m.n, dtype=np.float64), np.stack(points, axis=-1), unit_cov)
+    return _Arm(n, np.stack(points, axis=-1), unit_cov, den_z)
 
 
 def unit_variance(m: Moments, ratio: bool) -> np.ndarray:
@@ -180,10 +258,34 @@ def unit_variance(m: Moments, ratio: bool) -> np.ndarray:
     return _linearize(m, ratio, False).unit_cov[..., 0, 0]
 
 
+def fieller_relative(effect: np.ndarray, base: np.ndarray, var_effect: np.ndarray,
+                     var_base: np.ndarray, cov_effect_base: np.ndarray,
+                     q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fieller's interval for r = effect / |base| from jointly normal estimates.
+
+    {r : (effect − r|b|)² ≤ q²·Var(effect − r|b|)} is the quadratic A r² − 2B r + C ≤ 0 with
+    A = b² − q²Var(b), B = effect·|b| − q²Cov(effect, |b|), C = effect² − q²Var(effect). It is
+    a bounded interval iff A > 0 (|b| significantly away from 0); else (NaN, NaN).
+    """
+    sign = np.sign(base)
+    b = np.abs(base)
+    c = sign * cov_effect_base
+    a = b**2 - q**2 * var_base
+    bb = effect * b - q**2 * c
+    cc = effect**2 - q**2 * var_effect
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(np.maximum(bb**2 - a * cc, 0.0))
+        low = np.where(a > 0, (bb - root) / a, np.nan)
+        high = np.where(a > 0, (bb + root) / a, np.nan)
+    return low, high
+
+
 def _compare(control: Moments, treatment: Moments, config: TestConfig, *, ratio: bool,
-             cuped: bool, method: str) -> TestResult:
-    c = _linearize(control, ratio, cuped)
-    t = _linearize(treatment, ratio, cuped)
+             cuped: bool, method: str, strict: bool = True) -> TestResult:
+    """The test. `strict=False` (bootstrap replicates): a degenerate replicate (no variance,
+    zero denominator) gives NaN results instead of raising."""
+    c = _linearize(control, ratio, cuped, strict)
+    t = _linearize(treatment, ratio, cuped, strict)
     var_c_raw = c.unit_cov[..., 0, 0] / c.n
     var_t_raw = t.unit_cov[..., 0, 0] / t.n
     effect = t.point[..., 0] - c.point[..., 0]
@@ -203,29 +305,39 @@ def _compare(control: Moments, treatment: Moments, config: TestConfig, *, ratio:
         var_c, var_t = var_c_raw, var_t_raw
         cov_effect_control = -var_c_raw
     var = var_c + var_t
-    if np.any(~(var > 0)):
-        raise StatsError("zero variance in both arms: every unit has the same value, "
-                         "so there is nothing to test")
+    degenerate = ~(var > 0)
+    if np.any(degenerate):
+        if strict:
+            raise StatsError("zero variance in both arms: every unit has the same value, "
+                             "so there is nothing to test")
+        var = np.where(degenerate, np.nan, var)
     se = np.sqrt(var)
-    df = var**2 / (var_c**2 / (c.n - 1) + var_t**2 / (t.n - 1))
-    p_value = 2.0 * sps.t.sf(np.abs(effect) / se, df)
-    q = sps.t.ppf(1.0 - config.alpha / 2.0, df)
-    base = c.point[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = effect / base
-        rel_var = (var / base**2 + effect**2 * var_c_raw / base**4
-                   - 2.0 * effect * cov_effect_control / base**3)
+        df = var**2 / (var_c**2 / (c.n - 1) + var_t**2 / (t.n - 1))
+        p_value = 2.0 * sps.t.sf(np.abs(effect) / se, df)
+    q = sps.t.ppf(1.0 - np.asarray(config.alpha) / 2.0, df)
+    base = c.point[..., 0]
+    b = np.abs(base)
+    c_eb = np.sign(base) * cov_effect_control
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = effect / b
+        rel_var = var / b**2 + effect**2 * var_c_raw / b**4 - 2.0 * effect * c_eb / b**3
+        base_z = b / np.sqrt(var_c_raw)
     rel_se = np.sqrt(np.maximum(rel_var, 0.0))
     # one arm constant (e.g. no unit with an event): the delta-method terms cancel near
     # -100% and would claim certainty, so the relative CI is left undefined (NaN -> null)
-    rel_se = np.where((var_c_raw > 0) & (var_t_raw > 0), rel_se, np.nan)
+    both_vary = (var_c_raw > 0) & (var_t_raw > 0)
+    rel_se = np.where(both_vary, rel_se, np.nan)
+    ci_low, ci_high = fieller_relative(effect, base, var, var_c_raw, cov_effect_control, q)
+    ci_low, ci_high = np.where(both_vary, ci_low, np.nan), np.where(both_vary, ci_high, np.nan)
     reduction = 1.0 - var / (var_c_raw + var_t_raw) if cuped else np.zeros(np.shape(var))
+    den_z = np.fmin(c.den_z, t.den_z) if ratio else np.full(np.shape(var), np.nan)
     return TestResult(
         method=method, control_mean=c.point[..., 0], treatment_mean=t.point[..., 0],
         abs_effect=effect, abs_se=se, abs_ci_low=effect - q * se, abs_ci_high=effect + q * se,
-        rel_effect=rel, rel_se=rel_se, ci_low=rel - q * rel_se, ci_high=rel + q * rel_se,
+        rel_effect=rel, rel_se=rel_se, ci_low=ci_low, ci_high=ci_high,
         p_value=p_value, df=df, n_control=c.n, n_treatment=t.n, variance_reduction=reduction,
-        var_control=var_c, var_treatment=var_t,
+        var_control=var_c, var_treatment=var_t, base_z=base_z, denominator_z=den_z,
     )
 
 
@@ -273,17 +385,49 @@ def bootstrap_ci(control_reps: Moments, treatment_reps: Moments, method: str,
 
     The replicates are moments with a leading replicate axis (e.g. Poisson-weighted sums
     computed in DuckDB); each replicate is re-estimated with the same estimator (θ too for
-    CUPED), all at once. Returns `abs_ci_low/high`, `ci_low/high` (relative).
+    CUPED), all at once. A degenerate replicate (no variance in either arm, fewer than 2
+    units, a zero denominator: a sparse cell drew almost nobody) is dropped and counted,
+    never fatal. Returns `abs_ci_low/high`, `ci_low/high` (relative) and `dropped` (the
+    number of replicates left out, per batch element); the CIs are NaN when fewer than half
+    of the replicates are usable.
     """
     res = _compare(control_reps, treatment_reps, config, ratio=method in ("delta", "cuped_delta"),
-                   cuped=method in ("cuped", "cuped_delta"), method=method)
-    lo, hi = 100 * config.alpha / 2, 100 * (1 - config.alpha / 2)
-    abs_q = np.percentile(res.abs_effect, [lo, hi], axis=0)
-    rel_q = np.percentile(res.rel_effect, [lo, hi], axis=0)
+                   cuped=method in ("cuped", "cuped_delta"), method=method, strict=False)
+    usable = (np.isfinite(res.abs_effect) & np.isfinite(res.abs_se)
+              & (np.asarray(control_reps.n) >= 2) & (np.asarray(treatment_reps.n) >= 2))
+    dropped = (~usable).sum(axis=0)
+    alpha = np.asarray(config.alpha, dtype=np.float64)
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    abs_e = np.where(usable, res.abs_effect, np.nan)
+    rel_ok = usable & np.isfinite(res.rel_effect)
+    rel_e = np.where(rel_ok, res.rel_effect, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN CI
+            abs_q = _nanpercentile(abs_e, lo, hi)
+            rel_q = _nanpercentile(rel_e, lo, hi)
+    enough = usable.sum(axis=0) >= 0.5 * usable.shape[0]
+    abs_q = np.where(enough, abs_q, np.nan)
     # as in the analytic CI: an arm constant in every replicate leaves the relative CI undefined
-    rel_q = np.where(np.isnan(res.rel_se).all(axis=0), np.nan, rel_q)
+    rel_q = np.where(np.isnan(np.where(usable, res.rel_se, np.nan)).all(axis=0) | ~enough
+                     | ~(rel_ok.sum(axis=0) >= 0.5 * usable.shape[0]), np.nan, rel_q)
     return {"abs_ci_low": abs_q[0], "abs_ci_high": abs_q[1],
-            "ci_low": rel_q[0], "ci_high": rel_q[1]}
+            "ci_low": rel_q[0], "ci_high": rel_q[1], "dropped": dropped}
+
+
+def _nanpercentile(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(low, high) percentiles over the replicate axis 0, ignoring NaN; `lo`/`hi` may vary
+    over the batch (each row at its own level)."""
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    if lo.ndim == 0:
+        return np.nanpercentile(values, [float(lo), float(hi)], axis=0)
+    flat = values.reshape(values.shape[0], -1)
+    lo_f = np.broadcast_to(lo, values.shape[1:]).ravel()
+    hi_f = np.broadcast_to(hi, values.shape[1:]).ravel()
+    out = np.stack([[np.nanpercentile(flat[:, i], lo_f[i]) for i in range(flat.shape[1])],
+                    [np.nanpercentile(flat[:, i], hi_f[i]) for i in range(flat.shape[1])]])
+    return out.reshape((2,) + values.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -296,25 +440,62 @@ class SequentialResult:
 
 
 def msprt(effect: np.ndarray, variance: np.ndarray, *, alpha: float = 0.05,
-          tau2: np.ndarray | float) -> SequentialResult:
+          tau2: np.ndarray | float, elapsed: np.ndarray | None = None) -> SequentialResult:
     """Mixture SPRT (normal mixture N(0, τ²) over the effect) for a sequence of looks.
 
     `effect[..., j]`, `variance[..., j]` are the estimate and its variance at look j (on the
     cumulative data). The likelihood ratio is Λ = √(V/(V+τ²)) exp(τ²Δ²/(2V(V+τ²))); the
     always-valid p-value is the running minimum of 1/Λ and the CI the running intersection
     of {δ : Λ(Δ−δ) < 1/α} (Johari et al., "Always valid inference", 2017).
+
+    τ² must be fixed before the looks (not re-tuned on the data at each re-analysis: a τ²
+    proportional to the last look's variance makes every analysis a fixed |z| > 3.04 test,
+    whose error grows with the number of analyses).
+
+    The mixture assumes a constant effect whose estimate sharpens over the looks. A fixed
+    population's cumulative per-unit sums do the reverse (their difference and its variance
+    grow with time), so pass `elapsed` (e.g. days since the start, per look): the test then
+    runs on the average effect per elapsed unit Δ/e (variance V/e²), whose variance falls,
+    τ² is on that scale, and the CIs are scaled back to the cumulative effect (e·CI).
+
+    A look with an undefined or non-positive variance adds no evidence: its p-value carries
+    the running minimum and its CI the running intersection (infinite before the first
+    usable look), so early undefined looks do not void the later ones.
     """
     effect = np.asarray(effect, dtype=np.float64)
     v = np.asarray(variance, dtype=np.float64)
     tau2 = np.asarray(tau2, dtype=np.float64)
     if tau2.ndim:
         tau2 = tau2[..., None]
-    log_lr = 0.5 * np.log(v / (v + tau2)) + tau2 * effect**2 / (2.0 * v * (v + tau2))
-    p = np.minimum.accumulate(np.minimum(1.0, np.exp(-log_lr)), axis=-1)
-    half = np.sqrt(v * (v + tau2) / tau2 * (2.0 * np.log(1.0 / alpha) + np.log((v + tau2) / v)))
-    low = np.maximum.accumulate(effect - half, axis=-1)
-    high = np.minimum.accumulate(effect + half, axis=-1)
+    scale = np.ones(np.shape(effect)) if elapsed is None else np.broadcast_to(
+        np.asarray(elapsed, dtype=np.float64), np.shape(effect))
+    e, v = effect / scale, v / scale**2
+    usable = np.isfinite(e) & np.isfinite(v) & (v > 0) & np.isfinite(tau2) & (tau2 > 0)
+    e, v = np.where(usable, e, 0.0), np.where(usable, v, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_lr = 0.5 * np.log(v / (v + tau2)) + tau2 * e**2 / (2.0 * v * (v + tau2))
+        p = np.where(usable, np.minimum(1.0, np.exp(-log_lr)), 1.0)
+        half = np.sqrt(v * (v + tau2) / tau2 * (2.0 * np.log(1.0 / alpha) + np.log((v + tau2) / v)))
+    low = np.where(usable, e - half, -np.inf)
+    high = np.where(usable, e + half, np.inf)
+    p = np.minimum.accumulate(p, axis=-1)
+    low = np.maximum.accumulate(low, axis=-1) * scale
+    high = np.minimum.accumulate(high, axis=-1) * scale
     return SequentialResult(p, low, high)
+
+
+def planned_tau2(variance: np.ndarray, elapsed: float, horizon: float,
+                 rho: float = 8.0) -> np.ndarray:
+    """The mixture variance for `msprt`, fixed once from the planned horizon.
+
+    `variance` is the variance of the (per-elapsed-unit, when `msprt` gets `elapsed`)
+    effect at the first analysis, after `elapsed` of the planned `horizon` (days). It is
+    extrapolated to the horizon as information growing linearly in time (V·e/T), and
+    τ² = ρ·V(T) makes the always-valid interval tightest at the planned end (ρ = 8 for
+    α = 0.05, `MSPRT_RHO`). Record it and reuse it at every later look.
+    """
+    horizon = max(float(horizon), float(elapsed))
+    return rho * np.asarray(variance, dtype=np.float64) * float(elapsed) / horizon
 
 
 @dataclass(frozen=True)
@@ -360,8 +541,27 @@ def srm_test(observed: Mapping[str, int], shares: Mapping[str, float],
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error control)."""
+    """Holm step-down adjusted p-values (family-wise error control). NaN p-values (untestable
+    rows) stay NaN and do not count in the family."""
+    return _adjust_finite(p_values, _holm)
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate control). NaN p-values stay
+    NaN and do not count in the family."""
+    return _adjust_finite(p_values, _bh)
+
+
+def _adjust_finite(p_values: np.ndarray, fn) -> np.ndarray:
     p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = fn(p[ok])
+    return out
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
     m = p.size
     order = np.argsort(p, kind="stable")
     stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
@@ -370,9 +570,7 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     return out
 
 
-def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (false discovery rate control)."""
-    p = np.asarray(p_values, dtype=np.float64)
+def _bh(p: np.ndarray) -> np.ndarray:
     m = p.size
     order = np.argsort(p, kind="stable")[::-1]
     ranks = np.arange(m, 0, -1)
@@ -386,11 +584,31 @@ CORRECTIONS = {"holm": holm, "bh": benjamini_hochberg}
 
 
 def adjust(p_values: np.ndarray, method: str) -> np.ndarray:
-    """Adjust p-values for multiplicity with `holm` or `bh`."""
+    """Adjust p-values for multiplicity with `holm` or `bh` (NaN p-values left out)."""
     try:
         return CORRECTIONS[method](p_values)
     except KeyError:
         raise StatsError(f"unknown correction {method!r} (expected one of {sorted(CORRECTIONS)})")
+
+
+def decision_level(p_values: np.ndarray, method: str, alpha: float) -> float:
+    """The per-row CI level α' whose intervals agree with the family's adjusted decisions:
+    a row's CI at 1 − α' excludes 0 exactly when its adjusted p < α (for tests whose CI is
+    the test's inversion).
+
+    BH with R rejections among m: α' = R·α/m (Benjamini-Yekutieli FCR-adjusted intervals);
+    no rejection: α/m. Holm with R rejections: α/(m − R + 1) (α/m when R = 0, α when all
+    are rejected). A family of one: α.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    p = p[np.isfinite(p)]
+    m = p.size
+    if m <= 1:
+        return float(alpha)
+    r = int(np.sum(adjust(p, method) < alpha))
+    if method == "bh":
+        return float(alpha * max(r, 1) / m)
+    return float(alpha / (m - r + 1) if r > 0 else alpha / m)
 
 
 def mde(se: np.ndarray, *, alpha: float = 0.05, power: float = 0.8) -> np.ndarray:

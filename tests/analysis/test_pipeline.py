@@ -79,7 +79,9 @@ def test_rows_equal_reference_tests_on_raw_per_user_values(run_no_pre, no_pre_an
             assert row["method"] == "delta"
             assert row["abs_effect"] == pytest.approx(effect, rel=1e-9, abs=1e-12)
             half = (row["abs_ci_high"] - row["abs_ci_low"]) / 2
-            assert half == pytest.approx(sps.t.ppf(0.975, df) * se, rel=1e-8)
+            # CIs are at the family's decision level (1 - alpha' for BH over the family)
+            q = sps.t.ppf(1 - (1 - row["ci_level"]) / 2, df)
+            assert half == pytest.approx(q * se, rel=1e-8)
             assert row["p_value"] == pytest.approx(2 * sps.t.sf(abs(effect) / se, df), rel=1e-7)
         else:
             effect, p = ref.welch(yc, yt)
@@ -116,7 +118,8 @@ def test_cuped_rows_equal_ols_on_raw_values(run_effect, tmp_path):
         assert row["method"] == "cuped"
         assert row["abs_effect"] == pytest.approx(fit.params[1], rel=1e-9)
         half = (row["abs_ci_high"] - row["abs_ci_low"]) / 2
-        assert half == pytest.approx(1.96 * fit.bse[1], rel=5e-3)
+        z = sps.norm.ppf(1 - (1 - row["ci_level"]) / 2)  # the family's decision level
+        assert half == pytest.approx(z * fit.bse[1], rel=5e-3)
     reductions = {c["metric"]: c["variance_reduction"] for c in analysis.details["cuped"]
                   if c["segment"] == "all"}
     assert reductions["completed_orders_per_user"] > 0.05
@@ -219,7 +222,8 @@ def test_bootstrap_option_gives_close_reproducible_cis(run_no_pre, tmp_path):
         assert boot["p_value"] == pytest.approx(exact["p_value"], rel=1e-12)
         width = exact["abs_ci_high"] - exact["abs_ci_low"]
         assert (boot["abs_ci_high"] - boot["abs_ci_low"]) == pytest.approx(width, rel=0.25)
-    assert first.details["bootstrap"] == {"replicates": 400, "rows": 5}
+    assert first.details["bootstrap"] == {"replicates": 400, "rows": 5,
+                                          "dropped_replicates": 0, "dropped": []}
 
 
 def test_store_file_is_released_after_analysis(run_no_pre, tmp_path):

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from scipy import stats as sps
 from typer.testing import CliRunner
 
 from analysis.analyze import analyze
@@ -25,7 +26,8 @@ def test_analyze_writes_every_file_and_returns_the_results(report):
     out, results = report
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert names == {"results.json", "details.json", "report.md", "report.html", "events.duckdb",
-                     "plots/forest.png", "plots/sequential.png", "plots/srm.png"}
+                     "analysis_state.json", "plots/forest.png", "plots/sequential.png",
+                     "plots/srm.png"}
     assert json.loads((out / "results.json").read_text()) == results
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -38,7 +40,7 @@ def test_results_rows_have_exactly_the_agreed_keys(report):
     assert set(ROW_KEYS) == {"metric", "segment", "arm", "control_mean", "treatment_mean",
                              "abs_effect", "rel_effect", "ci_low", "ci_high", "abs_ci_low",
                              "abs_ci_high", "p_value", "p_adjusted", "n_control", "n_treatment",
-                             "method"}
+                             "method", "family", "exploratory", "ci_level", "warning"}
     segments = {r["segment"] for r in results["rows"]}
     assert {"all", "cold_item", "cold_user", "cohort_vip", "cohort_mobile"} <= segments
     assert {f"day={d}" for d in range(5)} <= segments
@@ -76,7 +78,8 @@ def test_power_details_are_consistent(report):
     for p in details["power_analysis"]:
         row = rows[p["metric"]]
         half = (row["abs_ci_high"] - row["abs_ci_low"]) / 2  # t quantile · se
-        assert p["mde_abs"] == pytest.approx(half / 1.96 * 2.8016, rel=5e-3)
+        z = sps.norm.ppf(1 - (1 - row["ci_level"]) / 2)  # CI at the family's decision level
+        assert p["mde_abs"] == pytest.approx(half / z * 2.8016, rel=5e-3)
         assert p["underpowered"] == (p["mde_rel"] > p["target_uplift"])
 
 
