@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import math
 import time
-
-import duckdb
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import numpy as np
 
 from analysis import stats
@@ -41,12 +40,13 @@ from analysis.metrics import (
     collect,
     get_metrics,
 )
+from analysis.replicates import cell_statistics, replicate_counts, replicate_result
 from analysis.store import AnalysisError, StoreInfo, build_store, connect
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
             "p_adjusted", "n_control", "n_treatment", "method", "family", "exploratory",
-            "ci_level", "warning")
+            "ci_level", "warning", "replicates", "training_sd", "user_se", "per_replicate")
 STATE_VERSION = 1
 
 
@@ -207,12 +207,25 @@ def _warnings(job: _Job, res: stats.TestResult, level: float) -> list[str]:
     return out
 
 
+ReplicateFn = Callable[[_Job, float], "stats.ReplicateResult | None"]
+"""(job, level) -> the job's training-replicate test at that level, or None (one replicate)."""
+
+
 def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str,
-              alpha: float = 0.05) -> list[dict]:
+              alpha: float = 0.05, replicate: ReplicateFn | None = None,
+              replicates: dict[str, int] | None = None, control: str | None = None
+              ) -> list[dict]:
     """Result rows with exactly `ROW_KEYS`; `p_adjusted` within each row's family
-    (`family_of`), CIs at the family's decision level (`stats.decision_level`)."""
+    (`family_of`), CIs at the family's decision level (`stats.decision_level`).
+
+    `replicate(job, level)`: where an arm has several training replicates, the row's effect,
+    CIs and p-value are the replicate-aware test's (`analysis.replicates`), and the family's
+    adjustment uses that p-value; `replicates` (per arm) is what the rows report.
+    """
     families = [family_of(j.metric, j.segment) for j in jobs]
-    p_raw = np.array([float(r.p_value) for r in results])
+    reps = [replicate(j, alpha) if replicate else None for j in jobs]
+    p_raw = np.array([float(rp.p_value) if rp is not None else float(r.p_value)
+                      for r, rp in zip(results, reps)])
     p_adj = np.full(len(jobs), np.nan)
     level = np.full(len(jobs), float(alpha))
     for fam in dict.fromkeys(families):
@@ -222,7 +235,7 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
     if jobs and np.any(level != alpha):
         results = run_jobs(jobs, stats.TestConfig(alpha), list(level))
     rows = []
-    for job, res, pa, fam, lv in zip(jobs, results, p_adj, families, level):
+    for job, res, pa, fam, lv, rp in zip(jobs, results, p_adj, families, level, reps):
         notes = _warnings(job, res, lv)
         rel_ci_ok = not (job.metric.is_ratio
                          and not float(res.denominator_z) > stats.DENOMINATOR_Z)
@@ -239,7 +252,39 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
             "method": res.method, "family": fam, "exploratory": fam.startswith("exploratory"),
             "ci_level": float(1.0 - lv), "warning": "; ".join(notes) or None,
         })
+        rows[-1].update(_replicate_fields(rows[-1], job, res, replicate(job, lv) if rp else None,
+                                          replicates or {}, control))
     return rows
+
+
+def _replicate_fields(row: dict, job: _Job, res: stats.TestResult,
+                      rp: stats.ReplicateResult | None, replicates: dict[str, int],
+                      control: str | None) -> dict:
+    """The row's training-replicate keys; with a replicate test, its effect, CIs and p."""
+    counts = {a: replicates.get(a, 1) for a in (control, job.arm) if a is not None}
+    if rp is None:
+        note = ("one training replicate per arm: the CI covers the users' randomness, not "
+                "the training's (a retrained model is another draw)")
+        if max(counts.values()) > 1:
+            note = ("training replicates not testable here (days, or a replicate cell without "
+                    "variance or denominator): the CI covers the users' randomness, not the "
+                    "training's")
+        warning = "; ".join(w for w in (row["warning"], note) if w)
+        return {"replicates": counts, "training_sd": None, "user_se": _finite(res.abs_se),
+                "per_replicate": [], "warning": warning}
+    rel_ok = row["ci_low"] is not None or row["ci_high"] is not None
+    return {
+        "control_mean": _finite(rp.control_mean), "treatment_mean": _finite(rp.treatment_mean),
+        "abs_effect": _finite(rp.abs_effect), "rel_effect": _finite(rp.rel_effect),
+        "ci_low": _finite(rp.ci_low) if rel_ok else None,
+        "ci_high": _finite(rp.ci_high) if rel_ok else None,
+        "abs_ci_low": _finite(rp.abs_ci_low), "abs_ci_high": _finite(rp.abs_ci_high),
+        "p_value": _finite(rp.p_value), "method": f"{row['method']}+replicates",
+        "replicates": counts, "training_sd": None if rp.training_sd is None
+        else _finite(rp.training_sd), "user_se": _finite(rp.user_se),
+        "per_replicate": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in p.items()}
+                          for p in rp.per_replicate],
+    }
 
 
 def planned_days(manifest: dict) -> int | None:
@@ -439,7 +484,21 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
                                frozenset(config.metrics or ()))
     tcfg = stats.TestConfig(config.alpha)
     results = run_jobs(jobs, tcfg)
-    rows = make_rows(jobs, results, config.correction, config.alpha)
+    counts = replicate_counts(info, config.threads)
+    replicate = None
+    if any(r > 1 for r in counts.values()):
+        say("training replicates: each (arm, replicate) cell aggregated on its own")
+        cells = cell_statistics(info, metrics, config.threads)
+
+        def replicate(job: _Job, level: float) -> stats.ReplicateResult | None:
+            cell = cells.get((job.metric.name, job.segment))
+            if cell is None or max(counts[control], counts[job.arm]) < 2:
+                return None
+            try:
+                return replicate_result(cell, control, job.arm, counts, job.method, level)
+            except stats.StatsError:  # a degenerate cell (no variance, no denominator)
+                return None
+    rows = make_rows(jobs, results, config.correction, config.alpha, replicate, counts, control)
     bootstrap_info = _apply_bootstrap(rows, jobs, replicates, control, tcfg)
     methods = {(j.metric.name, j.arm): j.method for j in jobs if j.segment == "all"}
     new_state = _initial_state(info, state, st.days)
@@ -455,7 +514,8 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
         "control": control, "treatments": treatments, "arms": info.manifest.arms,
         "alpha": config.alpha, "correction": config.correction, "power": config.power,
         "target_uplift": config.target_uplift, "bootstrap": bootstrap_info,
-        "pre_period": info.has_pre_period, "days": st.days,
+        "pre_period": info.has_pre_period, "days": st.days, "replicates": counts,
+        "replicate_summary": _replicate_summary(rows, power, counts, config),
         "segments": [{"name": s.name, "level": s.level, "column": s.column}
                      for s in info.segments],
         "metrics": [{"name": m.name, "kind": m.kind, "primary": m.primary, "role": m.role,
@@ -472,6 +532,31 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     }
     timings["total"] = time.perf_counter() - t0
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
+
+
+def _replicate_summary(rows: list[dict], power: list[dict], counts: dict[str, int],
+                       config: AnalysisConfig) -> list[dict]:
+    """Per confirmatory row with replicates: how much of its variance is training noise
+    (training_sd² / R over training_sd² / R + user_se²) and how many replicates per arm would
+    detect the target uplift with the analysis' power at today's users
+    (`stats.replicates_needed`; None: the users alone leave the CI too wide)."""
+    out = []
+    for r in rows:
+        if r["segment"] != "all" or r["training_sd"] is None or r["exploratory"]:
+            continue
+        per_arm = min(r["replicates"].values())
+        training_var = r["training_sd"] ** 2 / per_arm
+        total = training_var + r["user_se"] ** 2
+        base = abs(r["control_mean"]) if r["control_mean"] else None
+        needed = (stats.replicates_needed(r["training_sd"], r["user_se"],
+                                          config.target_uplift * base,
+                                          alpha=config.alpha, power=config.power)
+                  if base else None)
+        out.append({"metric": r["metric"], "arm": r["arm"], "replicates": r["replicates"],
+                    "training_sd": r["training_sd"], "user_se": r["user_se"],
+                    "training_share": training_var / total if total > 0 else None,
+                    "replicates_needed": needed, "target_uplift": config.target_uplift})
+    return out
 
 
 def _family_summary(rows: list[dict], alpha: float) -> list[dict]:

@@ -42,8 +42,8 @@ import duckdb
 import numpy as np
 
 from analysis.stats import Moments
-from quasid.core.schemas import PRE_PERIOD_SUFFIX
 from analysis.store import AnalysisError, Segment, StoreInfo, _columns
+from quasid.core.schemas import PRE_PERIOD_SUFFIX
 
 KINDS = ("mean", "proportion", "ratio")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -592,6 +592,19 @@ def _daily_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
                 series.append(_read_moments(row, prefix, k, base=base, n_post=n_post))
             out[m.name][a] = series
     return out
+
+
+def segment_statistics(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo
+                       ) -> list[Cell]:
+    """The cells of `all` and every cohort segment alone (no days, no sequential looks):
+    what the training-replicate analysis needs from a `cells=True` store."""
+    plan = make_plan(metrics, info)
+    aggregate_units(con, plan, info.manifest.experiment_id,
+                    info.manifest.experiment_id + PRE_PERIOD_SUFFIX)
+    check_event_arms(con, plan)
+    caps = _caps(con, plan)
+    cells, _ = _segment_cells(con, plan, caps, moment_shifts(con, plan, caps))
+    return cells
 
 
 def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo) -> Statistics:

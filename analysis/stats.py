@@ -21,6 +21,7 @@ variance is the sum of the arms' (Welch), with Welch-Satterthwaite degrees of fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -636,3 +637,133 @@ def required_units(effect: np.ndarray, var_control: np.ndarray, var_treatment: n
     total_share = control_share + treatment_share
     per_unit = np.asarray(var_control) / control_share + np.asarray(var_treatment) / treatment_share
     return z**2 * per_unit / np.asarray(effect, dtype=np.float64) ** 2 * total_share
+
+
+# --------------------------------------------------------------------------- replicates
+
+
+def cell_estimates(cells: list[Moments], ratio: bool, cuped: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point estimate, variance of it from the users, units) of each training-replicate cell.
+
+    Means: ȳ; ratios: Σnum/Σden with its delta-method variance. `cuped`: the moments also
+    hold the pre-period covariate (same shape); every cell's estimate is then adjusted with
+    one θ pooled within all cells, ȳ − θ(x̄ − x̄_pooled), variance
+    (s_yy − 2θ s_yx + θ² s_xx) / n: the same adjustment in every cell, so it moves no cell
+    relative to another and only removes user variance.
+    """
+    arms = [_linearize(m, ratio, cuped) for m in cells]
+    n = np.array([float(a.n) for a in arms])
+    point = np.array([float(a.point[0]) for a in arms])
+    var = np.array([float(a.unit_cov[0, 0]) for a in arms]) / n
+    if cuped:
+        s_yx = np.array([float(a.unit_cov[0, 1]) for a in arms])
+        s_xx = np.array([float(a.unit_cov[1, 1]) for a in arms])
+        x = np.array([float(a.point[1]) for a in arms])
+        denom = float(np.sum((n - 1) * s_xx))
+        theta = float(np.sum((n - 1) * s_yx)) / denom if denom > 0 else 0.0
+        point = point - theta * (x - float(np.sum(n * x) / n.sum()))
+        var = (np.array([float(a.unit_cov[0, 0]) for a in arms]) - 2 * theta * s_yx
+               + theta**2 * s_xx) / n
+    return point, var, n
+
+
+@dataclass(frozen=True)
+class ReplicateResult:
+    """The effect of a treatment over training replicates (see `replicate_test`)."""
+
+    control_mean: float
+    treatment_mean: float
+    abs_effect: float
+    abs_se: float
+    df: float
+    abs_ci_low: float
+    abs_ci_high: float
+    p_value: float
+    rel_effect: float
+    ci_low: float
+    ci_high: float
+    user_se: float
+    training_sd: float | None
+    training_share: float | None
+    replicates_control: int
+    replicates_treatment: int
+    per_replicate: list[dict]
+
+
+def _arm_variance(points: np.ndarray, user_vars: np.ndarray) -> tuple[float, float, float | None]:
+    """(variance of the arm's mean over replicates, its degrees of freedom, training variance
+    of one replicate or None) for one arm's replicate cells."""
+    r = len(points)
+    if r >= 2:
+        between = float(np.var(points, ddof=1))
+        return between / r, float(r - 1), max(0.0, between - float(np.mean(user_vars)))
+    return float(user_vars[0]), math.inf, None
+
+
+def replicate_test(control_points: np.ndarray, control_vars: np.ndarray,
+                   treatment_points: np.ndarray, treatment_vars: np.ndarray, *,
+                   alpha: float = 0.05) -> ReplicateResult:
+    """Treatment vs control when each arm's users are split over R training replicates.
+
+    Each arm's estimate is the mean of its R cell estimates; the effect is their difference.
+    A cell's estimate varies with its users and with its training (another seed, another
+    model), so the sample variance S²ₐ of an arm's cell estimates covers both: Var(meanₐ)
+    = S²ₐ / Rₐ with Rₐ − 1 degrees of freedom, and the effect's CI uses Welch-Satterthwaite
+    df = V² / Σ (S²ₐ/Rₐ)² / (Rₐ − 1) with V = Σ S²ₐ/Rₐ (a random-effects mean; no pairing
+    of replicates across arms). An arm with one replicate contributes its users' variance
+    alone (its training noise is then not covered). The relative CI is Fieller's on
+    effect / |control mean|. Also: `user_se` (the users-only SE of the same estimate),
+    `training_sd` (method of moments: sqrt of the summed per-arm max(0, S²ₐ − mean user
+    variance), the SD a single replicate pair's effect has from training alone),
+    `training_share` (share of the effect's variance that is training noise) and each
+    treatment replicate's effect against the pooled control, with its users-only CI.
+    """
+    cp, cv = np.asarray(control_points, float), np.asarray(control_vars, float)
+    tp, tv = np.asarray(treatment_points, float), np.asarray(treatment_vars, float)
+    vc, dfc, tau_c = _arm_variance(cp, cv)
+    vt, dft, tau_t = _arm_variance(tp, tv)
+    var = vc + vt
+    terms = sum(v**2 / d for v, d in ((vc, dfc), (vt, dft)) if math.isfinite(d))
+    df = var**2 / terms if terms > 0 else math.inf
+    se = math.sqrt(var)
+    base, effect = float(cp.mean()), float(tp.mean() - cp.mean())
+    q = float(sps.t.ppf(1 - alpha / 2, df))
+    p = float(2 * sps.t.sf(abs(effect) / se, df)) if se > 0 else math.nan
+    low, high = fieller_relative(np.array(effect), np.array(base), np.array(var),
+                                 np.array(vc), np.array(-vc), np.array(q))
+    user_var = float(cv.mean() / len(cp) + tv.mean() / len(tp))
+    taus = [t for t in (tau_c, tau_t) if t is not None]
+    training_sd = math.sqrt(sum(taus)) if taus else None
+    share = None
+    if tau_c is not None and tau_t is not None and var > 0:
+        share = min(1.0, max(0.0, 1.0 - user_var / var))
+    z = float(sps.norm.ppf(1 - alpha / 2))
+    pooled_user = float(cv.mean() / len(cp))
+    per = []
+    for r, (pt, v) in enumerate(zip(tp, tv)):
+        d, s = float(pt - base), math.sqrt(float(v) + pooled_user)
+        per.append({"replicate": r, "abs_effect": d, "abs_ci_low": d - z * s,
+                    "abs_ci_high": d + z * s,
+                    "rel_effect": d / abs(base) if base else None,
+                    "rel_ci_low": (d - z * s) / abs(base) if base else None,
+                    "rel_ci_high": (d + z * s) / abs(base) if base else None})
+    return ReplicateResult(
+        control_mean=base, treatment_mean=float(tp.mean()), abs_effect=effect, abs_se=se,
+        df=df, abs_ci_low=effect - q * se, abs_ci_high=effect + q * se, p_value=p,
+        rel_effect=effect / abs(base) if base else math.nan,
+        ci_low=float(low), ci_high=float(high), user_se=math.sqrt(user_var),
+        training_sd=training_sd, training_share=share, replicates_control=len(cp),
+        replicates_treatment=len(tp), per_replicate=per)
+
+
+def replicates_needed(training_sd: float, user_se: float, target: float, *,
+                      alpha: float = 0.05, power: float = 0.8) -> int | None:
+    """Replicates per arm for an effect of `target` (absolute) to be detected with `power`,
+    keeping the users: SE(R)² ≈ training_sd² / R + user_se² (training_sd covers both arms'
+    training noise); None when the users alone already leave the SE too wide."""
+    needed_se = abs(target) / (sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power))
+    room = needed_se**2 - user_se**2
+    if room <= 0:
+        return None
+    return max(1, math.ceil(training_sd**2 / room))

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import duckdb
 
-from quasid.core.schemas import ASSIGNMENTS, COHORT_PREFIX, EVENTS, PRE_PERIOD_SUFFIX
+from quasid.core.schemas import (
+    ASSIGNMENTS,
+    COHORT_PREFIX,
+    EVENTS,
+    PRE_PERIOD_SUFFIX,
+    REPLICATE_COLUMN,
+)
 
 
 class AnalysisError(ValueError):
@@ -32,6 +38,7 @@ class AnalysisError(ValueError):
 
 
 MANIFEST_KEYS = ("experiment_id", "arms", "control")
+CELL_SEPARATOR = "#r"
 USER_FLAGS = ("is_cold_user",)
 EVENT_FLAGS = ("is_cold_item", "is_cold_user")
 
@@ -138,11 +145,14 @@ def segment_name(column: str) -> str:
     return column.removeprefix("is_")
 
 
-def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
+def build_store(run_dir: str | Path, db_path: str | Path, *, cells: bool = False) -> StoreInfo:
     """Create (or replace) the views over `run_dir` in the DuckDB file `db_path`.
 
     Checks what can be checked without scanning the data: the manifest, the files' presence
     and columns, that the experiment has events, and that every arm has assigned units.
+    `cells=True`: each (arm, training replicate) cell counts as an arm of its own, named
+    `cell_name(arm, replicate)`, with the arm's share split evenly (the run's `replicate`
+    column of assignments and events; the training-replicate analysis reads such a store).
     """
     run_dir = Path(run_dir).resolve()
     db_path = Path(db_path)
@@ -158,6 +168,7 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
                             f"events/experiment_id=<id>/day=<d>/*.parquet)")
     exp = manifest.experiment_id
     pre = exp + PRE_PERIOD_SUFFIX
+    arm_sql = f"arm || '{CELL_SEPARATOR}' || CAST({REPLICATE_COLUMN} AS VARCHAR)" if cells else "arm"
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with connect(db_path) as con:
         con.execute(f"""
@@ -169,7 +180,7 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
         flag_sql = "".join(f", {c}" for c in user_flags)
         con.execute(f"""
             CREATE OR REPLACE VIEW units AS
-            SELECT unit_id AS user_id, arm {flag_sql} FROM assignments
+            SELECT unit_id AS user_id, {arm_sql} AS arm {flag_sql} FROM assignments
             WHERE experiment_id = {_sql_str(exp)}""")
         glob = _sql_str(str(events_dir / "**" / "*.parquet"))
         con.execute(f"""
@@ -179,8 +190,9 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
                 hive_types = {{'experiment_id': VARCHAR, 'day': INTEGER}})""")
         e_cols = _columns(con, "events")
         _check_columns(e_cols, EVENTS.names, events_dir, "events")
+        replace = f" REPLACE ({arm_sql} AS arm)" if cells else ""
         con.execute(f"""CREATE OR REPLACE VIEW exp_events AS
-                        SELECT * FROM events WHERE experiment_id = {_sql_str(exp)}""")
+                        SELECT *{replace} FROM events WHERE experiment_id = {_sql_str(exp)}""")
         con.execute(f"""CREATE OR REPLACE VIEW pre_events AS
                         SELECT * FROM events WHERE experiment_id = {_sql_str(pre)}""")
         experiments = dict(con.execute(
@@ -190,12 +202,29 @@ def build_store(run_dir: str | Path, db_path: str | Path) -> StoreInfo:
             raise AnalysisError(f"{events_dir}: no events for experiment {exp!r} (from "
                                 f"manifest.json); found experiments {sorted(experiments)}")
         counts = dict(con.execute("SELECT arm, count(*) FROM units GROUP BY arm").fetchall())
+        if cells:
+            manifest = _cell_manifest(manifest, counts)
         _check_arms(manifest, counts, assignments)
         event_flags = [c for c in _flag_columns(e_cols, EVENT_FLAGS) if c not in user_flags]
     segments = (Segment("all", "all"),
                 *(Segment(segment_name(c), "user", c) for c in user_flags),
                 *(Segment(segment_name(c), "event", c) for c in event_flags))
     return StoreInfo(manifest, run_dir, db_path, segments, has_pre_period=pre in experiments)
+
+
+def cell_name(arm: str, replicate: int) -> str:
+    """The name of an (arm, training replicate) cell in a `cells=True` store."""
+    return f"{arm}{CELL_SEPARATOR}{replicate}"
+
+
+def _cell_manifest(manifest: Manifest, counts: dict[str, int]) -> Manifest:
+    """The manifest with every arm replaced by its replicate cells (shares split evenly)."""
+    cells: dict[str, float] = {}
+    for arm, share in manifest.arms.items():
+        mine = sorted((c for c in counts if c.startswith(arm + CELL_SEPARATOR)),
+                      key=lambda c: int(c.rsplit(CELL_SEPARATOR, 1)[1]))
+        cells.update({c: share / len(mine) for c in mine} if mine else {arm: share})
+    return Manifest(manifest.experiment_id, cells, cell_name(manifest.control, 0), manifest.raw)
 
 
 def _check_arms(manifest: Manifest, counts: dict[str, int], source: Path) -> None:

@@ -37,6 +37,7 @@ class StackContext:
     seed: int
     arm: str
     options: dict = field(default_factory=dict)
+    replicate: int = 0
 
 
 StackFactory = Callable[[StackContext], Recommender]
@@ -58,15 +59,18 @@ def _popularity(ctx: StackContext) -> Recommender:
 
 
 def _random(ctx: StackContext) -> Recommender:
-    return RandomRecommender(ctx.catalog, seed=int(ctx.options.get("seed", ctx.seed)))
+    # each training replicate of a random arm is another random stack
+    return RandomRecommender(ctx.catalog,
+                             seed=int(ctx.options.get("seed", ctx.seed)) + ctx.replicate)
 
 
 register_stack("popularity", _popularity)
 register_stack("random", _random)
 
 
-def load_stack_dir(path: str | Path) -> Recommender:
-    """Load a saved SID stack (`quasid.stack.serving.Stack.load`); clear errors when it cannot."""
+def load_stack_dir(path: str | Path, device: str = "cpu") -> Recommender:
+    """Load a saved SID stack (`quasid.stack.serving.Stack.load`) onto `device`; clear errors
+    when it cannot."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"stack {str(path)!r}: not a registered stack name "
@@ -75,18 +79,21 @@ def load_stack_dir(path: str | Path) -> Recommender:
         Stack,  # torch: only imported when a SID stack is served
     )
 
-    return Stack.load(path)
+    return Stack.load(path, device=device)
 
 
-def arm_recommender(arm: ArmSpec, ctx: StackContext) -> Recommender:
-    """The `Recommender` serving `arm` (see the module docstring for the resolution order)."""
-    if arm.stack is None:
+def arm_recommender(arm: ArmSpec, ctx: StackContext, replicate: int = 0,
+                    device: str = "cpu") -> Recommender:
+    """The `Recommender` serving replicate `replicate` of `arm` (see the module docstring for
+    the resolution order); saved SID stacks serve on `device`."""
+    name = arm.stack_of(replicate)
+    if name is None:
         raise ValueError(
             f"arm '{arm.name}' names tokenizer {arm.tokenizer!r} but no stack: `quasid "
             "simulate` replays built stacks only; run the pipeline (`quasid run --config`), "
             "which builds it, or set `stack:` to a saved stack directory")
-    factory = _FACTORIES.get(arm.stack)
-    stack = factory(ctx) if factory is not None else load_stack_dir(arm.stack)
+    factory = _FACTORIES.get(name)
+    stack = factory(ctx) if factory is not None else load_stack_dir(name, device)
     if not isinstance(stack, Recommender):
         raise TypeError(f"arm '{arm.name}': {type(stack).__name__} does not implement the "
                         "Recommender protocol (name, recommend)")

@@ -73,10 +73,17 @@ class ArmSpec(Config):
 
     name: str = Field(pattern=NAME)
     allocation: float = Field(gt=0, le=1, description="Share of all traffic (0.05 = 5%).")
-    stack: str | None = Field(None, description="popularity | random | a saved stack dir | "
-                                                "a registered stack name.")
+    stack: str | list[str] | None = Field(
+        None, description="popularity | random | a saved stack dir | a registered stack name; "
+                          "with replicates > 1, one saved stack dir per replicate.")
     tokenizer: str | None = Field(None, description="Tokenizer the flows pipeline builds the "
                                                     "arm's SID stack from.")
+    replicates: int = Field(1, ge=1, le=64, description=(
+        "Training replicates: the arm's users are split into this many cells (by bucket), "
+        "each served by its own stack, trained with its own seed; the analysis then covers "
+        "training noise as well as the users'."))
+    seeds: list[int] | None = Field(None, description=(
+        "Training seed of each replicate (default: the run's seed + 0, 1, ...)."))
     options: dict = Field(default_factory=dict,
                           description="Passed to the stack factory (e.g. {seed: 3} for random).")
 
@@ -85,7 +92,24 @@ class ArmSpec(Config):
         if self.stack is None and self.tokenizer is None:
             raise ValueError(f"arm '{self.name}' needs `stack:` (popularity, random or a saved "
                              "stack dir) or `tokenizer:` (built by the flows pipeline)")
+        if isinstance(self.stack, list) and len(self.stack) != self.replicates:
+            raise ValueError(f"arm '{self.name}': {len(self.stack)} stacks for "
+                             f"{self.replicates} replicate(s) (expected one stack per replicate)")
+        if self.seeds is not None and (len(self.seeds) != self.replicates
+                                       or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"arm '{self.name}': seeds {self.seeds} (expected "
+                             f"{self.replicates} distinct training seeds)")
         return self
+
+    def stack_of(self, replicate: int) -> str | None:
+        """The stack serving replicate `replicate` (the same one for every replicate when a
+        single name is given)."""
+        return self.stack[replicate] if isinstance(self.stack, list) else self.stack
+
+    def training_seeds(self, run_seed: int) -> list[int]:
+        """The training seed of each replicate."""
+        return list(self.seeds) if self.seeds is not None else [
+            run_seed + r for r in range(self.replicates)]
 
 
 class CohortSpec(Config):
@@ -196,6 +220,9 @@ class ExperimentConfig(Config):
     cohorts: list[CohortSpec] = Field(default_factory=list)
     effects: list[EffectSpec] = Field(default_factory=list)
     world: WorldSpec = WorldSpec()
+    serving_device: str = Field("cpu", description=(
+        "Device the saved SID stacks serve on (cpu, cuda, cuda:1): the flows pipeline sets "
+        "it to the run's device."))
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

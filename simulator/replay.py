@@ -32,7 +32,7 @@ from quasid.core.layout import (
     ASSIGNMENTS_FILE,
 )
 from quasid.core.recommender import Recommender
-from quasid.core.schemas import ASSIGNMENTS, validate
+from quasid.core.schemas import ASSIGNMENTS, REPLICATE_COLUMN, validate
 from simulator.arms import StackContext, arm_recommender
 from simulator.config import ExperimentConfig
 from simulator.events import (
@@ -56,6 +56,9 @@ from simulator.rundir import (
     prepare,
     total_requests,
 )
+
+MAX_REPLICATES = 64
+"""Cells per arm at most (`ArmSpec.replicates`' bound)."""
 
 MapFn = Callable[[Callable[[int], dict], Iterable[int]], Iterable[dict]]
 
@@ -106,24 +109,28 @@ def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path
 
 
 def _stacks(cfg: ExperimentConfig, ctx: Context, overrides: Mapping[str, Recommender] | None
-            ) -> dict[str, Recommender]:
+            ) -> dict[tuple[str, int], Recommender]:
+    """The stack of every (arm, replicate) cell; `overrides` (per arm name) serve all of an
+    arm's cells."""
     overrides = dict(overrides or {})
     unknown = set(overrides) - {a.name for a in cfg.arms}
     if unknown:
         raise ValueError(f"stacks given for unknown arms {sorted(unknown)}")
     out = {}
     for arm in cfg.arms:
-        if arm.name in overrides:
-            out[arm.name] = overrides[arm.name]
-        else:
-            sctx = StackContext(ctx.stack_context.catalog, ctx.stack_context.train_items,
-                                cfg.seed, arm.name, dict(arm.options))
-            out[arm.name] = arm_recommender(arm, sctx)
+        for r in range(arm.replicates):
+            if arm.name in overrides:
+                out[arm.name, r] = overrides[arm.name]
+            else:
+                sctx = StackContext(ctx.stack_context.catalog, ctx.stack_context.train_items,
+                                    cfg.seed, arm.name, dict(arm.options), r)
+                out[arm.name, r] = arm_recommender(arm, sctx, r, cfg.serving_device)
     return out
 
 
 def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
-                  stacks: dict[str, Recommender], assignments: pl.DataFrame, arm_names: list[str],
+                  stacks: dict[tuple[str, int], Recommender], assignments: pl.DataFrame,
+                  arm_names: list[str],
                   period: str, requests: pl.DataFrame,
                   progress: Callable[[int], None] | None) -> pl.DataFrame:
     """Events of one day of one shard (requests sorted by id), in batches."""
@@ -132,6 +139,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
                  or c.startswith("cohort_")]
     arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
                                                      return_dtype=pl.Int64).to_numpy())
+    replicate_of_unit = assignments[REPLICATE_COLUMN].to_numpy().astype(np.int64)
     click_factor = np.ones(len(arm_names))
     order_factor = np.ones(len(arm_names))
     if period == "experiment":
@@ -146,20 +154,26 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
         batch = requests.slice(start, cfg.batch_size)
         req = {c: batch[c].to_numpy() for c in ("request_id", "user_id", "ts", "day")}
         unit_row = np.searchsorted(units, req["user_id"])
-        arm = arm_of_unit[unit_row] if period == "experiment" else np.full(len(unit_row), control)
+        # the pre-period serves everyone control's first replicate (covariates only)
+        experiment = period == "experiment"
+        arm = arm_of_unit[unit_row] if experiment else np.full(len(unit_row), control)
+        replicate = replicate_of_unit[unit_row] if experiment else np.zeros(len(unit_row), np.int64)
         hist = ctx.logs.histories(req["request_id"], cfg.history_len)
         items = np.empty((len(unit_row), k), dtype=np.int64)
         item_rows = np.empty((len(unit_row), k), dtype=np.int64)
-        for a in np.unique(arm):
-            sel = arm == a
-            slate, _ = stacks[arm_names[a]].recommend(hist[sel], k, req["user_id"][sel])
-            items[sel] = _check_slate(slate, int(sel.sum()), k, arm_names[a])
-            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{arm_names[a]}' stack")
+        cell = arm * MAX_REPLICATES + replicate
+        for c in np.unique(cell):
+            sel = cell == c
+            name, r = arm_names[c // MAX_REPLICATES], int(c % MAX_REPLICATES)
+            slate, _ = stacks[name, r].recommend(hist[sel], k, req["user_id"][sel])
+            items[sel] = _check_slate(slate, int(sel.sum()), k, name)
+            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{name}' stack")
         responses = respond(world, req["user_id"], items, req["request_id"], cfg.seed,
                             click_factor[arm], order_factor[arm])
         item_flags = {"is_cold_item": ctx.catalog.is_cold[item_rows],
                       **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
         user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
+        user_flags[REPLICATE_COLUMN] = replicate.astype(np.int16)
         frames.append(event_frame(exp_id, arm_names, arm, req, items, responses,
                                   ctx.catalog.price[item_rows], item_flags, user_flags))
         if progress is not None:

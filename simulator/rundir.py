@@ -70,6 +70,7 @@ def data_fingerprint(root: Path) -> str:
 def allocation_of(cfg: ExperimentConfig) -> Allocation:
     """The config's traffic split as an `Allocation`."""
     return Allocation(tuple((a.name, a.allocation) for a in cfg.arms), salt=cfg.layer_salt,
+                      replicates=tuple(a.replicates for a in cfg.arms),
                       offset=cfg.bucket_offset, holdout=cfg.holdout.share,
                       holdout_salt=cfg.holdout.salt)
 

@@ -8,6 +8,9 @@
   whole traffic (0.05 / 0.05 puts 5% of users in each arm and leaves 90% out of the
   experiment; 0.5 / 0.5 splits everyone). A share must be a whole number of buckets.
 - holdout: a share of users, hashed with its own salt, kept out of every experiment.
+- replicates: an arm with R training replicates splits its bucket range into R cells,
+  replicate = (bucket - the arm's first bucket) mod R: the cells differ by at most one
+  bucket, and a user's cell is as stable as their arm.
 
 The assignment table is a pure function of (salt, offset, allocations, holdout, units), so
 it can be rebuilt from the salt alone (`assignment_table`).
@@ -22,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from quasid.core.hashing import hash_ids, string_key
-from quasid.core.schemas import ASSIGNMENTS, validate
+from quasid.core.schemas import ASSIGNMENTS, REPLICATE_COLUMN, validate
 
 N_BUCKETS = 10_000
 NOT_ASSIGNED = -1
@@ -53,6 +56,8 @@ class Allocation:
     offset: int = 0
     holdout: float = 0.0
     holdout_salt: str = HOLDOUT_SALT
+    replicates: tuple[int, ...] = ()
+    """Training replicates per arm, in arm order (empty: one each)."""
 
     def __post_init__(self) -> None:
         names = [a for a, _ in self.arms]
@@ -67,6 +72,10 @@ class Allocation:
             raise ValueError(f"allocation: buckets [{self.offset}, {self.offset + sum(sizes)}) "
                              f"do not fit in 0..{N_BUCKETS} (offset {self.offset}, arms "
                              f"{dict(self.arms)})")
+        if self.replicates and (len(self.replicates) != len(names)
+                                or any(not 1 <= r <= s for r, s in zip(self.replicates, sizes))):
+            raise ValueError(f"allocation: replicates {self.replicates} (expected one count "
+                             f"per arm, each between 1 and the arm's buckets {sizes})")
         share_to_buckets(self.holdout, "holdout")
         if self.holdout >= 1:
             raise ValueError("allocation: a holdout of 1.0 leaves no traffic")
@@ -97,6 +106,18 @@ def assign_arms(unit_ids: np.ndarray, allocation: Allocation) -> tuple[np.ndarra
     return arm.astype(np.int64), bucket
 
 
+def replicate_of(arm: np.ndarray, bucket: np.ndarray, allocation: Allocation) -> np.ndarray:
+    """The training-replicate cell (0..R-1) of units in arm indices `arm` with `bucket`."""
+    arm = np.asarray(arm, dtype=np.int64)
+    if not allocation.replicates:
+        return np.zeros(len(arm), dtype=np.int16)
+    counts = np.asarray(allocation.replicates, dtype=np.int64)
+    start = allocation.edges[:-1]
+    safe = np.maximum(arm, 0)
+    cell = (np.asarray(bucket, dtype=np.int64) - start[safe]) % counts[safe]
+    return np.where(arm >= 0, cell, 0).astype(np.int16)
+
+
 def held_out(unit_ids: np.ndarray, allocation: Allocation) -> np.ndarray:
     """Boolean mask of the units in the global holdout."""
     if allocation.holdout <= 0:
@@ -107,17 +128,21 @@ def held_out(unit_ids: np.ndarray, allocation: Allocation) -> np.ndarray:
 
 def assignment_table(experiment_id: str, units: pl.DataFrame, allocation: Allocation,
                      extra: Sequence[str] = ()) -> pl.DataFrame:
-    """The assignments (ASSIGNMENTS schema) of `units` (`unit_id`, `assigned_at`, + `extra`).
+    """The assignments (ASSIGNMENTS schema) of `units` (`unit_id`, `assigned_at`, + `extra`),
+    with each unit's training-replicate cell in an extra `replicate` column.
 
     Units outside every arm (unallocated buckets, holdout) are left out. Rows are sorted by
     unit id, so the same inputs give the same bytes.
     """
     arm, bucket = assign_arms(units["unit_id"].to_numpy(), allocation)
     keep = arm >= 0
+    replicate = replicate_of(arm, bucket, allocation)
     table = units.select("unit_id", "assigned_at", *extra).filter(pl.Series(keep)).with_columns(
         pl.lit(experiment_id, dtype=pl.String).alias("experiment_id"),
         pl.Series("arm", np.asarray(allocation.names, dtype=object)[arm[keep]], dtype=pl.String),
         pl.Series("bucket", bucket[keep], dtype=pl.Int32),
+        pl.Series(REPLICATE_COLUMN, replicate[keep], dtype=pl.Int16),
     )
-    table = table.select("experiment_id", "unit_id", "arm", "bucket", "assigned_at", *extra)
+    table = table.select("experiment_id", "unit_id", "arm", "bucket", "assigned_at",
+                         REPLICATE_COLUMN, *extra)
     return validate(table.sort("unit_id"), ASSIGNMENTS, source=f"assignments of {experiment_id}")

@@ -88,6 +88,8 @@ def _non_negative(column: str) -> Check:
 EVENT_TYPES = ("impression", "click", "order", "cancel")
 PRE_PERIOD_SUFFIX = "__pre"
 COHORT_PREFIX = "cohort_"
+REPLICATE_COLUMN = "replicate"
+"""Optional Int16 column of assignments and events: the unit's training-replicate cell."""
 
 ITEMS = Schema(
     "items",

@@ -40,7 +40,8 @@ def test_results_rows_have_exactly_the_agreed_keys(report):
     assert set(ROW_KEYS) == {"metric", "segment", "arm", "control_mean", "treatment_mean",
                              "abs_effect", "rel_effect", "ci_low", "ci_high", "abs_ci_low",
                              "abs_ci_high", "p_value", "p_adjusted", "n_control", "n_treatment",
-                             "method", "family", "exploratory", "ci_level", "warning"}
+                             "method", "family", "exploratory", "ci_level", "warning",
+                             "replicates", "training_sd", "user_se", "per_replicate"}
     segments = {r["segment"] for r in results["rows"]}
     assert {"all", "cold_item", "cold_user", "cohort_vip", "cohort_mobile"} <= segments
     assert {f"day={d}" for d in range(5)} <= segments
