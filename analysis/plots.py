@@ -61,6 +61,38 @@ def forest_plot(rows: list[dict], alpha: float) -> bytes:
     return _png(fig)
 
 
+def replicate_plot(rows: list[dict]) -> bytes:
+    """Each training replicate's relative effect (users-only CI) beside the replicate-aware
+    estimate and CI, per confirmatory metric on all users: how far training moves the effect."""
+    rows = [r for r in rows if r["segment"] == "all" and r["per_replicate"]
+            and not r["exploratory"]]
+    fig = Figure(figsize=(9, 0.55 * sum(len(r["per_replicate"]) + 1 for r in rows) + 1.4))
+    ax = fig.add_subplot(1, 1, 1)
+    labels, y = [], 0
+    for r in rows[::-1]:  # top to bottom: the pooled estimate, then its replicates
+        for p in r["per_replicate"][::-1]:
+            if p["rel_effect"] is not None:
+                mid = 100 * p["rel_effect"]
+                ax.errorbar(mid, y, xerr=[[mid - 100 * p["rel_ci_low"]],
+                                          [100 * p["rel_ci_high"] - mid]],
+                            fmt="o", color=NEUTRAL, capsize=3, ms=4)
+            labels.append(f"  replicate {p['replicate']}")
+            y += 1
+        if r["rel_effect"] is not None and r["ci_low"] is not None:
+            mid = 100 * r["rel_effect"]
+            ax.errorbar(mid, y, xerr=[[mid - 100 * r["ci_low"]], [100 * r["ci_high"] - mid]],
+                        fmt="D", color=SIGNIFICANT, capsize=3, ms=5)
+        labels.append(f"{r['metric']} · {r['arm']}: over replicates")
+        y += 1
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("relative uplift, % (replicates: users-only CI; diamond: CI over replicates)",
+                  fontsize=8)
+    fig.suptitle("Training replicates: each replicate's effect vs the pooled control", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def sequential_plot(sequential: list[dict], alpha: float) -> bytes:
     """Per metric: cumulative uplift by day with fixed and always-valid CIs, and the
     always-valid p-value next to the fixed-horizon one."""

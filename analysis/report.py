@@ -69,6 +69,40 @@ def _warning_list(rows: list[dict]) -> list[Block]:
     return [Block("p", "⚠ Warnings:"), Block("list", items=items)] if items else []
 
 
+def _replicate_blocks(d: dict, plots: bool) -> list[Block]:
+    """How much of each confirmatory interval is training noise, and what would settle it."""
+    counts = d.get("replicates") or {}
+    if counts and max(counts.values()) <= 1:
+        return [Block("alert", "One training replicate per arm: every CI above covers the "
+                               "users' randomness given the two trained stacks, not the "
+                               "randomness of training them; a retrained stack is another "
+                               "draw. Give the arms `replicates: R` (R >= 3) to cover it.")]
+    out = [Block("h3", "Training replicates"),
+           Block("p", "Replicates per arm: " + ", ".join(f"`{a}` {r}" for a, r in counts.items())
+                 + ". Effects, CIs and p-values of these rows are over replicates: each arm's "
+                   "estimate is the mean of its replicate cells, its variance the spread of "
+                   "the cells (users and training together), Welch-Satterthwaite degrees of "
+                   "freedom; `user_se` in results.json is the users-only SE of the same "
+                   "estimate, `training_sd` the SD one replicate pair's effect has from "
+                   "training alone.")]
+    items = []
+    for s in d.get("replicate_summary", []):
+        share = "n/a" if s["training_share"] is None else f"{100 * s['training_share']:.0f}%"
+        need = s["replicates_needed"]
+        need_text = (f"about {need} replicates per arm would detect a "
+                     f"{100 * s['target_uplift']:g}% uplift at these users" if need else
+                     f"no number of replicates detects a {100 * s['target_uplift']:g}% uplift "
+                     f"at these users (more users are needed too)")
+        items.append(f"`{s['metric']}` ({s['arm']}): {share} of the variance of the effect "
+                     f"is training noise (training SD {_num(s['training_sd'])}, users' SE "
+                     f"{_num(s['user_se'])}); {need_text}.")
+    if items:
+        out.append(Block("list", items=tuple(items)))
+    if plots and items:
+        out.append(Block("img", "replicates"))
+    return out
+
+
 def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
     """The report as blocks, in reading order."""
     res, d = analysis.results, analysis.details
@@ -149,6 +183,7 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
                           f"from 0; read the absolute CI and p."))
     doc.append(_result_table(overall, alpha, with_segment=False))
     doc.extend(_warning_list(overall))
+    doc.extend(_replicate_blocks(d, plots))
     if plots:
         doc.append(Block("img", "forest"))
     doc.append(Block("h2", "4. Segments (cohorts): exploratory"))
@@ -311,13 +346,15 @@ def to_html(doc: list[Block], images: dict[str, bytes], title: str) -> str:
 
 def write_report(analysis: Analysis, out: Path, plots: bool = True) -> None:
     """Write `report.md`, `report.html` and `plots/*.png` into `out` (a staging folder)."""
-    from analysis.plots import forest_plot, sequential_plot, srm_plot
+    from analysis.plots import forest_plot, replicate_plot, sequential_plot, srm_plot
 
     alpha = analysis.details["alpha"]
     images: dict[str, bytes] = {}
     if plots:
         images["srm"] = srm_plot(analysis.results["srm"])
         images["forest"] = forest_plot(analysis.results["rows"], alpha)
+        if analysis.details.get("replicate_summary"):
+            images["replicates"] = replicate_plot(analysis.results["rows"])
         primary = {m["name"] for m in analysis.details["metrics"] if m["primary"]}
         looks = [s for s in analysis.details["sequential"] if s["metric"] in primary] \
             or analysis.details["sequential"]

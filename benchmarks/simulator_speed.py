@@ -2,6 +2,7 @@
 
     python benchmarks/simulator_speed.py                       # 200,000 users, 20,000 items
     python benchmarks/simulator_speed.py --users 20000 --items 5000 --memory-days 3,14
+    python benchmarks/simulator_speed.py --data DIR --stack STACK_DIR --device cuda  # SID stacks
 
 Generates a synthetic world (or reads `--data`), then runs a popularity-vs-popularity
 experiment through `simulator.replay.run_experiment` in one process (one shard unless
@@ -23,13 +24,15 @@ import time
 from pathlib import Path
 
 
-def _config(data: Path, days: int, pre_days: int, batch: int) -> dict:
+def _config(data: Path, days: int, pre_days: int, batch: int, stack: str = "popularity",
+            device: str = "cpu") -> dict:
     return {
         "experiment_id": "speed", "seed": 0, "data": {"path": str(data)},
-        "arms": [{"name": "control", "stack": "popularity", "allocation": 0.5},
-                 {"name": "treatment", "stack": "popularity", "allocation": 0.5}],
+        "arms": [{"name": "control", "stack": stack, "allocation": 0.5},
+                 {"name": "treatment", "stack": stack, "allocation": 0.5}],
         "days": days, "pre_days": pre_days, "slate_size": 10, "batch_size": batch,
         "cohorts": [{"name": "premium", "level": "item", "expr": "price > 40"}],
+        "serving_device": device,
     }
 
 
@@ -37,29 +40,31 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def measure(data: Path, days: int, pre_days: int, shards: int, batch: int) -> dict:
+def measure(data: Path, days: int, pre_days: int, shards: int, batch: int,
+            stack: str = "popularity", device: str = "cpu") -> dict:
     """Run one experiment and time it; returns the figures."""
-    from simulator import rundir as engine
+    from simulator import replay, rundir
 
-    config = _config(data, days, pre_days, batch)
+    config = _config(data, days, pre_days, batch, stack, device)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         t0 = time.perf_counter()
-        engine.prepare(config, out, shards)
+        rundir.prepare(config, out, shards)
         t1 = time.perf_counter()
         served = 0
         for shard in range(shards):
-            record = engine.run_shard(config, shard, shards, out)
+            record = replay.run_shard(config, shard, shards, out)
             served += sum(row["requests"] for period in record["counts"].values()
                           for row in period.values())
         t2 = time.perf_counter()
-        manifest = engine.finalize(config, out, shards)
+        manifest = rundir.finalize(config, out, shards)
         t3 = time.perf_counter()
         events = sum(row["impressions"] + row["clicks"] + row["orders"] + row["cancels"]
                      for period in ("experiment", "pre")
                      for row in manifest["counts"][period].values())
         size = sum(p.stat().st_size for p in (out / "events").rglob("*.parquet"))
-    return {"days": days, "pre_days": pre_days, "shards": shards, "requests": served,
+    return {"stack": stack, "device": device, "days": days, "pre_days": pre_days,
+            "shards": shards, "requests": served,
             "events": events, "events_mib": round(size / 2**20, 1),
             "prepare_s": round(t1 - t0, 2), "serve_s": round(t2 - t1, 2),
             "total_s": round(t3 - t0, 2),
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--pre-days", type=int, default=7)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--stack", default="popularity",
+                        help="both arms' stack: popularity, random or a saved SID stack folder")
+    parser.add_argument("--device", default="cpu", help="serving device of saved SID stacks")
     parser.add_argument("--memory-days", default="", help="e.g. 3,14: peak RSS per window length")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
@@ -98,7 +106,8 @@ def main() -> None:
             generated = {"seconds": round(time.perf_counter() - t, 1), **card["counts"]}
             print(f"generated {data}: {card['counts']} in {generated['seconds']} s")
         result = {"data": str(args.data or "generated"), "generated": generated,
-                  "run": measure(data, args.days, args.pre_days, args.shards, args.batch)}
+                  "run": measure(data, args.days, args.pre_days, args.shards, args.batch,
+                                 args.stack, args.device)}
         print(json.dumps(result["run"], indent=2))
         memory = []
         for days in [int(d) for d in args.memory_days.split(",") if d]:

@@ -89,21 +89,32 @@ class RunConfig(Config):
         return self
 
     def experiment_config(self, data_path: Path | None = None,
-                          stacks: dict[str, str] | None = None) -> ExperimentConfig:
-        """The simulator's config with the run's seed, data folder and built stacks filled in."""
+                          stacks: dict[str, list[str]] | None = None) -> ExperimentConfig:
+        """The simulator's config with the run's seed, data folder, serving device and built
+        stacks (per arm, one per training replicate) filled in."""
         raw = self.experiment.model_dump(mode="json")
         raw["seed"] = self.seed
+        raw["serving_device"] = self.device
         if data_path is not None:
             raw["data"]["path"] = str(data_path)
-        if stacks:
-            raw["arms"] = [{**arm, "stack": stacks.get(arm["name"], arm["stack"])}
-                           for arm in raw["arms"]]
+        for arm in raw["arms"]:
+            built = (stacks or {}).get(arm["name"])
+            built = [built] if isinstance(built, str) else built
+            if built:
+                arm["stack"] = built[0] if len(built) == 1 else list(built)
         return parse(ExperimentConfig, raw, f"{self.out}/run config")
 
     @property
     def tokenizers(self) -> dict[str, str]:
         """`{arm name: tokenizer}` for the arms the pipeline builds a SID stack for."""
         return {a.name: a.tokenizer for a in self.experiment.arms if a.tokenizer and not a.stack}
+
+    @property
+    def trainings(self) -> dict[str, list[tuple[str, int]]]:
+        """`{arm name: [(tokenizer, training seed) per replicate]}` for the arms the pipeline
+        builds; replicate r trains with `ArmSpec.training_seeds` (the run's seed + r)."""
+        return {a.name: [(a.tokenizer, s) for s in a.training_seeds(self.seed)]
+                for a in self.experiment.arms if a.tokenizer and not a.stack}
 
 
 def load_run_config(path: Path | None, out: Path, seed: int, device: str) -> RunConfig:

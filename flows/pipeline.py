@@ -33,28 +33,36 @@ from flows.tasks import (
 from quasid.core.layout import SIDS_FILE
 
 
+def training_name(tokenizer: str, seed: int) -> str:
+    """The folder (under tokenizers/ and stacks/) of one training: `<tokenizer>/seed<seed>`."""
+    return f"{tokenizer}/seed{seed}"
+
+
 @flow(name="train-tokenizers")
-def train_tokenizers(data_dir: Path, tokenizers: list[str], out_root: Path, device: str = "cpu",
-                     seed: int = 0, epochs: int | None = None,
+def train_tokenizers(data_dir: Path, trainings: list[tuple[str, int]], out_root: Path,
+                     device: str = "cpu", epochs: int | None = None,
                      overrides: dict[str, dict] | None = None) -> dict[str, str]:
-    """Train each tokenizer (cached on data + settings); returns `{tokenizer: output folder}`."""
+    """Train each (tokenizer, seed) once (cached on data + settings); returns
+    `{training_name: output folder}`."""
     outputs = {}
-    for name in dict.fromkeys(tokenizers):
-        out = Path(out_root) / name
+    for name, seed in dict.fromkeys(tuple(t) for t in trainings):
+        out = Path(out_root) / training_name(name, seed)
         train_tokenizer_task.with_options(refresh_cache=not is_done(out))(
             data_dir=str(data_dir), tokenizer=name, out_dir=str(out), device=device, seed=seed,
             epochs=epochs, overrides=(overrides or {}).get(name, {}))
-        outputs[name] = str(out)
+        outputs[training_name(name, seed)] = str(out)
     return outputs
 
 
 @flow(name="build-stacks")
 def build_stacks(data_dir: Path, sid_dirs: dict[str, str], out_root: Path, device: str = "cpu",
-                 seed: int = 0, overrides: dict | None = None) -> dict[str, str]:
-    """Build one SID stack per tokenizer output (cached); returns `{tokenizer: stack folder}`."""
+                 overrides: dict | None = None) -> dict[str, str]:
+    """Build one SID stack per tokenizer output, with the tokenizer's training seed (cached);
+    returns `{training_name: stack folder}`."""
     stacks = {}
     for name, sid_dir in sid_dirs.items():
         out = Path(out_root) / name
+        seed = int(name.rsplit("/seed", 1)[1])
         build_stack_task.with_options(refresh_cache=not is_done(out))(
             data_dir=str(data_dir), sids_path=str(Path(sid_dir) / SIDS_FILE), out_dir=str(out),
             device=device, seed=seed, overrides=overrides or {})
@@ -134,14 +142,15 @@ def ab_pipeline(config: RunConfig) -> dict:
             world={**options.synthetic, "seed": config.seed}, out_dir=str(data_path))
     logger.info("data: %s", data_path)
 
-    arm_tokenizers = config.tokenizers
-    sid_dirs = train_tokenizers(data_path, list(arm_tokenizers.values()), out / "tokenizers",
-                                device=config.device, seed=config.seed,
+    trainings = config.trainings
+    sid_dirs = train_tokenizers(data_path, [t for runs in trainings.values() for t in runs],
+                                out / "tokenizers", device=config.device,
                                 epochs=options.tokenizer_epochs,
                                 overrides=options.tokenizer_overrides)
     stack_dirs = build_stacks(data_path, sid_dirs, out / "stacks", device=config.device,
-                              seed=config.seed, overrides=options.stack_overrides)
-    stacks = {arm: stack_dirs[tok] for arm, tok in arm_tokenizers.items()}
+                              overrides=options.stack_overrides)
+    stacks = {arm: [stack_dirs[training_name(tok, s)] for tok, s in runs]
+              for arm, runs in trainings.items()}
     experiment = config.experiment_config(data_path=data_path, stacks=stacks)
     run_dir = out / "run"
     manifest = simulate_ab.with_options(task_runner=_task_runner(config))(

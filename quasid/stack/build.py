@@ -39,6 +39,15 @@ def _epoch_logger(label: str, epochs: int, enabled: bool):
                                            markup=False)
 
 
+def _sampled(hist: np.ndarray, tgt: np.ndarray, cap: int | None, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """At most `cap` training windows, a seeded sample in their original order (all if None)."""
+    if cap is None or len(tgt) <= cap:
+        return hist, tgt
+    keep = np.sort(np.random.default_rng(seed).choice(len(tgt), size=cap, replace=False))
+    return hist[keep], tgt[keep]
+
+
 def train_stack(
     items: pl.DataFrame,
     sid_table: pl.DataFrame,
@@ -77,7 +86,8 @@ def train_stack(
 
     start = time.perf_counter()
     retriever = Retriever(SidTrie.from_codes(codes), cfg.retriever).to(device)
-    hist, tgt = training_windows(train, rows_of, cfg.retriever.max_history)
+    hist, tgt = _sampled(*training_windows(train, rows_of, cfg.retriever.max_history),
+                         cfg.max_train_windows, seed)
     r_loss = train_retriever(retriever, hist, tgt, seed=seed, progress=_epoch_logger(
         f"retriever[{tokenizer}]", cfg.retriever.epochs, progress))
     timings["retriever_s"] = time.perf_counter() - start
@@ -85,7 +95,8 @@ def train_stack(
     start = time.perf_counter()
     ranker = Ranker(codes[:, :-1], warm, cfg.ranker).to(device)
     if cfg.ranker.max_history != cfg.retriever.max_history:
-        hist, tgt = training_windows(train, rows_of, cfg.ranker.max_history)
+        hist, tgt = _sampled(*training_windows(train, rows_of, cfg.ranker.max_history),
+                             cfg.max_train_windows, seed)
     k_loss = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
         f"ranker[{tokenizer}]", cfg.ranker.epochs, progress))
     timings["ranker_s"] = time.perf_counter() - start

@@ -81,6 +81,9 @@ class StackConfig(Config):
     score order. Defaults measured in benchmarks/README.md (cold HR@10 0 -> 0.0175 on Beauty)."""
     batch_size: int = 1024
     """Requests per device batch when serving."""
+    max_train_windows: int | None = None
+    """Train the retriever and the ranker on a seeded sample of at most this many (history,
+    next item) windows (worlds of millions of users); None: all of them."""
 
 
 def stack_config(overrides: Mapping[str, Any] | None = None) -> StackConfig:

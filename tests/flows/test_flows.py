@@ -76,8 +76,8 @@ def test_pipeline_writes_report_results_run_dir_and_duckdb(pipeline_run):
     assert {r["metric"] for r in results["rows"]} == set(METRICS)
     assert {r["arm"] for r in results["rows"]} == {"treatment"}
     manifest = json.loads((out / "run" / "manifest.json").read_text())
-    assert manifest["config"]["arms"][0]["stack"] == summary["stacks"]["rqvae"]
-    assert set(json.loads((out / "tokenizers" / "quasid" / "metrics.json").read_text())) >= {
+    assert manifest["config"]["arms"][0]["stack"] == summary["stacks"]["rqvae/seed0"]
+    assert set(json.loads((out / "tokenizers" / "quasid" / "seed0" / "metrics.json").read_text())) >= {
         "collision_rate", "unique_sids", "sid_entropy", "codebook_utilization"}
 
 
@@ -111,13 +111,13 @@ def test_pipeline_equals_the_steps_run_by_hand(pipeline_run, tmp_path):
         train_tokenizer(data, tok, tmp_path / "tok" / tok, epochs=2, seed=0, overrides=TOKENIZER)
         build_stack(data, tmp_path / "tok" / tok / "sids.parquet", tmp_path / "stack" / tok,
                     seed=0, overrides=STACK)
-        stacks[arm] = str(tmp_path / "stack" / tok)
+        stacks[arm] = [str(tmp_path / "stack" / tok)]
     experiment = config.experiment_config(data_path=data, stacks=stacks)
     # one shard where the pipeline used two: neither the events nor the results depend on it
     run_experiment(experiment, tmp_path / "run", n_shards=1)
     for tok in config.tokenizers.values():
         assert pl.read_parquet(tmp_path / "tok" / tok / "sids.parquet").equals(
-            pl.read_parquet(out / "tokenizers" / tok / "sids.parquet")), tok
+            pl.read_parquet(out / "tokenizers" / tok / "seed0" / "sids.parquet")), tok
     assert events_digest(tmp_path / "run") == events_digest(out / "run")
     by_hand = json.loads(json.dumps(analyze(tmp_path / "run", tmp_path / "report",
                                             metrics=METRICS, threads=1)))
@@ -154,7 +154,7 @@ def test_offline_eval_flow_aggregates_its_runs_and_reuses_them(pipeline_run, tmp
     # seed 0 trains the pipeline's tokenizer (same data, epochs, overrides and seed) ...
     seed0 = eval_dir / "runs" / "quasid" / "seed0" / "tokenizer" / "sids.parquet"
     assert pl.read_parquet(seed0).equals(pl.read_parquet(out / "tokenizers" / "quasid"
-                                                         / "sids.parquet"))
+                                                         / "seed0" / "sids.parquet"))
     # ... and seed 1 another one
     assert not pl.read_parquet(seed0).equals(pl.read_parquet(
         eval_dir / "runs" / "quasid" / "seed1" / "tokenizer" / "sids.parquet"))
