@@ -1,8 +1,9 @@
-"""Import the Amazon 5-core sequential benchmarks (S3-Rec packaging) as a dataset folder.
+"""Import a dataset in the S3-Rec packaging (e.g. the Amazon 5-core benchmarks) as a folder.
 
-Source files (see `../shared/data/amazon/README.md`): `<name>.txt`, one user per line
-(`user_id item_id item_id ...`, time order, ids from 1), and `<name>_item2attributes.json`
-(`{"item_id": [attribute_id, ...]}`: brand and category-path ids).
+Source files: `<name>.txt`, one user per line (`user_id item_id item_id ...`, time order,
+ids from 1), `<name>_item2attributes.json` (`{"item_id": [attribute_id, ...]}`: brand and
+category-path ids) and, for the `text` content, `<name>_item_text.tsv` (`item_id, asin,
+text`). Any dataset name whose files are there is accepted.
 
 What the import keeps and what it makes:
 - real: users, items, each user's item order (`ts` = position in the line, `event` =
@@ -11,38 +12,54 @@ What the import keeps and what it makes:
   ~10% of items (no interactions in the training logs: later steps drop them from
   training through `leave_one_out(cold_items=...)`), joined by the few items whose every
   interaction is a validation or test target (they have no training interactions either);
-- derived: the content embedding, [attribute part | collaborative part], each part
-  L2-normalised and weighted 1/sqrt(2), so the vector has unit norm and its cosine is the
-  mean of the two parts' cosines (neither part dominates):
+- derived: the content embedding, the parts the recipe (`content`, e.g.
+  `attributes+cooccurrence`, the default, or `text+attributes`) names, in the order text |
+  attributes | cooccurrence, each L2-normalised and weighted 1/sqrt(parts), so the vector
+  has unit norm and its cosine is the mean of the parts' cosines (none dominates); each part
+  gets dim // parts dimensions, the last the remainder:
+  * text part: the item text's sentence-encoder embedding (`quasid.data.text`, cached by the
+    texts' hash), PCA (exact SVD of the centred matrix, signs fixed) to its dimensions;
   * attribute part: PPMI of the item x attribute matrix, truncated SVD (U sqrt(S));
   * collaborative part: PPMI (context smoothing 0.75) of item-item co-occurrence within
     `window` positions of each user's *training* sequence (leave-one-out train portion
     without the cold items), truncated SVD. Attributes alone cannot separate items (86%
     of Beauty's items share their exact attribute set with another), the co-occurrence
     does. Cold items, and warm items without training co-occurrence, get the mean
-    collaborative part of their `neighbors` nearest donor items by attribute cosine
-    (ties at the k-th similarity all included, so the result does not depend on order).
+    collaborative part of their `neighbors` nearest donor items by the cosine of the other
+    parts (attributes and/or text; ties at the k-th similarity all included, so the result
+    does not depend on order).
 The truncated SVD is a seeded randomized SVD (Halko, Martinsson & Tropp 2011), so the
 same seed gives the same bytes.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from quasid.core.config import Config, merge
 from quasid.core.hashing import file_digest
 from quasid.core.schemas import ContractError
 from quasid.data.dataset import counts, write_dataset
 from quasid.data.splits import leave_one_out
+from quasid.data.text import SentenceEncoder, TextEncoder, embed_texts, read_item_text
 
 NAMES = ("Beauty", "Toys_and_Games")
+"""The datasets the papers report on (any S3-Rec-packaged name imports)."""
+CONTENT_PARTS = ("text", "attributes", "cooccurrence")
+DEFAULT_CONTENT = "attributes+cooccurrence"
 EVENT = "review"
 ID_PATTERN = r"^[1-9][0-9]{0,17}$"
 """A source id: a positive integer that fits in int64."""
@@ -76,6 +93,32 @@ class AmazonConfig(Config):
     """Context-distribution smoothing of the co-occurrence PPMI (Levy et al. 2015)."""
     svd_power_iters: int = 6
     svd_oversample: int = 16
+    content: str = DEFAULT_CONTENT
+    """The content recipe: `+`-joined parts among text, attributes, cooccurrence."""
+
+    @field_validator("content")
+    @classmethod
+    def _recipe(cls, value: str) -> str:
+        parts = content_parts(value)
+        return "+".join(parts)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The recipe's parts, in layout order."""
+        return content_parts(self.content)
+
+
+def content_parts(recipe: str) -> tuple[str, ...]:
+    """The parts of a content recipe in layout order; a clear error for a bad recipe."""
+    names = [p.strip() for p in recipe.split("+")]
+    unknown = [p for p in names if p not in CONTENT_PARTS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"content {recipe!r}: expected distinct parts joined by '+' among "
+                         f"{', '.join(CONTENT_PARTS)} (e.g. text+attributes)")
+    if names == ["cooccurrence"]:
+        raise ValueError(f"content {recipe!r}: co-occurrence alone gives cold items no content "
+                         f"(add text or attributes)")
+    return tuple(p for p in CONTENT_PARTS if p in names)
 
 
 # --------------------------------------------------------------------------- reading
@@ -83,15 +126,15 @@ class AmazonConfig(Config):
 
 def source_paths(name: str, src: str | Path) -> tuple[Path, Path]:
     """The sequence and attribute files of `name` under `src`; errors name what is wrong."""
-    if name not in NAMES:
-        raise ContractError(f"--name {name!r}: unknown dataset "
-                            f"(expected one of {', '.join(NAMES)})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ContractError(f"--name {name!r}: expected a dataset name (letters, digits, "
+                            f"'_', '.', '-'), the stem of <name>.txt")
     src = Path(src)
     paths = (src / f"{name}.txt", src / f"{name}_item2attributes.json")
     for path, what in zip(paths, ("sequence file", "attribute file")):
         if not path.is_file():
-            raise ContractError(f"{path}: file not found (expected the S3-Rec {what} of {name}; "
-                                f"see the README of the Amazon data)")
+            raise ContractError(f"{path}: file not found (expected the S3-Rec {what} of "
+                                f"{name}: {path.name}; known datasets: {', '.join(NAMES)})")
     return paths
 
 
@@ -322,9 +365,35 @@ def impute_from_neighbours(attr_part: np.ndarray, collab: np.ndarray, targets: n
     return _normalise(out)
 
 
+def text_part(embedding: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """PCA of sentence embeddings to `k` dimensions, L2-normalised rows, and the share of the
+    variance kept. Exact SVD of the centred matrix (no randomness); each component's sign is
+    fixed so its largest loading is positive (the same bytes on every run)."""
+    x = np.asarray(embedding, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    k_eff = min(k, len(s))
+    sign = np.sign(vt[np.arange(k_eff), np.abs(vt[:k_eff]).argmax(axis=1)])
+    part = np.zeros((x.shape[0], k))
+    part[:, :k_eff] = u[:, :k_eff] * s[:k_eff] * sign
+    kept = float((s[:k_eff] ** 2).sum() / max((s**2).sum(), 1e-300))
+    return _normalise(part), kept
+
+
+def part_dims(dim: int, parts: tuple[str, ...]) -> dict[str, int]:
+    """Each part's dimensions: dim // parts, the last part the remainder."""
+    base = dim // len(parts)
+    return {p: base if i < len(parts) - 1 else dim - base * (len(parts) - 1)
+            for i, p in enumerate(parts)}
+
+
 def build_items(interactions: pl.DataFrame, attributes: pl.DataFrame, seed: int,
-                cfg: AmazonConfig) -> tuple[pl.DataFrame, dict]:
-    """The items table (content, category, price, is_cold) and the figures for the card."""
+                cfg: AmazonConfig, text_embedding: np.ndarray | None = None
+                ) -> tuple[pl.DataFrame, dict]:
+    """The items table (content, category, price, is_cold) and the figures for the card.
+
+    `text_embedding`: (items, d) sentence embeddings in `attributes`' item order, needed
+    when the recipe has a text part."""
     if cfg.dim < 2:
         raise ContractError(f"dim={cfg.dim}: expected at least 2 (attribute + collaborative part)")
     if not 0.0 <= cfg.cold_share < 1.0:
@@ -341,16 +410,32 @@ def build_items(interactions: pl.DataFrame, attributes: pl.DataFrame, seed: int,
     groups = price_groups(attributes)
     prices, medians = simulate_prices(groups, cfg, rng_price)
 
-    attr_dim = cfg.dim // 2
+    dims = part_dims(cfg.dim, cfg.parts)
+    if min(dims.values()) < 1:
+        raise ContractError(f"dim={cfg.dim}: expected at least one dimension per content part "
+                            f"({', '.join(cfg.parts)})")
+    parts: dict[str, np.ndarray] = {}
+    text_kept = None
+    if "text" in dims:
+        if text_embedding is None or len(text_embedding) != len(item_ids):
+            raise ContractError(f"content {cfg.content!r}: the text part needs one text "
+                                f"embedding per item ({len(item_ids)})")
+        parts["text"], text_kept = text_part(text_embedding, dims["text"])
     attr_ppmi, n_attr = attribute_ppmi(attributes)
-    attr_part = _embed(attr_ppmi, attr_dim, rng_attr, cfg)
-    collab = _embed(cooccurrence_ppmi(train, item_ids, cfg.window, cfg.context_power),
-                    cfg.dim - attr_dim, rng_collab, cfg)
-    has_signal = (np.linalg.norm(collab, axis=1) > 0) & ~is_cold
-    imputed = np.flatnonzero(~has_signal)
-    collab[imputed] = impute_from_neighbours(attr_part, collab, imputed,
-                                             np.flatnonzero(has_signal), cfg.neighbors)
-    content = (np.hstack([attr_part, collab]) / np.sqrt(2.0)).astype(np.float32)
+    if "attributes" in dims:
+        parts["attributes"] = _embed(attr_ppmi, dims["attributes"], rng_attr, cfg)
+    has_signal = ~is_cold
+    if "cooccurrence" in dims:
+        collab = _embed(cooccurrence_ppmi(train, item_ids, cfg.window, cfg.context_power),
+                        dims["cooccurrence"], rng_collab, cfg)
+        has_signal = (np.linalg.norm(collab, axis=1) > 0) & ~is_cold
+        imputed = np.flatnonzero(~has_signal)
+        others = _normalise(np.hstack([parts[p] for p in parts]))
+        collab[imputed] = impute_from_neighbours(others, collab, imputed,
+                                                 np.flatnonzero(has_signal), cfg.neighbors)
+        parts["cooccurrence"] = collab
+    content = (np.hstack([parts[p] for p in cfg.parts]) / np.sqrt(len(cfg.parts))
+               ).astype(np.float32)
 
     items = pl.DataFrame({
         "item_id": item_ids,
@@ -367,6 +452,7 @@ def build_items(interactions: pl.DataFrame, attributes: pl.DataFrame, seed: int,
         "cold_drawn": int(drawn.sum()),
         "cold_unseen": int(unseen.sum()),
         "warm_items_imputed": int(np.sum(~has_signal & ~is_cold)),
+        "part_dims": dims, "text_variance_kept": text_kept,
         "duplicates": duplicate_report(content, is_cold, attributes),
     }
     return items, figures
@@ -459,34 +545,55 @@ def datacard(name: str, paths: tuple[Path, Path], seed: int, cfg: AmazonConfig,
         },
         "content": {
             "dim": cfg.dim,
-            "layout": f"[attribute part ({cfg.dim // 2}) | collaborative part "
-                      f"({cfg.dim - cfg.dim // 2})], each L2-normalised, both times 1/sqrt(2): "
-                      "unit norm, cosine = mean of the parts' cosines",
+            "recipe": cfg.content,
+            "layout": " | ".join(f"{p} part ({d})" for p, d in figures["part_dims"].items())
+                      + f", each L2-normalised, times 1/sqrt({len(cfg.parts)}): unit norm, "
+                      "cosine = mean of the parts' cosines",
+            "text_part": None if "text" not in cfg.parts else
+                f"the item text ({figures.get('text_encoder')} sentence embedding of "
+                f"<name>_item_text.tsv), PCA to {figures['part_dims']['text']} dimensions "
+                f"(variance kept {figures['text_variance_kept']:.3f}), L2-normalised",
             "attribute_part": "PPMI of the binary item x attribute matrix, seeded randomized "
                               "truncated SVD, rows U sqrt(S)",
             "collaborative_part": f"PPMI (context smoothing {cfg.context_power}) of item-item "
                                   f"co-occurrence within {cfg.window} positions in the training "
                                   "sequences, seeded randomized truncated SVD, rows U sqrt(S)",
-            "imputed": f"cold items and warm items without training co-occurrence "
-                       f"({figures['warm_items_imputed']}): mean collaborative part of the "
-                       f"{cfg.neighbors} nearest warm items by attribute-part cosine (ties "
-                       "included), re-normalised",
+            "imputed": None if "cooccurrence" not in cfg.parts else
+                f"cold items and warm items without training co-occurrence "
+                f"({figures['warm_items_imputed']}): mean collaborative part of the "
+                f"{cfg.neighbors} nearest warm items by the cosine of the other parts (ties "
+                "included), re-normalised",
             "duplicate_shares": figures["duplicates"],
         },
     }
 
 
 def import_amazon(name: str, src: str | Path, out: str | Path, seed: int = 0, dim: int = 64,
-                  config: AmazonConfig | None = None) -> dict:
+                  config: AmazonConfig | None = None, content: str | None = None,
+                  encoder: TextEncoder | None = None, cache_dir: Path | None = None) -> dict:
     """Import one S3-Rec dataset into `out` (items, interactions, data card); returns the card.
 
-    `config` overrides every setting but `dim`. Bad input raises `ContractError` naming the
+    `config` overrides every setting but `dim` (and `content`, the recipe, when given). The
+    text part embeds `<name>_item_text.tsv` with `encoder` (default: the sentence encoder of
+    the `text` extra), cached under `cache_dir`. Bad input raises `ContractError` naming the
     file, the line or key and what was expected; nothing is written then.
     """
-    cfg = merge(config or AmazonConfig(), {"dim": dim}, "import_amazon")
+    changes = {"dim": dim} | ({"content": content} if content is not None else {})
+    try:
+        cfg = merge(config or AmazonConfig(), changes, "import_amazon")
+    except ValueError as exc:
+        raise ContractError(str(exc)) from None
     paths = source_paths(name, src)
     interactions, attributes = read_s3rec(name, src)
-    items, figures = build_items(interactions, attributes, seed, cfg)
+    text_embedding, encoder_name = None, None
+    if "text" in cfg.parts:
+        text_path = Path(src) / f"{name}_item_text.tsv"
+        texts = read_item_text(text_path, attributes["item_id"].to_numpy())
+        encoder = encoder or SentenceEncoder()
+        text_embedding, encoder_name = embed_texts(texts, encoder, cache_dir), encoder.name
+        paths = (*paths, text_path)
+    items, figures = build_items(interactions, attributes, seed, cfg, text_embedding)
+    figures["text_encoder"] = encoder_name
     card = datacard(name, paths, seed, cfg, items, interactions, figures)
     write_dataset(out, items, interactions, card)
     return card

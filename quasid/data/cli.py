@@ -35,19 +35,24 @@ def synth(
 
 @data_app.command("import-amazon")
 def import_amazon_cmd(
-    name: str = typer.Option(..., help="Dataset: Beauty or Toys_and_Games."),
-    src: Path = typer.Option(..., help="Folder with <name>.txt and <name>_item2attributes.json."),
+    name: str = typer.Option(..., help="Dataset name, the stem of <name>.txt (e.g. Beauty, "
+                                       "Toys_and_Games)."),
+    src: Path = typer.Option(..., help="Folder with <name>.txt, <name>_item2attributes.json "
+                                       "(and <name>_item_text.tsv for the text content)."),
     out: Path = typer.Option(..., help="Output folder (items, interactions, data card)."),
     seed: int = typer.Option(0, help="Seed of prices, cold cohort, SVDs: same seed, same bytes."),
-    dim: int = typer.Option(64, help="Content dimension (half attribute, half collaborative)."),
+    dim: int = typer.Option(64, help="Content dimension, split evenly between the parts."),
+    content: str = typer.Option("attributes+cooccurrence", help="Content recipe: parts joined "
+                                "by '+' among text (sentence embedding of the item text; "
+                                "needs the `text` extra), attributes, cooccurrence."),
 ) -> None:
-    """Import an Amazon 5-core dataset (S3-Rec format): prices and cold cohort simulated."""
+    """Import an S3-Rec-packaged dataset (e.g. Amazon 5-core): prices and cold cohort simulated."""
     from quasid.core.schemas import ContractError
     from quasid.data.amazon import import_amazon
 
     try:
         with console.status(f"importing {name}"):
-            card = import_amazon(name, src, out, seed=seed, dim=dim)
+            card = import_amazon(name, src, out, seed=seed, dim=dim, content=content)
     except ContractError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

