@@ -24,6 +24,14 @@ def analyze_cmd(
     target_uplift: float = typer.Option(0.02, help="Relative uplift the run should detect "
                                                    "(power statement; 0.02 = 2%)."),
     db: Path = typer.Option(None, help="DuckDB views file (default: OUT/events.duckdb)."),
+    metrics_file: Path = typer.Option(None, "--metrics", help="YAML metrics file (name, kind "
+                                      "mean|proportion|ratio, numerator/denominator SQL over "
+                                      "the events, cap_quantile, role, margin); default: "
+                                      "configs/metrics/default.yaml."),
+    primary: list[str] = typer.Option(None, "--primary", help="Primary metric (repeatable): "
+                                      "the confirmatory family; overrides the file's roles."),
+    threads: int = typer.Option(1, "--threads", help="DuckDB threads; 1 (default) sums in one "
+                                "order, so re-analysis gives byte-identical files."),
 ) -> None:
     """Analyse a run: SRM check, per-user metrics in DuckDB, Welch/delta/CUPED tests,
     sequential looks, power; writes the report."""
@@ -38,7 +46,8 @@ def analyze_cmd(
         with console.status("analysing") as status:
             results = analyze(run_dir, out, alpha=alpha, control=control, db_path=db,
                               correction=correction, metrics=metric or None, bootstrap=bootstrap,
-                              target_uplift=target_uplift,
+                              target_uplift=target_uplift, threads=threads,
+                              metrics_file=metrics_file, primary=primary or None,
                               progress=lambda msg: status.update(msg))
     except (AnalysisError, StatsError) as exc:
         console.print(f"[bold red]analysis failed:[/] {exc}")

@@ -23,6 +23,7 @@ manifest's `days`), at the first analysis of a run, and reused from the analysis
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import duckdb
@@ -34,14 +35,18 @@ import numpy as np
 
 from analysis import stats
 from analysis.metrics import (
+    REGISTRY,
     Cell,
     Metric,
     Statistics,
     bootstrap_replicates,
     collect,
     get_metrics,
+    load_metrics_file,
 )
-from analysis.store import AnalysisError, StoreInfo, build_store, connect
+from analysis.store import AnalysisError, StoreInfo, _columns, build_store, connect
+from quasid.core.config import ConfigError
+from quasid.core.schemas import EVENT_TYPES
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
@@ -62,9 +67,14 @@ class AnalysisConfig:
     power: float = 0.8
     target_uplift: float = 0.02
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = 1
+    metrics_file: str | None = None
+    primary: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.threads is not None and int(self.threads) < 1:
+            raise AnalysisError(f"threads {self.threads!r}: expected >= 1 (1: byte-identical "
+                                f"results) or None (DuckDB's default)")
         if not 0.0 < self.alpha < 0.5:
             raise AnalysisError(f"alpha {self.alpha!r}: expected a number in (0, 0.5)")
         if not 0.0 < self.power < 1.0:
@@ -410,9 +420,14 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     timings: dict[str, float] = {}
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    metrics = get_metrics(config.metrics)
+    pool = select_metrics(config)
+    metrics = get_metrics(config.metrics, pool)
+    strict = frozenset((config.metrics or ()) + (config.primary or ()))
     say("building the DuckDB views")
     info = build_store(run_dir, db_path)
+    with connect(info.db_path, threads=config.threads) as con:
+        metrics, not_applicable = applicable_metrics(con, info, metrics, list(pool.values()),
+                                                     strict)
     control = config.control or info.manifest.control
     if control not in info.manifest.arms:
         raise AnalysisError(f"control arm {control!r} is not an arm of the run "
@@ -469,9 +484,100 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
                    "variance_reduction": _finite(r.variance_reduction)}
                   for j, r in zip(jobs, results) if j.method.startswith("cuped")],
         "power_analysis": power, "sequential": sequential, "skipped": skipped,
+        "not_applicable": not_applicable,
     }
     timings["total"] = time.perf_counter() - t0
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
+
+
+def select_metrics(config: AnalysisConfig) -> dict[str, Metric]:
+    """The metrics to choose from: the metrics file's (`config.metrics_file`) or the
+    registry's, with `config.primary` (names) as the primary family when given (the other
+    formerly primary metrics become secondary)."""
+    if config.metrics_file is not None:
+        try:
+            pool = {m.name: m for m in load_metrics_file(config.metrics_file)}
+        except ConfigError as exc:
+            raise AnalysisError(str(exc)) from None
+    else:
+        pool = dict(REGISTRY)
+    if config.primary:
+        unknown = [n for n in config.primary if n not in pool]
+        if unknown:
+            raise AnalysisError(f"--primary: unknown metric(s) {unknown}; defined metrics: "
+                                f"{sorted(pool)}")
+        pool = {n: (m.with_role("primary") if n in config.primary
+                    else m.with_role("secondary") if m.primary else m) for n, m in pool.items()}
+    return pool
+
+
+def _event_literals(metrics: list[Metric]) -> list[str]:
+    """Event types the metrics read: string literals of expressions that use event_type,
+    in the schema's order first."""
+    found = {lit for m in metrics for e in m.exprs if "event_type" in e
+             for lit in m.event_types("y" if e == m.numerator else "x")}
+    return [t for t in EVENT_TYPES if t in found] + sorted(found - set(EVENT_TYPES))
+
+
+def applicable_metrics(con: duckdb.DuckDBPyConnection, info: StoreInfo, metrics: list[Metric],
+                       defined: list[Metric], strict: frozenset[str] = frozenset()
+                       ) -> tuple[list[Metric], list[dict]]:
+    """Split `metrics` into those this run can measure and the not applicable ones (listed
+    with the reason, not alarms): a metric is not applicable when none of the event types
+    its numerator (or its denominator) reads occur in the run, or when it reads a column
+    the events do not have. A metric asked for by name (`strict`) that is not applicable is
+    an error; so is an event type in the run that no defined metric reads (a typo such as
+    `clicks`), and an expression that is not valid SQL."""
+    events_dir = info.run_dir / "events"
+    present = [t for (t,) in con.execute(
+        "SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()]
+    known = _event_literals(defined)
+    unknown = [t for t in present if t not in known]
+    if known and unknown:
+        raise AnalysisError(
+            f"{events_dir}: column 'event_type': " + "; ".join(
+                f"event_type {t!r} is not an event any metric reads" for t in unknown)
+            + f"; known: {', '.join(known)} (fix the event names, or define a metric that "
+              f"reads them in a --metrics file)")
+    columns = _columns(con, "exp_events")
+    keep, out = [], []
+    for m in metrics:
+        reason = None
+        for part, label in (("y", "numerator"), ("x", "denominator")):
+            expr = m.numerator if part == "y" else m.denominator
+            if expr is None:
+                continue
+            types = m.event_types(part) if "event_type" in expr else set()
+            if types and not types & set(present):
+                reason = (f"no {' or '.join(sorted(types))} events in this run (its "
+                          f"{label} reads them)")
+                break
+            try:
+                con.execute(f"SELECT ({expr}) FROM exp_events LIMIT 0")
+            except duckdb.BinderException as exc:
+                col = re.search(r'column "([^"]+)" not found', str(exc))
+                name = col.group(1) if col else str(exc).splitlines()[0]
+                reason = (f"reads column '{name}', which the events do not have (found "
+                          f"{sorted(columns)})")
+                break
+            except duckdb.Error as exc:
+                raise AnalysisError(f"metric {m.name!r}: {label} {expr!r} is not a valid SQL "
+                                    f"expression over the events: "
+                                    f"{str(exc).splitlines()[0]}") from None
+        if reason is None:
+            keep.append(m)
+            continue
+        if m.name in strict:
+            raise AnalysisError(f"{events_dir}: metric {m.name!r} cannot be measured on this "
+                                f"run: it {reason}" if reason.startswith("reads")
+                                else f"{events_dir}: metric {m.name!r} cannot be measured on "
+                                     f"this run: {reason}")
+        out.append({"metric": m.name, "reason": reason})
+    if not keep:
+        raise AnalysisError(f"{events_dir}: no metric applies to this run's events (event "
+                            f"types {present}): " + "; ".join(
+                                f"{x['metric']}: {x['reason']}" for x in out))
+    return keep, out
 
 
 def _family_summary(rows: list[dict], alpha: float) -> list[dict]:
