@@ -236,13 +236,18 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
         notes = _warnings(job, res, lv)
         rel_ci_ok = not (job.metric.is_ratio
                          and not float(res.denominator_z) > stats.DENOMINATOR_Z)
+        ci_low, ci_high = _finite(res.ci_low), _finite(res.ci_high)
+        if job.metric.nonnegative and float(res.control_mean) > 0:
+            # values >= 0: the uplift is >= -100%, the interval is cut there (still valid)
+            ci_low = None if ci_low is None else max(ci_low, -1.0)
+            ci_high = None if ci_high is None else max(ci_high, -1.0)
         rows.append({
             "metric": job.metric.name, "segment": job.segment, "arm": job.arm,
             "control_mean": _finite(res.control_mean),
             "treatment_mean": _finite(res.treatment_mean),
             "abs_effect": _finite(res.abs_effect), "rel_effect": _finite(res.rel_effect),
-            "ci_low": _finite(res.ci_low) if rel_ci_ok else None,
-            "ci_high": _finite(res.ci_high) if rel_ci_ok else None,
+            "ci_low": ci_low if rel_ci_ok else None,
+            "ci_high": ci_high if rel_ci_ok else None,
             "abs_ci_low": _finite(res.abs_ci_low), "abs_ci_high": _finite(res.abs_ci_high),
             "p_value": _finite(res.p_value), "p_adjusted": _finite(pa),
             "n_control": int(res.n_control), "n_treatment": int(res.n_treatment),
@@ -308,9 +313,12 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
                 entry["fixed_at_day"]["rel"] = int(st.days[looks[j]])
             tau_abs = entry["abs_per_day"] if entry["abs_per_day"] is not None else np.nan
             tau_rel = entry["rel"] if entry["rel"] is not None else np.nan
+            # cumulative per-user effects grow with exposure, not necessarily linearly: each
+            # look's own always-valid interval, not the running intersection (never empty)
             seq = stats.msprt(res.abs_effect, var, alpha=config.alpha, tau2=tau_abs,
-                              elapsed=elapsed)
-            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha, tau2=tau_rel)
+                              elapsed=elapsed, intersect=False)
+            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha, tau2=tau_rel,
+                                  intersect=False)
             mde = stats.mde(res.abs_se, alpha=config.alpha, power=config.power)
             with np.errstate(divide="ignore", invalid="ignore"):  # a 0 control mean: n/a
                 mde_rel = mde / np.abs(res.control_mean)
@@ -440,6 +448,10 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
         st = collect(con, metrics, info)
         timings["aggregate"] = time.perf_counter() - t1
         timings.update({f"aggregate.{k}": v for k, v in st.timings.items()})
+        exposed = dict(con.execute(
+            "SELECT arm, count(DISTINCT user_id) FROM exp_events WHERE event_type = 'impression' "
+            "GROUP BY arm").fetchall())
+        health = slate_health(con, info)
         replicates = {}
         if config.bootstrap:
             say(f"bootstrap: {config.bootstrap} Poisson replicates in DuckDB")
@@ -450,7 +462,10 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     say("testing")
     t1 = time.perf_counter()
     srm = stats.srm_test(st.unit_counts, info.manifest.arms)
-    jobs, skipped = plan_tests(st.cells, control, treatments,
+    exposure = (stats.srm_test({a: int(exposed.get(a, 0)) for a in info.manifest.arms},
+                               info.manifest.arms) if exposed else None)
+    cells, duplicates = drop_duplicate_cells(st.cells, info)
+    jobs, skipped = plan_tests(cells, control, treatments,
                                frozenset(config.metrics or ()))
     tcfg = stats.TestConfig(config.alpha)
     results = run_jobs(jobs, tcfg)
@@ -464,7 +479,11 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     srm_dict = {"p_value": srm.p_value, "statistic": srm.statistic, "df": srm.df,
                 "expected_shares": srm.expected_shares, "expected_counts": srm.expected_counts,
                 "observed_counts": srm.observed_counts, "threshold": srm.threshold,
-                "mismatch": srm.mismatch}
+                "mismatch": srm.mismatch, "exposure": None if exposure is None else {
+                    "p_value": exposure.p_value, "statistic": exposure.statistic,
+                    "df": exposure.df, "expected_counts": exposure.expected_counts,
+                    "observed_counts": exposure.observed_counts,
+                    "mismatch": exposure.mismatch}}
     details = {
         "experiment_id": info.manifest.experiment_id, "run_dir": str(Path(run_dir).resolve()),
         "control": control, "treatments": treatments, "arms": info.manifest.arms,
@@ -484,10 +503,98 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
                    "variance_reduction": _finite(r.variance_reduction)}
                   for j, r in zip(jobs, results) if j.method.startswith("cuped")],
         "power_analysis": power, "sequential": sequential, "skipped": skipped,
-        "not_applicable": not_applicable,
+        "not_applicable": not_applicable, "duplicates": duplicates, "health": health,
     }
     timings["total"] = time.perf_counter() - t0
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
+
+
+# A stack whose slates are at least this share cold items, or which shows fewer distinct
+# items than one slate holds, is degenerate: its report gets a warning.
+DEGENERATE_COLD_SHARE = 0.9
+
+
+def slate_health(con: duckdb.DuckDBPyConnection, info: StoreInfo) -> dict:
+    """Per arm, what its slates looked like (from the impressions): requests, mean slate
+    length, share of short slates (fewer impressions than the manifest's `slate_size`),
+    share of cold items, distinct items shown; with warnings for a degenerate stack (slates
+    of only cold items, one slate's worth of items for everything, short or empty slates).
+    Beam coverage is not in the events (the stack summary has it) and is not reported."""
+    cols = _columns(con, "exp_events")
+    if "request_id" not in cols:
+        return {"arms": {}, "warnings": [], "note": "no request_id column: no slate health"}
+    slate_size = info.manifest.raw.get("slate_size")
+    cold = "avg(is_cold_item::DOUBLE)" if "is_cold_item" in cols else "NULL"
+    item = "count(DISTINCT item_id)" if "item_id" in cols else "NULL"
+    rows = con.execute(f"""
+        SELECT arm, count(DISTINCT request_id), count(*), {cold}, {item}
+        FROM exp_events WHERE event_type = 'impression' GROUP BY arm ORDER BY arm""").fetchall()
+    short = {}
+    if isinstance(slate_size, int):
+        short = dict(con.execute(f"""
+            SELECT arm, avg((n < {slate_size})::DOUBLE) FROM (
+                SELECT arm, request_id, count(*) AS n FROM exp_events
+                WHERE event_type = 'impression' GROUP BY ALL) GROUP BY arm""").fetchall())
+    all_requests = dict(con.execute("SELECT arm, count(DISTINCT request_id) FROM exp_events "
+                                    "GROUP BY arm").fetchall())
+    arms, warnings = {}, []
+    for arm, n_req, n_imp, cold_share, n_items in rows:
+        empty = 1.0 - n_req / all_requests[arm] if all_requests.get(arm) else None
+        arms[arm] = {"requests": int(n_req), "impressions": int(n_imp),
+                     "mean_slate": n_imp / n_req if n_req else None,
+                     "cold_item_share": _finite(cold_share) if cold_share is not None else None,
+                     "distinct_items": n_items, "short_slate_share": _finite(short[arm])
+                     if arm in short else None, "requests_without_impressions": empty}
+        if cold_share is not None and cold_share >= DEGENERATE_COLD_SHARE:
+            warnings.append(f"arm {arm!r}: {100 * cold_share:.0f}% of its impressions are cold "
+                            f"items: its stack looks degenerate (slates of cold items only); "
+                            f"its results measure that, not the intended stack")
+        if isinstance(slate_size, int) and n_items is not None and n_items <= slate_size:
+            warnings.append(f"arm {arm!r}: only {n_items} distinct item(s) shown in "
+                            f"{n_req} slates: its stack looks degenerate")
+        if short.get(arm, 0) > 0.5:
+            warnings.append(f"arm {arm!r}: {100 * short[arm]:.0f}% of its slates hold fewer "
+                            f"than {slate_size} items")
+        if empty is not None and empty > 0.05:
+            warnings.append(f"arm {arm!r}: {100 * empty:.0f}% of its requests show no item")
+    for arm in info.manifest.arms:
+        if arm not in arms and "impression" in {t for (t,) in con.execute(
+                "SELECT DISTINCT event_type FROM exp_events").fetchall()}:
+            warnings.append(f"arm {arm!r}: no impressions at all (empty slates)")
+    return {"arms": arms, "warnings": warnings, "slate_size": slate_size}
+
+
+def _in_segment(column: str, expr: str | None) -> str | None:
+    """`expr` restricted to the events of a flag column (idempotent)."""
+    if expr is None:
+        return None
+    head = f"CASE WHEN {column} THEN "
+    return expr if expr.startswith(head) else f"{head}{expr} ELSE 0 END"
+
+
+def drop_duplicate_cells(cells: list[Cell], info: StoreInfo) -> tuple[list[Cell], list[dict]]:
+    """Each test once: a metric in an event-level segment that is, expression for
+    expression, another analysed metric on all users (`completed_orders_per_user` in
+    `cold_item` = `cold_item_completed_orders_per_user` in `all`, and that metric in
+    `cold_item` again) is dropped and listed with the row it duplicates."""
+    columns = {s.name: s.column for s in info.segments if s.level == "event"}
+
+    def signature(m: Metric, column: str | None) -> tuple:
+        num, den = ((m.numerator, m.denominator) if column is None
+                    else (_in_segment(column, m.numerator), _in_segment(column, m.denominator)))
+        return (m.kind, num, den, m.cap_quantile, m.cuped)
+
+    overall = {signature(c.metric, None): c.metric.name for c in cells if c.segment == "all"}
+    keep, dropped = [], []
+    for c in cells:
+        twin = (overall.get(signature(c.metric, columns[c.segment]))
+                if c.segment in columns else None)
+        if twin is None:
+            keep.append(c)
+        else:
+            dropped.append({"metric": c.metric.name, "segment": c.segment,
+                            "same_as": f"{twin}@all"})
+    return keep, dropped
 
 
 def select_metrics(config: AnalysisConfig) -> dict[str, Metric]:

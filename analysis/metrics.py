@@ -644,11 +644,9 @@ def _segment_cells(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
 
 
 def _daily_sql(plan: Plan, caps: dict[str, float]) -> tuple[str, list]:
-    """Per-(arm, day) moments of the per-unit daily values in `user_day`.
-
-    Units without events that day add only to n (their values are 0); pre-period-only sums
-    come from the whole population, so the SQL computes only the terms with a daily value.
-    """
+    """Per-(arm, day) moments of the per-unit daily values in `user_day`, over the units
+    active that day (at least one event that day): a day's row has that day's n, and its
+    pre-period covariate sums run over the same units."""
     aggs, layout = [], []
     all_seg = plan.segments[0]
     for m_idx, m in enumerate(plan.metrics):
@@ -656,7 +654,7 @@ def _daily_sql(plan: Plan, caps: dict[str, float]) -> tuple[str, list]:
         post = _variables(plan, m, all_seg, "d", caps, False)
         pre = _variables(plan, m, all_seg, "t", caps, True)[len(post):] if cov else []
         prefix = f"m{m_idx}"
-        aggs += _moment_aggs(post + pre, None, prefix, post_only=True, n_post=len(post))
+        aggs += _moment_aggs(post + pre, None, prefix)
         layout.append((m, prefix, len(post) + len(pre), len(post), cov))
     sql = (f"SELECT t.arm, d.day AS look, {', '.join(aggs)} FROM user_day d "
            f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.day")
@@ -669,14 +667,13 @@ def _daily_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
     sql, layout = _daily_sql(plan, caps)
     rows = {(r["arm"], r["look"]): r for r in _fetch_dicts(con, sql)}
     out: dict[str, dict[str, list[Moments]]] = {}
-    for m, prefix, k, n_post, _cov in layout:
+    for m, prefix, k, _n_post, _cov in layout:
         out[m.name] = {}
         for a in plan.arms:
-            base = all_cells[m.name][a]
             series = []
             for d in days:
-                row = rows.get((a, d), {})  # absent: nobody in the arm had events that day
-                series.append(_read_moments(row, prefix, k, base=base, n_post=n_post))
+                row = rows.get((a, d)) or {f"{prefix}_n": 0}  # nobody active that day
+                series.append(_read_moments(row, prefix, k))
             out[m.name][a] = series
     return out
 
@@ -684,7 +681,8 @@ def _daily_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
 def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo) -> Statistics:
     """Aggregate the store's events into per-arm statistics for every metric and segment.
 
-    Segments: `all`, each cohort, and `day=<d>` (that day's events); plus the cumulative
+    Segments: `all`, each cohort, and `day=<d>` (that day's events, over the units active
+that day: n is the day's own); plus the cumulative
     statistics at the end of each day (the sequential looks) for the `all` segment.
     """
     plan = make_plan(metrics, info)
