@@ -8,6 +8,7 @@ staging folder, so a failed analysis leaves the output folder as it was.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def analyze(run_dir: Path, out_dir: Path, *, alpha: float = 0.05, control: str |
     with staged_dir(out_dir) as tmp:
         db = Path(db_path) if db_path is not None else tmp / DB_NAME
         analysis = analyze_run(run_dir, db, config, progress, state)
+        # the run folder as seen from the output folder: both can move together
+        analysis.details["run_dir"] = os.path.relpath(Path(run_dir).resolve(),
+                                                      out_dir.resolve())
         if progress:
             progress("writing the report")
         (tmp / "results.json").write_text(json.dumps(analysis.results, indent=2))

@@ -366,11 +366,13 @@ def json_copy(obj: dict) -> dict:
 
 
 def _at(m: stats.Moments, i: int) -> stats.Moments:
-    return stats.Moments(m.n[i], m.sums[i], m.cross[i])
+    return stats.Moments(m.n[i], m.sums[i], m.cross[i],
+                         None if m.shift is None else m.shift[i])
 
 
 def _subset(m: stats.Moments, idx: list[int]) -> stats.Moments:
-    return stats.Moments(m.n[idx], m.sums[idx], m.cross[idx])
+    return stats.Moments(m.n[idx], m.sums[idx], m.cross[idx],
+                         None if m.shift is None else m.shift[idx])
 
 
 def _list(a: np.ndarray) -> list[float | None]:
@@ -504,6 +506,7 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
                   for j, r in zip(jobs, results) if j.method.startswith("cuped")],
         "power_analysis": power, "sequential": sequential, "skipped": skipped,
         "not_applicable": not_applicable, "duplicates": duplicates, "health": health,
+        "guardrails": guardrail_verdicts(rows, metrics),
     }
     timings["total"] = time.perf_counter() - t0
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
@@ -562,6 +565,31 @@ def slate_health(con: duckdb.DuckDBPyConnection, info: StoreInfo) -> dict:
                 "SELECT DISTINCT event_type FROM exp_events").fetchall()}:
             warnings.append(f"arm {arm!r}: no impressions at all (empty slates)")
     return {"arms": arms, "warnings": warnings, "slate_size": slate_size}
+
+
+def guardrail_verdicts(rows: list[dict], metrics: list[Metric]) -> list[dict]:
+    """Non-inferiority of each guardrail metric with a margin (all users, per arm): the
+    treatment is not worse by more than `margin` (relative) when the row's relative CI
+    (at its family's level) lies above −margin (below +margin when lower is better)."""
+    by_name = {m.name: m for m in metrics}
+    out = []
+    for r in rows:
+        m = by_name.get(r["metric"])
+        if r["segment"] != "all" or m is None or not m.guardrail or m.margin is None:
+            continue
+        lo, hi = r["ci_low"], r["ci_high"]
+        if lo is None or hi is None:
+            verdict = "inconclusive (no relative CI)"
+        elif m.higher_is_better:
+            verdict = ("non-inferior" if lo > -m.margin
+                       else "inferior" if hi < -m.margin else "inconclusive")
+        else:
+            verdict = ("non-inferior" if hi < m.margin
+                       else "inferior" if lo > m.margin else "inconclusive")
+        out.append({"metric": m.name, "arm": r["arm"], "margin": m.margin,
+                    "higher_is_better": m.higher_is_better, "ci_low": lo, "ci_high": hi,
+                    "ci_level": r["ci_level"], "verdict": verdict})
+    return out
 
 
 def _in_segment(column: str, expr: str | None) -> str | None:

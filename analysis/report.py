@@ -182,6 +182,12 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
                           f"from 0; read the absolute CI and p."))
     doc.append(_result_table(overall, alpha, with_segment=False))
     doc.extend(_warning_list(overall))
+    for g in d.get("guardrails", []):
+        text = (f"Guardrail `{g['metric']}` ({g['arm']}): {g['verdict']} at a margin of "
+                f"{100 * g['margin']:g}% ({'higher' if g['higher_is_better'] else 'lower'} is "
+                f"better; relative CI {_ci(g['ci_low'], g['ci_high'], _pct)} at "
+                f"{100 * g['ci_level']:.4g}%).")
+        doc.append(Block("ok" if g["verdict"] == "non-inferior" else "alert", text))
     if plots:
         doc.append(Block("img", "forest"))
     doc.append(Block("h2", "4. Segments (cohorts): exploratory"))
