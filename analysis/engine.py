@@ -41,12 +41,12 @@ from analysis.metrics import (
     Statistics,
     bootstrap_replicates,
     collect,
+    event_types_read,
     get_metrics,
     load_metrics_file,
 )
 from analysis.store import AnalysisError, StoreInfo, _columns, build_store, connect
 from quasid.core.config import ConfigError
-from quasid.core.schemas import EVENT_TYPES
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
@@ -646,14 +646,6 @@ def select_metrics(config: AnalysisConfig) -> dict[str, Metric]:
     return pool
 
 
-def _event_literals(metrics: list[Metric]) -> list[str]:
-    """Event types the metrics read: string literals of expressions that use event_type,
-    in the schema's order first."""
-    found = {lit for m in metrics for e in m.exprs if "event_type" in e
-             for lit in m.event_types("y" if e == m.numerator else "x")}
-    return [t for t in EVENT_TYPES if t in found] + sorted(found - set(EVENT_TYPES))
-
-
 def applicable_metrics(con: duckdb.DuckDBPyConnection, info: StoreInfo, metrics: list[Metric],
                        defined: list[Metric], strict: frozenset[str] = frozenset()
                        ) -> tuple[list[Metric], list[dict]]:
@@ -666,7 +658,7 @@ def applicable_metrics(con: duckdb.DuckDBPyConnection, info: StoreInfo, metrics:
     events_dir = info.run_dir / "events"
     present = [t for (t,) in con.execute(
         "SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()]
-    known = _event_literals(defined)
+    known = event_types_read(defined)
     unknown = [t for t in present if t not in known]
     if known and unknown:
         raise AnalysisError(

@@ -47,7 +47,7 @@ from pydantic import field_validator, model_validator
 
 from analysis.stats import Moments
 from quasid.core.config import CONFIGS_DIR, Config, load_yaml, parse
-from quasid.core.schemas import PRE_PERIOD_SUFFIX
+from quasid.core.schemas import EVENT_TYPES, PRE_PERIOD_SUFFIX
 from analysis.store import AnalysisError, Segment, StoreInfo, _columns, events_source
 
 KINDS = ("mean", "proportion", "ratio")
@@ -199,6 +199,14 @@ def load_metrics_file(path: str | Path) -> list[Metric]:
     """The metrics of a YAML metrics file, validated (`ConfigError` names file and field)."""
     path = Path(path)
     return [s.metric() for s in parse(MetricsFile, load_yaml(path), str(path)).metrics]
+
+
+def event_types_read(metrics: Iterable[Metric]) -> list[str]:
+    """The event types the metrics read: string literals of their expressions that use
+    `event_type`, the simulator's four first (in schema order), then the rest sorted."""
+    found = {lit for m in metrics for e in m.exprs if "event_type" in e
+             for lit in _literals(e)}
+    return [t for t in EVENT_TYPES if t in found] + sorted(found - set(EVENT_TYPES))
 
 
 GMV = "CASE event_type WHEN 'order' THEN value WHEN 'cancel' THEN -value ELSE 0 END"
