@@ -162,10 +162,12 @@ def ope_cmd(
     from analysis.store import AnalysisError
     from quasid.core.io import write_text_atomic
 
+    import duckdb
+
     console = Console()
     try:
         result = estimate_run(run_dir, target, arm=arm, alpha=alpha, uniform=uniform)
-    except AnalysisError as exc:
+    except (AnalysisError, duckdb.Error) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     for reward, rows in result["estimates"].items():
