@@ -528,7 +528,9 @@ def slate_health(con: duckdb.DuckDBPyConnection, info: StoreInfo) -> dict:
         return {"arms": {}, "warnings": [], "note": "no request_id column: no slate health"}
     slate_size = info.manifest.raw.get("slate_size")
     cold = "avg(is_cold_item::DOUBLE)" if "is_cold_item" in cols else "NULL"
-    item = "count(DISTINCT item_id)" if "item_id" in cols else "NULL"
+    # (negative ids: unknown items of imported logs, not counted)
+    item = ("NULLIF(count(DISTINCT item_id) FILTER (WHERE item_id >= 0), 0)"
+            if "item_id" in cols else "NULL")
     rows = con.execute(f"""
         SELECT arm, count(DISTINCT request_id), count(*), {cold}, {item}
         FROM exp_events WHERE event_type = 'impression' GROUP BY arm ORDER BY arm""").fetchall()

@@ -112,7 +112,8 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
                          rows=tuple((a, str(h["requests"]), _num(h["mean_slate"]),
                                      _pct(h["short_slate_share"]).lstrip("+"),
                                      _pct(h["cold_item_share"]).lstrip("+"),
-                                     str(h["distinct_items"]))
+                                     "n/a" if h["distinct_items"] is None
+                                     else str(h["distinct_items"]))
                                     for a, h in health["arms"].items())))
         doc.append(Block("p", "From the impressions. Beam coverage is not in the events (see the "
                               "stacks' `stack.json`)."))
