@@ -225,3 +225,32 @@ def test_unknown_arm_in_shares_and_missing_column(tmp_path):
 
 
 import re  # noqa: E402  (used by the tests above)
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's "Analyse your own A/B logs" commands, run verbatim, give its CTR row."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Analyse your own A/B logs"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for line in block.splitlines():
+        line = line.split("  #")[0].strip()
+        if line.startswith("python -c"):
+            make_ctr_log(Path("ab_log.csv"))
+        elif line.startswith("quasid "):
+            res = CliRunner().invoke(app, shlex.split(line)[1:])
+            assert res.exit_code == 0, (line, res.output)
+            ran.append(shlex.split(line)[1])
+    assert ran == ["import-logs", "analyze"]
+    results = json.loads((tmp_path / "runs" / "ab_report" / "results.json").read_text())
+    row = next(r for r in results["rows"] if r["metric"] == "ctr" and r["segment"] == "all")
+    table = re.search(r"\| ctr \| ([^|]+) \| ([^|]+) \| ([^|]+) \| \[([^,]+), ([^\]]+)\]",
+                      section)
+    assert f"{row['control_mean']:.4g}" == table.group(1).strip()
+    assert f"{row['treatment_mean']:.4g}" == table.group(2).strip()
+    assert f"{100 * row['rel_effect']:+.2f}%" == table.group(3).strip()
+    assert f"{100 * row['ci_low']:+.2f}%" == table.group(4).strip()
