@@ -192,6 +192,8 @@ def import_logs(events: str | Path, out: str | Path, mapping: Mapping, *,
         raise AnalysisError(f"experiment id {experiment_id!r}: expected a non-empty name not "
                             f"ending in __pre")
     frame = _read(events, "event log")
+    if frame.height == 0:
+        raise AnalysisError(f"{events}: no rows (expected one row per event)")
     options = {"unit": "--unit", "arm": "--arm", "time": "--time", "event": "--event",
                "value": "--value", "item": "--item", "position": "--position",
                "request": "--request", "propensity": "--propensity"}
