@@ -23,6 +23,7 @@ manifest's `days`), at the first analysis of a run, and reused from the analysis
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,15 +34,19 @@ import numpy as np
 
 from analysis import stats
 from analysis.metrics import (
+    REGISTRY,
     Cell,
     Metric,
     Statistics,
     bootstrap_replicates,
     collect,
+    event_types_read,
     get_metrics,
+    load_metrics_file,
 )
 from analysis.replicates import cell_statistics, replicate_counts, replicate_result
-from analysis.store import AnalysisError, StoreInfo, build_store, connect
+from analysis.store import AnalysisError, StoreInfo, _columns, build_store, connect
+from quasid.core.config import ConfigError
 
 ROW_KEYS = ("metric", "segment", "arm", "control_mean", "treatment_mean", "abs_effect",
             "rel_effect", "ci_low", "ci_high", "abs_ci_low", "abs_ci_high", "p_value",
@@ -62,9 +67,14 @@ class AnalysisConfig:
     power: float = 0.8
     target_uplift: float = 0.02
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = 1
+    metrics_file: str | None = None
+    primary: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.threads is not None and int(self.threads) < 1:
+            raise AnalysisError(f"threads {self.threads!r}: expected >= 1 (1: byte-identical "
+                                f"results) or None (DuckDB's default)")
         if not 0.0 < self.alpha < 0.5:
             raise AnalysisError(f"alpha {self.alpha!r}: expected a number in (0, 0.5)")
         if not 0.0 < self.power < 1.0:
@@ -239,13 +249,18 @@ def make_rows(jobs: list[_Job], results: list[stats.TestResult], correction: str
         notes = _warnings(job, res, lv)
         rel_ci_ok = not (job.metric.is_ratio
                          and not float(res.denominator_z) > stats.DENOMINATOR_Z)
+        ci_low, ci_high = _finite(res.ci_low), _finite(res.ci_high)
+        if job.metric.nonnegative and float(res.control_mean) > 0:
+            # values >= 0: the uplift is >= -100%, the interval is cut there (still valid)
+            ci_low = None if ci_low is None else max(ci_low, -1.0)
+            ci_high = None if ci_high is None else max(ci_high, -1.0)
         rows.append({
             "metric": job.metric.name, "segment": job.segment, "arm": job.arm,
             "control_mean": _finite(res.control_mean),
             "treatment_mean": _finite(res.treatment_mean),
             "abs_effect": _finite(res.abs_effect), "rel_effect": _finite(res.rel_effect),
-            "ci_low": _finite(res.ci_low) if rel_ci_ok else None,
-            "ci_high": _finite(res.ci_high) if rel_ci_ok else None,
+            "ci_low": ci_low if rel_ci_ok else None,
+            "ci_high": ci_high if rel_ci_ok else None,
             "abs_ci_low": _finite(res.abs_ci_low), "abs_ci_high": _finite(res.abs_ci_high),
             "p_value": _finite(res.p_value), "p_adjusted": _finite(pa),
             "n_control": int(res.n_control), "n_treatment": int(res.n_treatment),
@@ -343,9 +358,12 @@ def _sequential(st: Statistics, metrics: list[Metric], control: str, treatments:
                 entry["fixed_at_day"]["rel"] = int(st.days[looks[j]])
             tau_abs = entry["abs_per_day"] if entry["abs_per_day"] is not None else np.nan
             tau_rel = entry["rel"] if entry["rel"] is not None else np.nan
+            # cumulative per-user effects grow with exposure, not necessarily linearly: each
+            # look's own always-valid interval, not the running intersection (never empty)
             seq = stats.msprt(res.abs_effect, var, alpha=config.alpha, tau2=tau_abs,
-                              elapsed=elapsed)
-            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha, tau2=tau_rel)
+                              elapsed=elapsed, intersect=False)
+            rel_seq = stats.msprt(res.rel_effect, rel_var, alpha=config.alpha, tau2=tau_rel,
+                                  intersect=False)
             mde = stats.mde(res.abs_se, alpha=config.alpha, power=config.power)
             with np.errstate(divide="ignore", invalid="ignore"):  # a 0 control mean: n/a
                 mde_rel = mde / np.abs(res.control_mean)
@@ -393,11 +411,13 @@ def json_copy(obj: dict) -> dict:
 
 
 def _at(m: stats.Moments, i: int) -> stats.Moments:
-    return stats.Moments(m.n[i], m.sums[i], m.cross[i])
+    return stats.Moments(m.n[i], m.sums[i], m.cross[i],
+                         None if m.shift is None else m.shift[i])
 
 
 def _subset(m: stats.Moments, idx: list[int]) -> stats.Moments:
-    return stats.Moments(m.n[idx], m.sums[idx], m.cross[idx])
+    return stats.Moments(m.n[idx], m.sums[idx], m.cross[idx],
+                         None if m.shift is None else m.shift[idx])
 
 
 def _list(a: np.ndarray) -> list[float | None]:
@@ -455,9 +475,14 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     timings: dict[str, float] = {}
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    metrics = get_metrics(config.metrics)
+    pool = select_metrics(config)
+    metrics = get_metrics(config.metrics, pool)
+    strict = frozenset((config.metrics or ()) + (config.primary or ()))
     say("building the DuckDB views")
     info = build_store(run_dir, db_path)
+    with connect(info.db_path, threads=config.threads) as con:
+        metrics, not_applicable = applicable_metrics(con, info, metrics, list(pool.values()),
+                                                     strict)
     control = config.control or info.manifest.control
     if control not in info.manifest.arms:
         raise AnalysisError(f"control arm {control!r} is not an arm of the run "
@@ -470,6 +495,10 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
         st = collect(con, metrics, info)
         timings["aggregate"] = time.perf_counter() - t1
         timings.update({f"aggregate.{k}": v for k, v in st.timings.items()})
+        exposed = dict(con.execute(
+            "SELECT arm, count(DISTINCT user_id) FROM exp_events WHERE event_type = 'impression' "
+            "GROUP BY arm").fetchall())
+        health = slate_health(con, info)
         replicates = {}
         if config.bootstrap:
             say(f"bootstrap: {config.bootstrap} Poisson replicates in DuckDB")
@@ -480,7 +509,10 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     say("testing")
     t1 = time.perf_counter()
     srm = stats.srm_test(st.unit_counts, info.manifest.arms)
-    jobs, skipped = plan_tests(st.cells, control, treatments,
+    exposure = (stats.srm_test({a: int(exposed.get(a, 0)) for a in info.manifest.arms},
+                               info.manifest.arms) if exposed else None)
+    cells, duplicates = drop_duplicate_cells(st.cells, info)
+    jobs, skipped = plan_tests(cells, control, treatments,
                                frozenset(config.metrics or ()))
     tcfg = stats.TestConfig(config.alpha)
     results = run_jobs(jobs, tcfg)
@@ -508,7 +540,11 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     srm_dict = {"p_value": srm.p_value, "statistic": srm.statistic, "df": srm.df,
                 "expected_shares": srm.expected_shares, "expected_counts": srm.expected_counts,
                 "observed_counts": srm.observed_counts, "threshold": srm.threshold,
-                "mismatch": srm.mismatch}
+                "mismatch": srm.mismatch, "exposure": None if exposure is None else {
+                    "p_value": exposure.p_value, "statistic": exposure.statistic,
+                    "df": exposure.df, "expected_counts": exposure.expected_counts,
+                    "observed_counts": exposure.observed_counts,
+                    "mismatch": exposure.mismatch}}
     details = {
         "experiment_id": info.manifest.experiment_id, "run_dir": str(Path(run_dir).resolve()),
         "control": control, "treatments": treatments, "arms": info.manifest.arms,
@@ -529,6 +565,8 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
                    "variance_reduction": _finite(r.variance_reduction)}
                   for j, r in zip(jobs, results) if j.method.startswith("cuped")],
         "power_analysis": power, "sequential": sequential, "skipped": skipped,
+        "not_applicable": not_applicable, "duplicates": duplicates, "health": health,
+        "guardrails": guardrail_verdicts(rows, metrics),
     }
     timings["total"] = time.perf_counter() - t0
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
@@ -557,6 +595,203 @@ def _replicate_summary(rows: list[dict], power: list[dict], counts: dict[str, in
                     "training_share": training_var / total if total > 0 else None,
                     "replicates_needed": needed, "target_uplift": config.target_uplift})
     return out
+
+
+# A stack whose slates are at least this share cold items, or which shows fewer distinct
+# items than one slate holds, is degenerate: its report gets a warning.
+DEGENERATE_COLD_SHARE = 0.9
+
+
+def slate_health(con: duckdb.DuckDBPyConnection, info: StoreInfo) -> dict:
+    """Per arm, what its slates looked like (from the impressions): requests, mean slate
+    length, share of short slates (fewer impressions than the manifest's `slate_size`),
+    share of cold items, distinct items shown; with warnings for a degenerate stack (slates
+    of only cold items, one slate's worth of items for everything, short or empty slates).
+    Beam coverage is not in the events (the stack summary has it) and is not reported."""
+    cols = _columns(con, "exp_events")
+    if "request_id" not in cols:
+        return {"arms": {}, "warnings": [], "note": "no request_id column: no slate health"}
+    slate_size = info.manifest.raw.get("slate_size")
+    cold = "avg(is_cold_item::DOUBLE)" if "is_cold_item" in cols else "NULL"
+    # (negative ids: unknown items of imported logs, not counted)
+    item = ("NULLIF(count(DISTINCT item_id) FILTER (WHERE item_id >= 0), 0)"
+            if "item_id" in cols else "NULL")
+    rows = con.execute(f"""
+        SELECT arm, count(DISTINCT request_id), count(*), {cold}, {item}
+        FROM exp_events WHERE event_type = 'impression' GROUP BY arm ORDER BY arm""").fetchall()
+    short = {}
+    if isinstance(slate_size, int):
+        short = dict(con.execute(f"""
+            SELECT arm, avg((n < {slate_size})::DOUBLE) FROM (
+                SELECT arm, request_id, count(*) AS n FROM exp_events
+                WHERE event_type = 'impression' GROUP BY ALL) GROUP BY arm""").fetchall())
+    all_requests = dict(con.execute("SELECT arm, count(DISTINCT request_id) FROM exp_events "
+                                    "GROUP BY arm").fetchall())
+    arms, warnings = {}, []
+    for arm, n_req, n_imp, cold_share, n_items in rows:
+        empty = 1.0 - n_req / all_requests[arm] if all_requests.get(arm) else None
+        arms[arm] = {"requests": int(n_req), "impressions": int(n_imp),
+                     "mean_slate": n_imp / n_req if n_req else None,
+                     "cold_item_share": _finite(cold_share) if cold_share is not None else None,
+                     "distinct_items": n_items, "short_slate_share": _finite(short[arm])
+                     if arm in short else None, "requests_without_impressions": empty}
+        if cold_share is not None and cold_share >= DEGENERATE_COLD_SHARE:
+            warnings.append(f"arm {arm!r}: {100 * cold_share:.0f}% of its impressions are cold "
+                            f"items: its stack looks degenerate (slates of cold items only); "
+                            f"its results measure that, not the intended stack")
+        if isinstance(slate_size, int) and n_items is not None and n_items <= slate_size:
+            warnings.append(f"arm {arm!r}: only {n_items} distinct item(s) shown in "
+                            f"{n_req} slates: its stack looks degenerate")
+        if short.get(arm, 0) > 0.5:
+            warnings.append(f"arm {arm!r}: {100 * short[arm]:.0f}% of its slates hold fewer "
+                            f"than {slate_size} items")
+        if empty is not None and empty > 0.05:
+            warnings.append(f"arm {arm!r}: {100 * empty:.0f}% of its requests show no item")
+    for arm in info.manifest.arms:
+        if arm not in arms and "impression" in {t for (t,) in con.execute(
+                "SELECT DISTINCT event_type FROM exp_events").fetchall()}:
+            warnings.append(f"arm {arm!r}: no impressions at all (empty slates)")
+    return {"arms": arms, "warnings": warnings, "slate_size": slate_size}
+
+
+def guardrail_verdicts(rows: list[dict], metrics: list[Metric]) -> list[dict]:
+    """Non-inferiority of each guardrail metric with a margin (all users, per arm): the
+    treatment is not worse by more than `margin` (relative) when the row's relative CI
+    (at its family's level) lies above −margin (below +margin when lower is better)."""
+    by_name = {m.name: m for m in metrics}
+    out = []
+    for r in rows:
+        m = by_name.get(r["metric"])
+        if r["segment"] != "all" or m is None or not m.guardrail or m.margin is None:
+            continue
+        lo, hi = r["ci_low"], r["ci_high"]
+        if lo is None or hi is None:
+            verdict = "inconclusive (no relative CI)"
+        elif m.higher_is_better:
+            verdict = ("non-inferior" if lo > -m.margin
+                       else "inferior" if hi < -m.margin else "inconclusive")
+        else:
+            verdict = ("non-inferior" if hi < m.margin
+                       else "inferior" if lo > m.margin else "inconclusive")
+        out.append({"metric": m.name, "arm": r["arm"], "margin": m.margin,
+                    "higher_is_better": m.higher_is_better, "ci_low": lo, "ci_high": hi,
+                    "ci_level": r["ci_level"], "verdict": verdict})
+    return out
+
+
+def _in_segment(column: str, expr: str | None) -> str | None:
+    """`expr` restricted to the events of a flag column (idempotent)."""
+    if expr is None:
+        return None
+    head = f"CASE WHEN {column} THEN "
+    return expr if expr.startswith(head) else f"{head}{expr} ELSE 0 END"
+
+
+def drop_duplicate_cells(cells: list[Cell], info: StoreInfo) -> tuple[list[Cell], list[dict]]:
+    """Each test once: a metric in an event-level segment that is, expression for
+    expression, another analysed metric on all users (`completed_orders_per_user` in
+    `cold_item` = `cold_item_completed_orders_per_user` in `all`, and that metric in
+    `cold_item` again) is dropped and listed with the row it duplicates."""
+    columns = {s.name: s.column for s in info.segments if s.level == "event"}
+
+    def signature(m: Metric, column: str | None) -> tuple:
+        num, den = ((m.numerator, m.denominator) if column is None
+                    else (_in_segment(column, m.numerator), _in_segment(column, m.denominator)))
+        return (m.kind, num, den, m.cap_quantile, m.cuped)
+
+    overall = {signature(c.metric, None): c.metric.name for c in cells if c.segment == "all"}
+    keep, dropped = [], []
+    for c in cells:
+        twin = (overall.get(signature(c.metric, columns[c.segment]))
+                if c.segment in columns else None)
+        if twin is None:
+            keep.append(c)
+        else:
+            dropped.append({"metric": c.metric.name, "segment": c.segment,
+                            "same_as": f"{twin}@all"})
+    return keep, dropped
+
+
+def select_metrics(config: AnalysisConfig) -> dict[str, Metric]:
+    """The metrics to choose from: the metrics file's (`config.metrics_file`) or the
+    registry's, with `config.primary` (names) as the primary family when given (the other
+    formerly primary metrics become secondary)."""
+    if config.metrics_file is not None:
+        try:
+            pool = {m.name: m for m in load_metrics_file(config.metrics_file)}
+        except ConfigError as exc:
+            raise AnalysisError(str(exc)) from None
+    else:
+        pool = dict(REGISTRY)
+    if config.primary:
+        unknown = [n for n in config.primary if n not in pool]
+        if unknown:
+            raise AnalysisError(f"--primary: unknown metric(s) {unknown}; defined metrics: "
+                                f"{sorted(pool)}")
+        pool = {n: (m.with_role("primary") if n in config.primary
+                    else m.with_role("secondary") if m.primary else m) for n, m in pool.items()}
+    return pool
+
+
+def applicable_metrics(con: duckdb.DuckDBPyConnection, info: StoreInfo, metrics: list[Metric],
+                       defined: list[Metric], strict: frozenset[str] = frozenset()
+                       ) -> tuple[list[Metric], list[dict]]:
+    """Split `metrics` into those this run can measure and the not applicable ones (listed
+    with the reason, not alarms): a metric is not applicable when none of the event types
+    its numerator (or its denominator) reads occur in the run, or when it reads a column
+    the events do not have. A metric asked for by name (`strict`) that is not applicable is
+    an error; so is an event type in the run that no defined metric reads (a typo such as
+    `clicks`), and an expression that is not valid SQL."""
+    events_dir = info.run_dir / "events"
+    present = [t for (t,) in con.execute(
+        "SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()]
+    known = event_types_read(defined)
+    unknown = [t for t in present if t not in known]
+    if known and unknown:
+        raise AnalysisError(
+            f"{events_dir}: column 'event_type': " + "; ".join(
+                f"event_type {t!r} is not an event any metric reads" for t in unknown)
+            + f"; known: {', '.join(known)} (fix the event names, or define a metric that "
+              f"reads them in a --metrics file)")
+    columns = _columns(con, "exp_events")
+    keep, out = [], []
+    for m in metrics:
+        reason = None
+        for part, label in (("y", "numerator"), ("x", "denominator")):
+            expr = m.numerator if part == "y" else m.denominator
+            if expr is None:
+                continue
+            types = m.event_types(part) if "event_type" in expr else set()
+            if types and not types & set(present):
+                reason = (f"no {' or '.join(sorted(types))} events in this run (its "
+                          f"{label} reads them)")
+                break
+            try:
+                con.execute(f"SELECT ({expr}) FROM exp_events LIMIT 0")
+            except duckdb.BinderException as exc:
+                col = re.search(r'column "([^"]+)" not found', str(exc))
+                name = col.group(1) if col else str(exc).splitlines()[0]
+                reason = (f"reads column '{name}', which the events do not have (found "
+                          f"{sorted(columns)})")
+                break
+            except duckdb.Error as exc:
+                raise AnalysisError(f"metric {m.name!r}: {label} {expr!r} is not a valid SQL "
+                                    f"expression over the events: "
+                                    f"{str(exc).splitlines()[0]}") from None
+        if reason is None:
+            keep.append(m)
+            continue
+        if m.name in strict:
+            raise AnalysisError(f"{events_dir}: metric {m.name!r} cannot be measured on this "
+                                f"run: it {reason}" if reason.startswith("reads")
+                                else f"{events_dir}: metric {m.name!r} cannot be measured on "
+                                     f"this run: {reason}")
+        out.append({"metric": m.name, "reason": reason})
+    if not keep:
+        raise AnalysisError(f"{events_dir}: no metric applies to this run's events (event "
+                            f"types {present}): " + "; ".join(
+                                f"{x['metric']}: {x['reason']}" for x in out))
+    return keep, out
 
 
 def _family_summary(rows: list[dict], alpha: float) -> list[dict]:

@@ -2,8 +2,9 @@
 
 The analysis must not wait for the simulator, and its tests need events whose truth is
 known. `write_fake_run` writes a run directory that follows the contracts
-(`assignments.parquet`, `events/experiment_id=X/day=D/*.parquet`, `manifest.json`),
-including a pre-period (`X__pre`) for CUPED. Every random draw is a hash of (seed, stream,
+(`assignments.parquet`, `events/experiment_id=X/day=D/*.parquet`, `manifest.json` with
+the event counts per experiment, arm and type and per day, and the list of event files the
+analysis reconciles against), including a pre-period (`X__pre`) for CUPED. Every random draw is a hash of (seed, stream,
 row key), so the same config gives the same rows, at any size: 100M events come straight out
 of `range()` without Python ever holding a row.
 
@@ -221,10 +222,20 @@ def write_fake_run(out: str | os.PathLike, cfg: FakeRunConfig = FakeRunConfig(),
                     (FORMAT parquet, PARTITION_BY (experiment_id, day), COMPRESSION zstd,
                      OVERWRITE_OR_IGNORE true, FILENAME_PATTERN 'part-{{i}}')
                 """)
+            src = f"read_parquet('{tmp / 'events'}/**/*.parquet', hive_partitioning = true)"
             counts.update(dict(con.execute(f"""
-                SELECT experiment_id, count(*)::BIGINT FROM read_parquet(
-                    '{tmp / 'events'}/**/*.parquet', hive_partitioning = true)
+                SELECT experiment_id, count(*)::BIGINT FROM {src}
                 GROUP BY experiment_id""").fetchall()))
+            by_type: dict = {}
+            for e, a, t, n in con.execute(f"SELECT experiment_id, arm, event_type, count(*) "
+                                          f"FROM {src} GROUP BY ALL ORDER BY ALL").fetchall():
+                by_type.setdefault(e, {}).setdefault(a, {})[t] = int(n)
+            by_day: dict = {}
+            for e, d, n in con.execute(f"SELECT experiment_id, day, count(*) FROM {src} "
+                                       f"GROUP BY ALL ORDER BY ALL").fetchall():
+                by_day.setdefault(e, {})[str(d)] = int(n)
+            counts["events"] = by_type
+            counts["events_per_day"] = by_day
         finally:
             con.close()
         manifest = {
@@ -235,6 +246,8 @@ def write_fake_run(out: str | os.PathLike, cfg: FakeRunConfig = FakeRunConfig(),
             "config": {"generator": "analysis.fake_events", **asdict(cfg)},
             "data_fingerprint": f"fake-{cfg.seed}",
             "counts": counts,
+            "events_files": sorted(str(p.relative_to(tmp))
+                                   for p in (tmp / "events").rglob("*.parquet")),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; give the folder the usual mode

@@ -35,18 +35,25 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import duckdb
 import numpy as np
+from pydantic import Field as PydanticField
+from pydantic import field_validator, model_validator
 
 from analysis.stats import Moments
-from analysis.store import AnalysisError, Segment, StoreInfo, _columns
-from quasid.core.schemas import PRE_PERIOD_SUFFIX
+from analysis.store import AnalysisError, Segment, StoreInfo, _columns, events_source
+from quasid.core.config import CONFIGS_DIR, Config, load_yaml, parse
+from quasid.core.schemas import EVENT_TYPES, PRE_PERIOD_SUFFIX
 
 KINDS = ("mean", "proportion", "ratio")
+ROLES = ("primary", "secondary", "guardrail")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+DEFAULT_METRICS_FILE = CONFIGS_DIR / "metrics" / "default.yaml"
+"""The built-in metrics (GMV, orders, CTR, ...) as a metrics file; loaded into `REGISTRY`."""
 
 # Poisson(1) CDF at 0..7: a bootstrap weight is the number of thresholds a uniform passes.
 _POISSON_CDF = (0.36787944117144233, 0.7357588823428847, 0.9196986029286058,
@@ -57,7 +64,11 @@ _U64 = 18446744073709551616.0
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric: per-event SQL expressions summed per unit, and how to analyse them."""
+    """A metric: per-event SQL expressions summed per unit, and how to analyse them.
+
+    `margin` (guardrails): the relative non-inferiority margin (0.01: treatment may be at
+    most 1% worse, in the direction `higher_is_better`). `nonnegative`: per-unit values are
+    never negative, so a relative uplift is never below −100% (its CI is clipped there)."""
 
     name: str
     kind: str
@@ -68,6 +79,9 @@ class Metric:
     primary: bool = False
     description: str = ""
     guardrail: bool = False
+    margin: float | None = None
+    higher_is_better: bool = True
+    nonnegative: bool = True
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -84,6 +98,9 @@ class Metric:
         if self.cap_quantile is not None and not 0.0 < self.cap_quantile < 1.0:
             raise AnalysisError(f"metric {self.name!r}: cap_quantile {self.cap_quantile!r}, "
                                 f"expected a number in (0, 1)")
+        if self.margin is not None and (not self.guardrail or not self.margin > 0):
+            raise AnalysisError(f"metric {self.name!r}: margin {self.margin!r} is for guardrail "
+                                f"metrics only and must be > 0 (a relative margin, 0.01 = 1%)")
 
     @property
     def role(self) -> str:
@@ -95,11 +112,100 @@ class Metric:
         """Whether the metric is a ratio of sums (delta method)."""
         return self.kind == "ratio"
 
+    @property
+    def exprs(self) -> tuple[str, ...]:
+        """The metric's SQL expressions: numerator (and denominator)."""
+        return (self.numerator,) if self.denominator is None else (self.numerator,
+                                                                     self.denominator)
+
+    def event_types(self, part: str | None = None) -> set[str]:
+        """The string literals of the expressions (`event_type = 'click'` → click): the
+        event types the metric reads (`part` 'y' / 'x': of the numerator / denominator)."""
+        exprs = self.exprs if part is None else (
+            (self.numerator,) if part == "y" else (self.denominator or "",))
+        return {lit for e in exprs for lit in _literals(e)}
+
+    def with_role(self, role: str) -> Metric:
+        """The same metric in another family (`--primary`)."""
+        return replace(self, primary=role == "primary", guardrail=role == "guardrail",
+                       margin=self.margin if role == "guardrail" else None)
+
     def method(self, covariate: bool) -> str:
         """The test this metric uses, with or without its pre-period covariate."""
         if self.is_ratio:
             return "cuped_delta" if covariate else "delta"
         return "cuped" if covariate else "welch"
+
+
+def _literals(expr: str) -> list[str]:
+    return [m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", expr)]
+
+
+class MetricSpec(Config):
+    """One metric of a metrics file (see `configs/metrics/default.yaml`)."""
+
+    name: str
+    kind: Literal["mean", "proportion", "ratio"]
+    numerator: str
+    denominator: str | None = None
+    cap_quantile: float | None = PydanticField(default=None, gt=0.0, lt=1.0)
+    cuped: bool = True
+    role: Literal["primary", "secondary", "guardrail"] = "secondary"
+    margin: float | None = PydanticField(default=None, gt=0.0)
+    higher_is_better: bool = True
+    nonnegative: bool = True
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("expected lower-case letters, digits and underscores")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricSpec:
+        if (self.kind == "ratio") != (self.denominator is not None):
+            raise ValueError(f"metric {self.name!r}: a denominator is required for ratio "
+                             f"metrics and only for them (kind {self.kind!r})")
+        if self.margin is not None and self.role != "guardrail":
+            raise ValueError(f"metric {self.name!r}: margin is for guardrail metrics only "
+                             f"(role {self.role!r})")
+        return self
+
+    def metric(self) -> Metric:
+        return Metric(self.name, self.kind, self.numerator, self.denominator,
+                      self.cap_quantile, self.cuped, self.role == "primary", self.description,
+                      self.role == "guardrail", self.margin, self.higher_is_better,
+                      self.nonnegative)
+
+
+class MetricsFile(Config):
+    """A metrics file: `metrics:` (a list of `MetricSpec`)."""
+
+    metrics: list[MetricSpec] = PydanticField(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> MetricsFile:
+        names = [m.name for m in self.metrics]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"metric name(s) {dup} appear more than once")
+        return self
+
+
+def load_metrics_file(path: str | Path) -> list[Metric]:
+    """The metrics of a YAML metrics file, validated (`ConfigError` names file and field)."""
+    path = Path(path)
+    return [s.metric() for s in parse(MetricsFile, load_yaml(path), str(path)).metrics]
+
+
+def event_types_read(metrics: Iterable[Metric]) -> list[str]:
+    """The event types the metrics read: string literals of their expressions that use
+    `event_type`, the simulator's four first (in schema order), then the rest sorted."""
+    found = {lit for m in metrics for e in m.exprs if "event_type" in e
+             for lit in _literals(e)}
+    return [t for t in EVENT_TYPES if t in found] + sorted(found - set(EVENT_TYPES))
 
 
 GMV = "CASE event_type WHEN 'order' THEN value WHEN 'cancel' THEN -value ELSE 0 END"
@@ -122,37 +228,26 @@ def register(metric: Metric, *, replace: bool = False) -> Metric:
 # (`benchmarks/analysis_calibration.py`). The small arm's skew, not the extreme values, makes
 # the test liberal: keep allocations balanced, or use `--bootstrap`, or register a capped
 # variant (`cap_quantile`) where a capped estimand is what the decision needs.
-for _m in (
-    Metric("gmv_per_user", "mean", GMV, primary=True,
-           description="GMV per user: order value minus cancelled value"),
-    Metric("completed_orders_per_user", "mean", COMPLETED, primary=True,
-           description="completed orders per user: orders minus cancels"),
-    Metric("cold_item_completed_orders_per_user", "mean",
-           f"CASE WHEN is_cold_item THEN {COMPLETED} ELSE 0 END", primary=True,
-           description="completed orders of cold-start items per user"),
-    Metric("buyer_rate", "proportion", COMPLETED,
-           description="share of users with at least one completed order"),
-    Metric("ctr", "ratio", "(event_type = 'click')", "(event_type = 'impression')",
-           description="clicks per impression"),
-    Metric("conversion", "ratio", "(event_type = 'order')", "(event_type = 'click')",
-           description="orders per click"),
-    Metric("aov", "ratio", GMV, COMPLETED,
-           description="average order value: GMV per completed order"),
-):
+for _m in load_metrics_file(DEFAULT_METRICS_FILE):
     register(_m)
 
 
-def get_metrics(names: Iterable[str] | None = None) -> list[Metric]:
-    """The registered metrics named (all of them, in registry order, when `names` is None)."""
+def get_metrics(names: Iterable[str] | None = None,
+                pool: dict[str, Metric] | None = None) -> list[Metric]:
+    """The metrics named, from `pool` (default: the registry; all of them, in order, when
+    `names` is None)."""
+    pool = REGISTRY if pool is None else pool
     if names is None:
-        return list(REGISTRY.values())
+        return list(pool.values())
     names = list(names)
-    unknown = [n for n in names if n not in REGISTRY]
+    unknown = [n for n in names if n not in pool]
     if unknown:
-        raise AnalysisError(f"unknown metric(s) {unknown}; registered metrics: {sorted(REGISTRY)}")
+        raise AnalysisError(f"unknown metric(s) {unknown}; "
+                            f"{'registered' if pool == REGISTRY else 'defined'} metrics: "
+                            f"{sorted(pool)}")
     if not names:
         raise AnalysisError("no metrics requested")
-    return [REGISTRY[n] for n in names]
+    return [pool[n] for n in names]
 
 
 @dataclass(frozen=True)
@@ -375,14 +470,13 @@ def check_event_values(con: duckdb.DuckDBPyConnection, plan: Plan, table: str,
     bad = [(col, cond, int(n)) for (col, cond), n in zip(checks.items(), counts) if n]
     if not bad:
         return
-    glob = str(plan.events_dir / "**" / "*.parquet").replace("'", "''")
+    source = events_source(plan.events_dir.parent, None,
+                           ", filename = true, file_row_number = true")
     parts = []
     for col, cond, n in bad:
         rows = con.execute(f"""
             SELECT filename, file_row_number, user_id, event_type, {col}::VARCHAR
-            FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true,
-                              filename = true, file_row_number = true,
-                              hive_types = {{'experiment_id': VARCHAR, 'day': INTEGER}})
+            FROM {source}
             WHERE experiment_id = '{experiment_id.replace("'", "''")}' AND {cond}
             ORDER BY filename, file_row_number LIMIT 5""").fetchall()
         shown = "; ".join(f"{f} row {r} (user_id={u}, event_type={t!r}, {col}={v or 'NULL'})"
@@ -557,11 +651,9 @@ def _segment_cells(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
 
 
 def _daily_sql(plan: Plan, caps: dict[str, float]) -> tuple[str, list]:
-    """Per-(arm, day) moments of the per-unit daily values in `user_day`.
-
-    Units without events that day add only to n (their values are 0); pre-period-only sums
-    come from the whole population, so the SQL computes only the terms with a daily value.
-    """
+    """Per-(arm, day) moments of the per-unit daily values in `user_day`, over the units
+    active that day (at least one event that day): a day's row has that day's n, and its
+    pre-period covariate sums run over the same units."""
     aggs, layout = [], []
     all_seg = plan.segments[0]
     for m_idx, m in enumerate(plan.metrics):
@@ -569,7 +661,7 @@ def _daily_sql(plan: Plan, caps: dict[str, float]) -> tuple[str, list]:
         post = _variables(plan, m, all_seg, "d", caps, False)
         pre = _variables(plan, m, all_seg, "t", caps, True)[len(post):] if cov else []
         prefix = f"m{m_idx}"
-        aggs += _moment_aggs(post + pre, None, prefix, post_only=True, n_post=len(post))
+        aggs += _moment_aggs(post + pre, None, prefix)
         layout.append((m, prefix, len(post) + len(pre), len(post), cov))
     sql = (f"SELECT t.arm, d.day AS look, {', '.join(aggs)} FROM user_day d "
            f"JOIN unit_totals t USING (user_id) GROUP BY t.arm, d.day")
@@ -582,14 +674,13 @@ def _daily_moments(con: duckdb.DuckDBPyConnection, plan: Plan, caps: dict[str, f
     sql, layout = _daily_sql(plan, caps)
     rows = {(r["arm"], r["look"]): r for r in _fetch_dicts(con, sql)}
     out: dict[str, dict[str, list[Moments]]] = {}
-    for m, prefix, k, n_post, _cov in layout:
+    for m, prefix, k, _n_post, _cov in layout:
         out[m.name] = {}
         for a in plan.arms:
-            base = all_cells[m.name][a]
             series = []
             for d in days:
-                row = rows.get((a, d), {})  # absent: nobody in the arm had events that day
-                series.append(_read_moments(row, prefix, k, base=base, n_post=n_post))
+                row = rows.get((a, d)) or {f"{prefix}_n": 0}  # nobody active that day
+                series.append(_read_moments(row, prefix, k))
             out[m.name][a] = series
     return out
 
@@ -610,7 +701,8 @@ def segment_statistics(con: duckdb.DuckDBPyConnection, metrics: list[Metric], in
 def collect(con: duckdb.DuckDBPyConnection, metrics: list[Metric], info: StoreInfo) -> Statistics:
     """Aggregate the store's events into per-arm statistics for every metric and segment.
 
-    Segments: `all`, each cohort, and `day=<d>` (that day's events); plus the cumulative
+    Segments: `all`, each cohort, and `day=<d>` (that day's events, over the units active
+that day: n is the day's own); plus the cumulative
     statistics at the end of each day (the sequential looks) for the `all` segment.
     """
     plan = make_plan(metrics, info)

@@ -127,8 +127,42 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
                      rows=tuple((a, f"{srm['expected_shares'][a]:.4f}",
                                  f"{srm['expected_counts'][a]:.1f}", str(srm["observed_counts"][a]))
                                 for a in srm["expected_shares"])))
+    exposure = srm.get("exposure")
+    if exposure:
+        text = (f"Exposure SRM (units with at least one impression, per arm, against the same "
+                f"shares): χ² = {exposure['statistic']:.3g}, p = {exposure['p_value']:.3g}; "
+                f"observed {exposure['observed_counts']}.")
+        doc.append(Block("alert", "EXPOSURE SAMPLE RATIO MISMATCH: " + text + " The arms "
+                                  "expose different shares of their units: logging or serving "
+                                  "is broken for an arm.") if exposure["mismatch"]
+                   else Block("ok", text))
     if plots:
         doc.append(Block("img", "srm"))
+    health = d.get("health") or {}
+    doc.append(Block("h2", "Health of the slates"))
+    if health.get("arms"):
+        doc.append(Block("table", header=("arm", "requests", "mean slate", "short slates",
+                                          "cold-item share", "distinct items"),
+                         rows=tuple((a, str(h["requests"]), _num(h["mean_slate"]),
+                                     _pct(h["short_slate_share"]).lstrip("+"),
+                                     _pct(h["cold_item_share"]).lstrip("+"),
+                                     "n/a" if h["distinct_items"] is None
+                                     else str(h["distinct_items"]))
+                                    for a, h in health["arms"].items())))
+        doc.append(Block("p", "From the impressions. Beam coverage is not in the events (see the "
+                              "stacks' `stack.json`)."))
+    else:
+        doc.append(Block("p", health.get("note", "No impressions: no slate health.")))
+    for w in health.get("warnings", []):
+        doc.append(Block("alert", f"DEGENERATE STACK? {w}"))
+    if d.get("not_applicable"):
+        doc.append(Block("p", "Not applicable to this run (their events are absent; not an "
+                              "alarm): " + "; ".join(f"`{x['metric']}`: {x['reason']}"
+                                                    for x in d["not_applicable"]) + "."))
+    if d.get("duplicates"):
+        doc.append(Block("p", "Each test is counted once; dropped as duplicates: " + ", ".join(
+            f"`{x['metric']}@{x['segment']}` (= `{x['same_as']}`)" for x in d["duplicates"])
+            + "."))
 
     untested = [s for s in d["skipped"] if s["segment"] == "all"]
     if untested:
@@ -183,6 +217,12 @@ def build_document(analysis: Analysis, plots: bool = True) -> list[Block]:
                           f"from 0; read the absolute CI and p."))
     doc.append(_result_table(overall, alpha, with_segment=False))
     doc.extend(_warning_list(overall))
+    for g in d.get("guardrails", []):
+        text = (f"Guardrail `{g['metric']}` ({g['arm']}): {g['verdict']} at a margin of "
+                f"{100 * g['margin']:g}% ({'higher' if g['higher_is_better'] else 'lower'} is "
+                f"better; relative CI {_ci(g['ci_low'], g['ci_high'], _pct)} at "
+                f"{100 * g['ci_level']:.4g}%).")
+        doc.append(Block("ok" if g["verdict"] == "non-inferior" else "alert", text))
     doc.extend(_replicate_blocks(d, plots))
     if plots:
         doc.append(Block("img", "forest"))

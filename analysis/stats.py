@@ -441,7 +441,8 @@ class SequentialResult:
 
 
 def msprt(effect: np.ndarray, variance: np.ndarray, *, alpha: float = 0.05,
-          tau2: np.ndarray | float, elapsed: np.ndarray | None = None) -> SequentialResult:
+          tau2: np.ndarray | float, elapsed: np.ndarray | None = None,
+          intersect: bool = True) -> SequentialResult:
     """Mixture SPRT (normal mixture N(0, τ²) over the effect) for a sequence of looks.
 
     `effect[..., j]`, `variance[..., j]` are the estimate and its variance at look j (on the
@@ -462,6 +463,13 @@ def msprt(effect: np.ndarray, variance: np.ndarray, *, alpha: float = 0.05,
     A look with an undefined or non-positive variance adds no evidence: its p-value carries
     the running minimum and its CI the running intersection (infinite before the first
     usable look), so early undefined looks do not void the later ones.
+
+    `intersect=False` gives each look's own interval {δ : Λ_j(Δ_j − δ) < 1/α}, without the
+    running intersection: for an effect that changes over the looks (a cumulative per-user
+    effect that grows with exposure, not linearly in time) the intersection is not valid and
+    can be empty (low > high); each look's own interval is never empty, and is wider than the
+    fixed-horizon interval at that look. An unusable look then has an infinite interval.
+    The p-value stays the running minimum (a test of no effect at any look).
     """
     effect = np.asarray(effect, dtype=np.float64)
     v = np.asarray(variance, dtype=np.float64)
@@ -480,8 +488,9 @@ def msprt(effect: np.ndarray, variance: np.ndarray, *, alpha: float = 0.05,
     low = np.where(usable, e - half, -np.inf)
     high = np.where(usable, e + half, np.inf)
     p = np.minimum.accumulate(p, axis=-1)
-    low = np.maximum.accumulate(low, axis=-1) * scale
-    high = np.minimum.accumulate(high, axis=-1) * scale
+    if intersect:
+        low, high = np.maximum.accumulate(low, axis=-1), np.minimum.accumulate(high, axis=-1)
+    low, high = low * scale, high * scale
     return SequentialResult(p, low, high)
 
 

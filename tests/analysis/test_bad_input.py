@@ -32,6 +32,12 @@ def _fails(run_dir: Path, out: Path, match: str, **kwargs) -> None:
 
 
 def _rewrite_events(run_dir: Path, change) -> None:
+    """Rewrite every event file; the manifest's event counts are dropped (as for a run
+    without records) so the error under test is the one raised, not the reconciliation."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("events", "events_per_day"):
+        manifest.get("counts", {}).pop(key, None)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
     for path in (run_dir / "events").rglob("*.parquet"):
         frame = pl.read_parquet(path, hive_partitioning=False)
         change(frame).write_parquet(path)
@@ -77,7 +83,9 @@ def test_zero_variance(tmp_path):
     # Nobody ever orders: GMV is 0 for every user in both arms.
     run = write_fake_run(tmp_path / "run", FakeRunConfig(n_users=300, days=2, pre_days=0,
                                                          p_order=0.0))
-    _fails(run, tmp_path / "out", r"metric 'gmv_per_user'.*zero variance in both arms",
+    # no order or cancel event at all: the metric has no events to read (not applicable)
+    _fails(run, tmp_path / "out", r"metric 'gmv_per_user' cannot be measured on this run: no "
+                                  r"cancel or order events",
            metrics=["gmv_per_user", "ctr"])
 
 
@@ -98,7 +106,20 @@ def test_events_of_users_never_assigned(run, tmp_path):
 
 def test_missing_event_column(run, tmp_path):
     _rewrite_events(run, lambda f: f.drop("value"))
-    _fails(run, tmp_path / "out", r"missing column\(s\) \['value'\] for the events schema")
+    # asked for by name: an error naming the column
+    _fails(run, tmp_path / "out", r"metric 'gmv_per_user' cannot be measured on this run: it "
+                                  r"reads column 'value', which the events do not have",
+           metrics=["gmv_per_user", "ctr"])
+    # in the default set: not applicable, listed, the rest analysed
+    results = analyze(run, tmp_path / "out2", plots=False)
+    assert "gmv_per_user" not in {r["metric"] for r in results["rows"]}
+    details = json.loads((tmp_path / "out2" / "details.json").read_text())
+    assert {x["metric"] for x in details["not_applicable"]} == {"gmv_per_user", "aov"}
+
+
+def test_missing_required_event_column(run, tmp_path):
+    _rewrite_events(run, lambda f: f.drop("event_type"))
+    _fails(run, tmp_path / "out", r"missing column\(s\) \['event_type'\] for the events schema")
 
 
 def test_missing_manifest(run, tmp_path):

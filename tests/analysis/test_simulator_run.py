@@ -66,3 +66,34 @@ def test_results_do_not_depend_on_the_shard_count(small_world_dir, tmp_path):
     differ = [(a["metric"], a["segment"], key) for a, b in zip(one["rows"], three["rows"])
               for key in a if a[key] != b[key] and a[key] == a[key]]  # NaN != NaN
     assert not differ, differ[:5]
+
+
+def _copy(sim_run, tmp_path):
+    import shutil
+    return shutil.copytree(sim_run, tmp_path / "run")
+
+
+def test_a_missing_shard_record_is_an_error(sim_run, tmp_path):
+    from analysis.store import AnalysisError
+    run = _copy(sim_run, tmp_path)
+    record = sorted((run / "_simulator" / "shards").glob("*.json"))[0]
+    record.unlink()
+    with pytest.raises(AnalysisError, match=r"shard record\(s\) \['_simulator/shards/"
+                                            + record.name + r"'\] missing"):
+        analyze_run(run, tmp_path / "a.duckdb", AnalysisConfig())
+
+
+def test_a_stray_and_a_missing_events_file_are_errors(sim_run, tmp_path):
+    import shutil
+
+    from analysis.store import AnalysisError
+    run = _copy(sim_run, tmp_path)
+    files = sorted((run / "events").rglob("*.parquet"))
+    shutil.copy(files[0], files[0].with_name("copy.parquet"))
+    with pytest.raises(AnalysisError, match=r"disagree with the shard records.*1 file\(s\) not "
+                                            r"listed there: \['events/.*/copy.parquet'\]"):
+        analyze_run(run, tmp_path / "a.duckdb", AnalysisConfig())
+    files[0].with_name("copy.parquet").unlink()
+    files[-1].unlink()
+    with pytest.raises(AnalysisError, match=r"1 listed file\(s\) missing"):
+        analyze_run(run, tmp_path / "b.duckdb", AnalysisConfig())
