@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from quasid.core.cli import register_input_error
 from quasid.core.hashing import files_digest
 from quasid.core.io import write_frame_atomic, write_text_atomic
 from quasid.core.layout import (
@@ -54,6 +55,7 @@ COUNT_KEYS = ("requests", "impressions", "clicks", "orders", "cancels", "gmv_cen
 ConfigLike = ExperimentConfig | Mapping | str | Path
 
 
+@register_input_error
 class RunDirError(RuntimeError):
     """A run directory that cannot be (re)used with this config or shard count."""
 
