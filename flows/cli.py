@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()  # usage errors: click's own message, exit 2
             sys.exit(exc.exit_code)
         _fail(exc)
+    if code == 130:  # typer turns KeyboardInterrupt into a silent exit code 130
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
 
