@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flows.config import SYNTHETIC, RunConfig
 from quasid.data.synthetic import WorldConfig
+from quasid.data.world import DAY_SECONDS
 from simulator.preflight import DataShape, PreflightError, check_experiment
 
 
@@ -53,6 +54,7 @@ def preflight(config: RunConfig, source: str = "run config") -> None:
     planned = None
     if str(experiment.data.path) == SYNTHETIC:
         world = WorldConfig(**config.pipeline.synthetic)
-        planned = DataShape(world.n_items, world.max_positions)
+        planned = DataShape(world.n_items, world.max_positions,
+                            world.cutoff_day * DAY_SECONDS, world.days * DAY_SECONDS)
     check_experiment(experiment, planned=planned, built_arms=set(config.tokenizers),
                      source=source)

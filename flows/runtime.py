@@ -91,29 +91,27 @@ def start_local_server() -> str | None:
     return server.api_url
 
 
-class _NoTraceback:
-    """A logging filter that drops a record's traceback (the CLI prints one line instead)."""
-
-    def filter(self, record) -> bool:  # noqa: A003 - logging's name
-        record.exc_info = None
-        record.exc_text = None
-        return True
-
-
 def quiet_tracebacks() -> None:
-    """Keep Prefect's failure logs to their message: no traceback on the console.
+    """Keep Prefect's console failure logs to their message: no traceback on the console.
 
     Prefect logs a failing task or flow with its full traceback (tens to hundreds of lines)
     before the error reaches the CLI, which prints it as one line; `--debug` keeps them.
+    Prefect re-creates its handlers when a flow starts, so the console handler's class is
+    wrapped (idempotent); the API log handler still records the traceback.
     """
     import logging
 
-    import prefect.logging  # noqa: F401 - configures Prefect's handlers
+    from prefect.logging.handlers import PrefectConsoleHandler
 
-    seen = set()
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine",
-                 "prefect.task_engine", "prefect.flow_engine"):
-        for handler in logging.getLogger(name).handlers:
-            if id(handler) not in seen:
-                seen.add(id(handler))
-                handler.addFilter(_NoTraceback())
+    if getattr(PrefectConsoleHandler, "_quasid_quiet", False):
+        return
+    emit = PrefectConsoleHandler.emit
+
+    def emit_without_traceback(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.exc_text:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None,
+                                            "exc_text": None})
+        emit(self, record)
+
+    PrefectConsoleHandler.emit = emit_without_traceback
+    PrefectConsoleHandler._quasid_quiet = True

@@ -5,6 +5,7 @@
 the field and what was expected, for:
 - the dataset folder: a folder holding `items.parquet` and `interactions.parquet` (and
   `world.npz` when `world.kind: truth`);
+- `days` against the logs after the window start (the data card's clock);
 - `slate_size` against the number of items and the world's positions (`position_bias` of
   a synthetic world; `simulator.fitted.MAX_POSITIONS` for a fitted one);
 - each arm's `stack:`: a registered name or a saved stack folder holding `stack.pt`; an
@@ -15,6 +16,7 @@ whose stacks it builds (`built_arms`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,14 @@ import numpy as np
 import polars as pl
 
 from quasid.core.config import ConfigError
-from quasid.core.layout import INTERACTIONS_FILE, ITEMS_FILE, STACK_FILE, WORLD_FILE
+from quasid.core.layout import (
+    DATACARD_FILE,
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    STACK_FILE,
+    WORLD_FILE,
+)
+from quasid.data.world import DAY_SECONDS
 from simulator.arms import registered_stacks
 from simulator.config import ExperimentConfig
 from simulator.fitted import MAX_POSITIONS
@@ -38,6 +47,8 @@ class DataShape:
 
     n_items: int
     positions: int | None
+    cutoff_ts: int | None = None  # the data card's clock (None: no clock, a virtual window)
+    end_ts: int | None = None
 
 
 def data_shape(path: str | Path, needs_world: bool) -> DataShape:
@@ -59,6 +70,13 @@ def data_shape(path: str | Path, needs_world: bool) -> DataShape:
     except Exception as exc:  # noqa: BLE001 - any unreadable footer is bad input
         raise PreflightError(f"{path / ITEMS_FILE}: unreadable Parquet ({exc}) (expected the "
                              "items table)") from None
+    card = {}
+    if (path / DATACARD_FILE).is_file():
+        try:
+            card = json.loads((path / DATACARD_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PreflightError(f"{path / DATACARD_FILE}: unreadable ({exc}) (expected the "
+                                 "data card's JSON)") from None
     positions = None
     if needs_world:
         try:
@@ -67,7 +85,7 @@ def data_shape(path: str | Path, needs_world: bool) -> DataShape:
         except Exception as exc:  # noqa: BLE001
             raise PreflightError(f"{path / WORLD_FILE}: unreadable ({exc}) (expected the "
                                  "synthetic world's truth)") from None
-    return DataShape(n_items, positions)
+    return DataShape(n_items, positions, card.get("cutoff_ts"), card.get("end_ts"))
 
 
 def check_experiment(cfg: ExperimentConfig, planned: DataShape | None = None,
@@ -84,6 +102,13 @@ def check_experiment(cfg: ExperimentConfig, planned: DataShape | None = None,
         world = "the synthetic world's" if truth else "the fitted world's"
         raise PreflightError(f"{source}: slate_size: {cfg.slate_size} exceeds {world} "
                              f"{positions} positions (expected at most {positions})")
+    start = cfg.data.window_start if cfg.data.window_start is not None else shape.cutoff_ts
+    if start is not None and shape.end_ts is not None:
+        available = (int(shape.end_ts) - int(start)) // DAY_SECONDS
+        if cfg.days > available:
+            raise PreflightError(f"{source}: days: {cfg.days} runs the window past the end of "
+                                 f"the logs (expected at most {available} days after the "
+                                 "window start)")
     names = registered_stacks()
     for i, arm in enumerate(cfg.arms):
         where = f"{source}: arms[{i}] ({arm.name})"
