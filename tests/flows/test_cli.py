@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quasid.core.lock import hold
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_WORLD = dict(n_items=300, n_users=1_500, content_dim=16, taste_dim=8, mean_interactions=8.0)
@@ -105,6 +104,8 @@ def test_bad_input_of_other_commands_is_one_line_with_exit_2(tmp_path):
 
 
 def test_run_into_a_held_folder_stops_at_once(tmp_path):
+    from quasid.core.lock import hold
+
     out = tmp_path / "out"
     with hold(out, command="another quasid run"):
         started = time.monotonic()

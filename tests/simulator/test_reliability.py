@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quasid.core.lock import hold
 from simulator.replay import run_shard
 from simulator.rundir import RunDirError, prepare
 
@@ -59,6 +58,8 @@ def test_simulate_checks_everything_before_the_first_write(base_config, tmp_path
 def test_simulate_into_a_held_folder_stops_at_once(base_config, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(base_config))
+    from quasid.core.lock import hold
+
     out = tmp_path / "run"
     with hold(out, command="the first owner"):
         started = time.monotonic()
