@@ -177,9 +177,10 @@ def test_sigint_stops_a_run_within_seconds_and_no_server_remains(tmp_path):
     rc = proc.wait(timeout=120)
     latency = time.monotonic() - sent
     err = proc.stderr.read()
+    assert latency < 15, latency
+    assert not list(out.glob("run/_simulator/shards/*.json"))  # stopped, not run to the end
     assert rc == 130, err
     assert "error: interrupted" in err.strip().splitlines()[-1]
-    assert latency < 15, latency
     assert _gone(server, within=15)
     assert not list(out.rglob("*.tmp")) and not (out / ".quasid.lock").exists()
     print(f"quasid run: SIGINT to exit {latency:.2f} s")
