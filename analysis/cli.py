@@ -40,6 +40,7 @@ def analyze_cmd(
     from analysis.analyze import analyze
     from analysis.stats import StatsError
     from analysis.store import AnalysisError
+    from quasid.core.cli import error_line
 
     console = Console()
     try:
@@ -50,8 +51,8 @@ def analyze_cmd(
                               metrics_file=metrics_file, primary=primary or None,
                               progress=lambda msg: status.update(msg))
     except (AnalysisError, StatsError) as exc:
-        console.print(f"[bold red]analysis failed:[/] {exc}")
-        raise typer.Exit(1) from exc
+        typer.echo(error_line(exc), err=True)  # the one error style: stderr, exit 2
+        raise typer.Exit(2) from None
     srm = results["srm"]
     if srm["mismatch"]:
         console.print(f"[bold white on red] SAMPLE RATIO MISMATCH [/] p = {srm['p_value']:.3g}: "

@@ -104,6 +104,14 @@ class RunConfig(Config):
                 arm["stack"] = built[0] if len(built) == 1 else list(built)
         return parse(ExperimentConfig, raw, f"{self.out}/run config")
 
+    def fingerprint(self) -> str:
+        """sha256 of the run's settings (all but `out`): the owner record of its folder."""
+        import hashlib
+        import json
+
+        raw = self.model_dump(mode="json", exclude={"out"})
+        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+
     @property
     def tokenizers(self) -> dict[str, str]:
         """`{arm name: tokenizer}` for the arms the pipeline builds a SID stack for."""

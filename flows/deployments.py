@@ -4,7 +4,9 @@
 running `prefect server`: `prefect server start`, then `PREFECT_API_URL` pointing at it).
 Teams with work pools use `prefect.yaml` at the repository root instead (`prefect deploy`).
 Both read the same run config file (default `configs/default_run.yaml`), so the schedule and
-the main job run the same experiment.
+the main job run the same experiment. Each night writes its own folder `OUT/YYYY-MM-DD/`
+with the seed YYYYMMDD (a new world, assignment and training every night; `data.path` may
+name `{date}` for nightly exports); the daily analysis reads the newest of them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from prefect import serve
 
 from flows.config import DEFAULT_CONFIG, load_run_config
-from flows.pipeline import analyze_experiment, scheduled_run
+from flows.pipeline import analyze_latest, scheduled_run
 
 
 def deployments(out: Path, config: Path | None, retrain_cron: str, analysis_cron: str,
@@ -24,14 +26,15 @@ def deployments(out: Path, config: Path | None, retrain_cron: str, analysis_cron
     run_config = load_run_config(config_path, out, seed=0, device=device)  # fail now, not at 2am
     nightly = scheduled_run.to_deployment(
         name="nightly-retrain-and-simulate", cron=retrain_cron,
-        parameters={"config_path": str(config_path.resolve()), "out": str(out), "seed": 0,
+        parameters={"config_path": str(config_path.resolve()), "out": str(out),
                     "device": device},
-        description="Retrain the arms' tokenizers and stacks, replay the window, analyse.")
-    daily = analyze_experiment.to_deployment(
+        description="Each night: a dated run folder OUT/YYYY-MM-DD (seed YYYYMMDD): retrain "
+                    "the arms' tokenizers and stacks, replay the window, analyse.")
+    daily = analyze_latest.to_deployment(
         name="daily-analysis", cron=analysis_cron,
-        parameters={"run_dir": str(Path(out) / "run"), "out_dir": str(out),
-                    "alpha": run_config.pipeline.alpha},
-        description="Re-analyse the latest run directory (sequential looks by day).")
+        parameters={"root": str(out), "alpha": run_config.pipeline.alpha,
+                    "target_uplift": run_config.pipeline.target_uplift},
+        description="Re-analyse the newest dated run folder (sequential looks by day).")
     return [nightly, daily]
 
 

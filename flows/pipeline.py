@@ -3,11 +3,14 @@
 `ab_pipeline(config)` is the main job (`quasid run`); its parts are flows of their own so
 they can run alone: `train_tokenizers`, `build_stacks`, `simulate_ab` (shards through the
 flow's task runner: threads, or Dask) and `analyze_experiment` (the report as artifacts).
-`scheduled_run` is what the nightly deployment calls: a run config file in, `ab_pipeline`.
+`scheduled_run` is what the nightly deployment calls: a run config file in, a dated run
+folder out (`OUT/YYYY-MM-DD/`, seed YYYYMMDD); `analyze_latest` is the daily analysis of
+the newest one.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from prefect.artifacts import (
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SYNTHETIC, RunConfig, load_run_config
+from flows.preflight import preflight
 from flows.tasks import (
     analyze_task,
     build_stack_task,
@@ -30,7 +34,10 @@ from flows.tasks import (
     synthesize_task,
     train_tokenizer_task,
 )
-from quasid.core.layout import SIDS_FILE
+from quasid.core.config import parse
+from quasid.core.io import remove_stale_staging
+from quasid.core.layout import MANIFEST_FILE, SIDS_FILE
+from quasid.core.lock import hold
 
 
 def training_name(tokenizer: str, seed: int) -> str:
@@ -165,7 +172,76 @@ def ab_pipeline(config: RunConfig) -> dict:
             "tokenizers": sid_dirs, "stacks": stack_dirs, "n_rows": len(results["rows"])}
 
 
+def night_of(date: str | dt.date | None = None) -> dt.date:
+    """The night a scheduled run stands for: `date` (YYYY-MM-DD) or today in UTC."""
+    if date is None:
+        return dt.datetime.now(dt.timezone.utc).date()
+    if isinstance(date, dt.date):
+        return date
+    try:
+        return dt.date.fromisoformat(str(date))
+    except ValueError:
+        raise ValueError(f"date: {date!r} is not a date (expected YYYY-MM-DD)") from None
+
+
+def nightly_seed(night: dt.date) -> int:
+    """The seed of a night's run: its date as the integer YYYYMMDD (2026-12-01 -> 20261201)."""
+    return int(night.strftime("%Y%m%d"))
+
+
 @flow(name="scheduled-run")
-def scheduled_run(config_path: str, out: str, seed: int = 0, device: str = "cpu") -> dict:
-    """The nightly deployment's flow: read a run config file and run `ab_pipeline` on it."""
-    return ab_pipeline(load_run_config(Path(config_path), Path(out), seed, device))
+def scheduled_run(config_path: str, out: str, seed: int | None = None, device: str = "cpu",
+                  date: str | None = None) -> dict:
+    """The nightly deployment's flow: one dated run folder per night, trained afresh.
+
+    The run goes to `OUT/<YYYY-MM-DD>/` (the night's date, today in UTC unless `date` is
+    given) with the seed `YYYYMMDD` of that date (`seed` overrides it), so every night
+    trains new tokenizers and stacks instead of hitting the cache of the night before. The
+    data is read as of that night: `data.path` may hold `{date}` (e.g.
+    `exports/{date}/beauty`), filled with the night's date; the synthetic world is
+    generated with the night's seed. `analyze_latest(OUT)` analyses the newest folder.
+    """
+    night = night_of(date)
+    run_seed = nightly_seed(night) if seed is None else seed
+    config = load_run_config(Path(config_path), Path(out) / night.isoformat(), run_seed, device)
+    data_path = str(config.experiment.data.path)
+    if "{date}" in data_path:
+        experiment = config.experiment.model_dump(mode="json")
+        experiment["data"]["path"] = data_path.replace("{date}", night.isoformat())
+        config = parse(RunConfig, {**config.model_dump(mode="json"), "experiment": experiment},
+                       config_path)
+    preflight(config, source=config_path)
+    get_run_logger().info("night %s: seed %d -> %s", night, run_seed, config.out)
+    with hold(config.out, config.fingerprint(), "scheduled-run"):
+        remove_stale_staging(config.out)
+        return ab_pipeline(config)
+
+
+def latest_run(root: str | Path) -> Path:
+    """The newest dated run folder under `root` (`YYYY-MM-DD/` holding `run/manifest.json`)."""
+    root = Path(root)
+    dated = []
+    for child in root.iterdir() if root.is_dir() else ():
+        try:
+            night = dt.date.fromisoformat(child.name)
+        except ValueError:
+            continue
+        if (child / "run" / MANIFEST_FILE).is_file():
+            dated.append((night, child))
+    if not dated:
+        raise FileNotFoundError(f"{root}: no dated run folder (expected YYYY-MM-DD/run/"
+                                f"{MANIFEST_FILE}, written by scheduled_run)")
+    return max(dated)[1]
+
+
+@flow(name="analyze-latest")
+def analyze_latest(root: str, alpha: float = 0.05, target_uplift: float = 0.02,
+                   threads: int | None = 1) -> dict:
+    """The daily analysis deployment: re-analyse the newest night's run folder in place."""
+    folder = latest_run(root)
+    get_run_logger().info("analysing the newest run: %s", folder)
+    manifest = json.loads((folder / "run" / MANIFEST_FILE).read_text())
+    results = analyze_experiment(folder / "run", folder, alpha=alpha,
+                                 control=manifest["control"], target_uplift=target_uplift,
+                                 seed=int(manifest.get("seed", 0)), threads=threads)
+    return {"folder": str(folder), "n_rows": len(results["rows"])}

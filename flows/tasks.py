@@ -44,7 +44,7 @@ def _transient(task_, task_run, state) -> bool:
         state.result()
     except TRANSIENT:
         return True
-    except Exception:  # noqa: BLE001 - anything else is deterministic: fail at once
+    except BaseException:  # noqa: BLE001 - anything else (validation, Ctrl-C): fail at once
         return False
     return False
 

@@ -24,7 +24,11 @@ def simulate(
                                        "depend on it, but a run directory keeps its count."),
     workers: int = typer.Option(1, help="Processes running shards in parallel."),
 ) -> None:
-    """Replay logged traffic through each arm's stack and the world; write events."""
+    """Replay logged traffic through each arm's stack and the world; write events.
+
+    The config, data, slate and stacks are checked before anything is written; the run
+    directory is locked (one run at a time); Ctrl-C stops within one batch (exit 130).
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -37,16 +41,29 @@ def simulate(
     from simulator.replay import run_experiment
     from simulator.rundir import RunDirError
 
+    from quasid.core.cli import error_line
+    from quasid.core.interrupt import stop_on_sigint
+    from quasid.core.lock import LockError, acquire, describe
+    from simulator.preflight import check_experiment
+
     try:
         cfg = load_config(config)
+        check_experiment(cfg, source=str(config))  # every check before the first write
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(error_line(exc), err=True)
         raise typer.Exit(2) from None
     console = Console()
+    try:
+        lock = acquire(out, cfg.fingerprint(), "quasid simulate")
+    except LockError as exc:
+        typer.echo(error_line(exc), err=True)
+        raise typer.Exit(2) from None
+    if lock.took_over:
+        console.print(f"took over the lock of a run that died ({describe(lock.took_over)})")
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console, transient=False) as bar:
+        with stop_on_sigint(), Progress(*columns, console=console, transient=False) as bar:
             if workers > 1:
                 task = bar.add_task(f"{cfg.experiment_id}: shards", total=shards)
                 # spawn, not fork: a forked child inherits polars' and torch's thread pools
@@ -66,8 +83,10 @@ def simulate(
                     on_prepared=lambda total: bar.update(
                         task, total=total, description=f"{cfg.experiment_id}: requests"))
     except (ConfigError, RunDirError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(error_line(exc), err=True)
         raise typer.Exit(2) from None
+    finally:
+        lock.release()
     _print_summary(console, manifest, out)
 
 

@@ -8,7 +8,9 @@ shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by defau
 `run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
 the users whose bucket % n_shards == shard; it streams their requests day by day in
 batches (memory grows with one day of one shard, not with the number of days), writes one
-Parquet file per (experiment, day) atomically, and records itself as done last. A rerun
+Parquet file per (experiment, day) atomically, and records itself as done last. Between
+batches it checks the stop flag (`quasid.core.interrupt`): after a SIGINT it leaves with
+`Interrupted` within one batch, with no half-written file. A rerun
 skips finished shards and rewrites unfinished ones under the same names, so no event is
 ever duplicated. All randomness is keyed on (seed, request id), so the events are the same
 whatever the number of shards.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from quasid.core.interrupt import check_stop
 from quasid.core.io import write_text_atomic
 from quasid.core.layout import (
     ASSIGNMENTS_FILE,
@@ -151,6 +154,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
     frames = []
     exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
     for start in range(0, requests.height, cfg.batch_size):
+        check_stop()  # Ctrl-C: leave between batches (nothing of this day is written yet)
         batch = requests.slice(start, cfg.batch_size)
         req = {c: batch[c].to_numpy() for c in ("request_id", "user_id", "ts", "day")}
         unit_row = np.searchsorted(units, req["user_id"])

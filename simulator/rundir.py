@@ -1,6 +1,7 @@
 """The run directory of a simulated experiment: prepare it, read its plan, finalize it.
 
-`prepare` checks the run directory, writes the assignment table first and the plan (config
+`prepare` checks the run directory (another plan in it is refused once any of its shards
+finished; an unfinished one is cleared and restarted), writes the assignment table first and the plan (config
 fingerprint, shard count), and fits the world when asked; `simulator.replay.run_shard` then
 fills `events/`; `finalize` writes the manifest from the shards' records. `load_context`
 reads what every shard needs (dataset, traffic, catalog, cohorts) once per process.
@@ -12,6 +13,8 @@ Run directory: `assignments.parquet`, `events/`, `manifest.json`, and the engine
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from quasid.core.cli import register_input_error
 from quasid.core.hashing import files_digest
 from quasid.core.io import write_frame_atomic, write_text_atomic
 from quasid.core.layout import (
     ASSIGNMENTS_FILE,
+    EVENTS_DIR,
     FITTED_WORLD_FILE,
     INTERACTIONS_FILE,
     ITEMS_FILE,
@@ -44,11 +49,13 @@ from simulator.responses import TrueWorld, WorldModel
 from simulator.splitter import Allocation, assign_arms, assignment_table, held_out
 from simulator.traffic import Logs, Traffic, build_traffic
 
+logger = logging.getLogger(__name__)
 COUNT_KEYS = ("requests", "impressions", "clicks", "orders", "cancels", "gmv_cents")
 
 ConfigLike = ExperimentConfig | Mapping | str | Path
 
 
+@register_input_error
 class RunDirError(RuntimeError):
     """A run directory that cannot be (re)used with this config or shard count."""
 
@@ -156,11 +163,33 @@ def _check_plan(out: Path, plan: dict) -> bool:
     for key, what in (("config_fingerprint", "config"), ("n_shards", "shard count"),
                       ("data_fingerprint", "data")):
         if old.get(key) != plan[key]:
+            if not finished_shards(out) and not (out / MANIFEST_FILE).exists():
+                # nothing of the other plan finished (e.g. a run that failed and was then
+                # corrected): start again cleanly rather than refuse forever
+                clear_run_dir(out)
+                logger.warning("%s: held an unfinished run with another %s; nothing of it "
+                               "had finished, so it was cleared and restarts", out, what)
+                return False
             raise RunDirError(
                 f"{out}: holds a run with another {what} ({key} {old.get(key)!r}, now "
-                f"{plan[key]!r}); resume it with the same config and shard count, or use a "
-                "fresh output directory (events of two plans would mix)")
+                f"{plan[key]!r}) of which shards finished (expected the same config and "
+                "shard count to resume it, or a fresh output directory: events of two "
+                "plans would mix)")
     return True
+
+
+def finished_shards(out: str | Path) -> list[Path]:
+    """The shard records of a run directory (one per finished shard)."""
+    return sorted((Path(out) / STATE_DIR / "shards").glob("shard-*.json"))
+
+
+def clear_run_dir(out: str | Path) -> None:
+    """Delete what `prepare` and the shards wrote (assignments, events, state, manifest)."""
+    out = Path(out)
+    for name in (EVENTS_DIR, STATE_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (ASSIGNMENTS_FILE, MANIFEST_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def window_units(ctx: Context) -> pl.DataFrame:

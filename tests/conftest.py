@@ -16,7 +16,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-AMAZON_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+AMAZON_DIR = Path(os.environ.get(
+    "QUASID_AMAZON_DIR",
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"))
+"""The S3-Rec files (`Beauty.txt`, ...): `QUASID_AMAZON_DIR`, else this machine's shared copy."""
 
 SMALL_WORLD = dict(n_items=600, n_users=1_500, content_dim=16, taste_dim=8, mean_interactions=8.0,
                    seed=7)

@@ -117,3 +117,22 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
                 os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
+    """Delete the staging folders a killed writer left for `out` and inside it.
+
+    Those are `staged_dir`'s `.<name>.*.staging` beside `out` and any `.*.staging` under
+    it. Call it only as the folder's owner (`quasid.core.lock`), before writing: another
+    live writer's staging would be deleted too. Returns the folders removed.
+    """
+    out = Path(out)
+    found = list(out.parent.glob(f".{out.name}.*.staging"))
+    if out.is_dir():
+        found += [p for p in out.rglob(".*.staging")]
+    removed = []
+    for path in sorted(set(found)):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -53,3 +53,7 @@ DB_NAME = "events.duckdb"
 
 DONE_FILE = "done.json"
 """A flows stage's done record beside its output (its inputs; written last)."""
+
+
+LOCK_FILE = ".quasid.lock"
+"""The owner record of a run folder (`quasid.core.lock`): pid, host, start time, config."""

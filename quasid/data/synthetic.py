@@ -67,21 +67,27 @@ class WorldConfig(Config):
 
     @model_validator(mode="after")
     def _valid(self) -> WorldConfig:
-        checks = {
-            "n_items": self.n_items >= 50,
-            "n_users": self.n_users >= 10,
-            "content_dim": self.content_dim >= 4,
-            "taste_dim": self.taste_dim >= 2,
-            "duplicate_share + lookalike_share": 0 <= self.duplicate_share + self.lookalike_share < 0.8,
-            "new_item_share": 0 <= self.new_item_share < 0.5,
-            "cutoff_day": 0 < self.cutoff_day < self.days,
-            "lookalike_cos": 0 < self.lookalike_cos[0] <= self.lookalike_cos[1] < 1,
-            "candidates": 2 <= self.candidates <= self.max_positions,
-            "mean_interactions": self.mean_interactions >= 1,
+        d = self
+        checks = {  # field: (ok, its value, the rule)
+            "n_items": (d.n_items >= 50, d.n_items, ">= 50"),
+            "n_users": (d.n_users >= 10, d.n_users, ">= 10"),
+            "content_dim": (d.content_dim >= 4, d.content_dim, ">= 4"),
+            "taste_dim": (d.taste_dim >= 2, d.taste_dim, ">= 2"),
+            "duplicate_share + lookalike_share": (
+                0 <= d.duplicate_share + d.lookalike_share < 0.8,
+                d.duplicate_share + d.lookalike_share, "in [0, 0.8)"),
+            "new_item_share": (0 <= d.new_item_share < 0.5, d.new_item_share, "in [0, 0.5)"),
+            "cutoff_day": (0 < d.cutoff_day < d.days, d.cutoff_day, f"in (0, days={d.days})"),
+            "lookalike_cos": (0 < d.lookalike_cos[0] <= d.lookalike_cos[1] < 1, d.lookalike_cos,
+                              "0 < low <= high < 1"),
+            "candidates": (2 <= d.candidates <= d.max_positions, d.candidates,
+                           f"in [2, max_positions={d.max_positions}]"),
+            "mean_interactions": (d.mean_interactions >= 1, d.mean_interactions, ">= 1"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k}: {value} (expected {rule})" for k, (ok, value, rule) in checks.items()
+               if not ok]
         if bad:
-            raise ValueError(f"WorldConfig: invalid value for {bad} in {self.model_dump()}")
+            raise ValueError("WorldConfig: " + "; ".join(bad))
         return self
 
 

@@ -223,7 +223,7 @@ def test_nan_inf_null_values_are_an_error_naming_file_column_rows(run, tmp_path,
 def test_cli_reports_bad_values_and_exits_nonzero(run, tmp_path):
     _spoil_value(run, float("nan"))
     result = CliRunner().invoke(app, ["analyze", str(run), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # bad input: the one error style
     assert "column 'value'" in " ".join(result.output.split())
     assert result.exception is None or isinstance(result.exception, SystemExit)
 

@@ -105,6 +105,6 @@ def test_sample_ratio_mismatch_is_reported_first_and_loudly(run_no_pre, tmp_path
 def test_cli_bad_input_exits_nonzero_without_a_report(tmp_path):
     result = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing"),
                                       "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: the one error style
     assert "run directory not found" in " ".join(result.output.split())  # rich wraps lines
     assert not (tmp_path / "out").exists()

@@ -20,6 +20,8 @@ import pytest
 
 from flows.config import RunConfig
 
+pytestmark = pytest.mark.slow  # a Prefect server and tiny trainings: minutes
+
 TINY_WORLD = dict(n_items=300, n_users=1_500, content_dim=16, taste_dim=8, mean_interactions=8.0)
 TOKENIZER = {"hidden": [32], "latent": 8, "codebook_size": 16}
 STACK = {"retriever": {"epochs": 1, "d_model": 32, "n_layers": 1, "d_ff": 64},
@@ -216,3 +218,20 @@ def test_dask_cluster_gives_the_local_events_and_results(popularity_experiment, 
     results = [analyze(tmp_path / run, tmp_path / f"report-{run}", threads=1)["rows"]
                for run in ("local", "dask")]
     assert json.dumps(results[0]) == json.dumps(results[1])
+
+
+def test_a_validation_error_in_a_shard_is_not_retried(popularity_experiment, tmp_path,
+                                                      monkeypatch):
+    import flows.tasks as engine
+    from flows.pipeline import simulate_ab
+
+    calls = []
+
+    def invalid(*args, **kwargs):
+        calls.append(args[1])
+        raise ValueError("a deterministic input error")
+
+    monkeypatch.setattr(engine, "run_shard", invalid)
+    with pytest.raises(ValueError, match="deterministic"):
+        simulate_ab(popularity_experiment, tmp_path / "run", n_shards=1)
+    assert calls == [0]  # once: Prefect retries OSError only

@@ -269,6 +269,8 @@ def beauty(amazon_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.amazon
+@pytest.mark.slow
 def test_beauty_counts_cohorts_and_duplicates(beauty):
     ds = load_dataset(beauty)
     card = ds.datacard
@@ -290,6 +292,8 @@ def test_beauty_counts_cohorts_and_duplicates(beauty):
     assert shares["attribute_set_shared"] == pytest.approx(0.86, abs=0.005)  # the data README
 
 
+@pytest.mark.amazon
+@pytest.mark.slow
 def test_beauty_prices_follow_the_documented_lognormal(beauty):
     ds = load_dataset(beauty)
     medians = ds.datacard["prices"]["group_medians"]
@@ -302,6 +306,8 @@ def test_beauty_prices_follow_the_documented_lognormal(beauty):
             assert med == pytest.approx(medians[cat], rel=0.12), cat
 
 
+@pytest.mark.amazon
+@pytest.mark.slow
 def test_beauty_same_seed_same_bytes_other_seed_differs(beauty, amazon_dir, tmp_path):
     import_amazon("Beauty", amazon_dir, tmp_path / "again", seed=0)
     for name in FILES:
@@ -349,10 +355,14 @@ def test_content_uses_training_interactions_only_fake(fake):
     _check_training_only(*read_s3rec("Beauty", src), AmazonConfig(dim=8))
 
 
+@pytest.mark.amazon
+@pytest.mark.slow
 def test_content_uses_training_interactions_only(amazon_dir):
     _check_training_only(*read_s3rec("Beauty", amazon_dir), AmazonConfig())
 
 
+@pytest.mark.amazon
+@pytest.mark.slow
 def test_toys_counts_and_warm_duplicates(amazon_dir, tmp_path):
     card = import_amazon("Toys_and_Games", amazon_dir, tmp_path / "toys", seed=0)
     assert (card["counts"]["users"], card["counts"]["items"], card["counts"]["interactions"]) == (
