@@ -146,7 +146,7 @@ def test_a_metrics_file_defines_the_metrics(ctr_run, tmp_path):
                                        "    numerator: '1'\n")
     res = _cli("analyze", base / "run", "--out", tmp_path / "out2", "--metrics",
                tmp_path / "bad.yaml")
-    assert res.exit_code == 1 and "a denominator is required" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "a denominator is required" in " ".join(res.output.split())
     assert not (tmp_path / "out2").exists()
 
 
