@@ -51,10 +51,11 @@ def test_two_nights_train_two_runs_and_the_daily_analysis_reads_the_newest(harne
         assert manifest["seed"] == nightly_seed(night_of(night)) == int(night.replace("-", ""))
         seeds.append(manifest["seed"])
         for tok in ("rqvae", "quasid"):  # trained in each night's folder, with its seed
-            done = json.loads((folder / "tokenizers" / tok / "done.json").read_text())
+            trained = f"{tok}/seed{manifest['seed']}"
+            done = json.loads((folder / "tokenizers" / trained / "done.json").read_text())
             assert done["seed"] == manifest["seed"]
-            assert (folder / "tokenizers" / tok / "sids.parquet").exists()
-            assert (folder / "stacks" / tok / "stack.pt").exists()
+            assert (folder / "tokenizers" / trained / "sids.parquet").exists()
+            assert (folder / "stacks" / trained / "stack.pt").exists()
         assert (folder / "report.md").exists()
     assert seeds[0] != seeds[1]
     assert (root / nights[0] / "data" / "items.parquet").read_bytes() != (
