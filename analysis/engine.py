@@ -551,7 +551,7 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
         "alpha": config.alpha, "correction": config.correction, "power": config.power,
         "target_uplift": config.target_uplift, "bootstrap": bootstrap_info,
         "pre_period": info.has_pre_period, "days": st.days, "replicates": counts,
-        "replicate_summary": _replicate_summary(rows, power, counts, config),
+        "replicate_summary": _replicate_summary(rows, config),
         "segments": [{"name": s.name, "level": s.level, "column": s.column}
                      for s in info.segments],
         "metrics": [{"name": m.name, "kind": m.kind, "primary": m.primary, "role": m.role,
@@ -572,8 +572,7 @@ def _analyze_run(run_dir: str | Path, db_path: str | Path, config: AnalysisConfi
     return Analysis({"rows": rows, "srm": srm_dict}, details, timings, new_state)
 
 
-def _replicate_summary(rows: list[dict], power: list[dict], counts: dict[str, int],
-                       config: AnalysisConfig) -> list[dict]:
+def _replicate_summary(rows: list[dict], config: AnalysisConfig) -> list[dict]:
     """Per confirmatory row with replicates: how much of its variance is training noise
     (training_sd² / R over training_sd² / R + user_se²) and how many replicates per arm would
     detect the target uplift with the analysis' power at today's users

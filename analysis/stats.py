@@ -694,9 +694,6 @@ class ReplicateResult:
     ci_high: float
     user_se: float
     training_sd: float | None
-    training_share: float | None
-    replicates_control: int
-    replicates_treatment: int
     per_replicate: list[dict]
 
 
@@ -725,8 +722,7 @@ def replicate_test(control_points: np.ndarray, control_vars: np.ndarray,
     effect / |control mean|. Also: `user_se` (the users-only SE of the same estimate),
     `training_sd` (method of moments: sqrt of the summed per-arm max(0, S²ₐ − mean user
     variance), the SD a single replicate pair's effect has from training alone),
-    `training_share` (share of the effect's variance that is training noise) and each
-    treatment replicate's effect against the pooled control, with its users-only CI.
+    and each treatment replicate's effect against the pooled control, with its users-only CI.
     """
     cp, cv = np.asarray(control_points, float), np.asarray(control_vars, float)
     tp, tv = np.asarray(treatment_points, float), np.asarray(treatment_vars, float)
@@ -744,9 +740,6 @@ def replicate_test(control_points: np.ndarray, control_vars: np.ndarray,
     user_var = float(cv.mean() / len(cp) + tv.mean() / len(tp))
     taus = [t for t in (tau_c, tau_t) if t is not None]
     training_sd = math.sqrt(sum(taus)) if taus else None
-    share = None
-    if tau_c is not None and tau_t is not None and var > 0:
-        share = min(1.0, max(0.0, 1.0 - user_var / var))
     z = float(sps.norm.ppf(1 - alpha / 2))
     pooled_user = float(cv.mean() / len(cp))
     per = []
@@ -762,8 +755,7 @@ def replicate_test(control_points: np.ndarray, control_vars: np.ndarray,
         df=df, abs_ci_low=effect - q * se, abs_ci_high=effect + q * se, p_value=p,
         rel_effect=effect / abs(base) if base else math.nan,
         ci_low=float(low), ci_high=float(high), user_se=math.sqrt(user_var),
-        training_sd=training_sd, training_share=share, replicates_control=len(cp),
-        replicates_treatment=len(tp), per_replicate=per)
+        training_sd=training_sd, per_replicate=per)
 
 
 def replicates_needed(training_sd: float, user_se: float, target: float, *,

@@ -2,7 +2,7 @@
 
 `mix64`/`hash_ids`/`to_uniform` give the same numbers in every process and version (unlike
 Python's `hash`), so traffic buckets and simulated user responses are functions of ids and
-seeds alone. `file_digest`/`files_digest`/`folder_digest` are the one content hash of files
+seeds alone. `file_digest`/`files_digest`/`content_digest` are the one content hash of files
 and data folders.
 """
 
@@ -79,15 +79,6 @@ def files_digest(root: str | Path, names: Iterable[str]) -> str:
                 while block := fh.read(CHUNK):
                     h.update(block)
     return h.hexdigest()
-
-
-def folder_digest(folder: str | Path, pattern: str = "*") -> str:
-    """`files_digest` over every file under `folder` matching `pattern`, in sorted order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: cannot fingerprint a folder that does not exist")
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob(pattern) if p.is_file())
-    return files_digest(folder, names)
 
 
 def content_digest(path: str | Path, names: Iterable[str] = ()) -> str:
