@@ -39,6 +39,7 @@ from quasid.core.schemas import ASSIGNMENTS, REPLICATE_COLUMN, validate
 from simulator.arms import StackContext, arm_recommender
 from simulator.config import ExperimentConfig
 from simulator.events import (
+    batch_counts,
     event_frame,
     part_name,
     partition_dir,
@@ -48,7 +49,7 @@ from simulator.responses import WorldModel, respond
 from simulator.rundir import (
     ConfigLike,
     Context,
-    _add_counts,
+    add_counts,
     _marker,
     _read_plan,
     _remove_stale_temps,
@@ -100,12 +101,12 @@ def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path
         exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
         counts[period] = {}
         for day in sorted(requests["day"].unique().to_list()):
-            frame = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
-                                  requests.filter(pl.col("day") == day), progress)
+            frame, day_counts = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
+                                              requests.filter(pl.col("day") == day), progress)
             path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
             write_events(frame, path)
             files.append(str(path.relative_to(out)))
-            _add_counts(counts[period], frame)
+            add_counts(counts[period], day_counts)
     record = {"shard": shard, "n_shards": n_shards, "counts": counts, "files": files}
     write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", marker)
     return record
@@ -135,8 +136,9 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
                   stacks: dict[tuple[str, int], Recommender], assignments: pl.DataFrame,
                   arm_names: list[str],
                   period: str, requests: pl.DataFrame,
-                  progress: Callable[[int], None] | None) -> pl.DataFrame:
-    """Events of one day of one shard (requests sorted by id), in batches."""
+                  progress: Callable[[int], None] | None) -> tuple[pl.DataFrame, dict]:
+    """Events of one day of one shard (requests sorted by id), in batches, and their
+    counts per arm (`batch_counts`)."""
     units = assignments["unit_id"].to_numpy()
     flag_cols = [c for c in assignments.columns if c.startswith("is_cold_user")
                  or c.startswith("cohort_")]
@@ -152,6 +154,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
     control = arm_names.index(cfg.control_arm)
     k = cfg.slate_size
     frames = []
+    counts: dict = {}
     exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
     for start in range(0, requests.height, cfg.batch_size):
         check_stop()  # Ctrl-C: leave between batches (nothing of this day is written yet)
@@ -178,11 +181,13 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
                       **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
         user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
         user_flags[REPLICATE_COLUMN] = replicate.astype(np.int16)
-        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses,
-                                  ctx.catalog.price[item_rows], item_flags, user_flags))
+        price = ctx.catalog.price[item_rows]
+        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses, price,
+                                  item_flags, user_flags))
+        add_counts(counts, batch_counts(arm_names, arm, responses, price))
         if progress is not None:
             progress(len(unit_row))
-    return pl.concat(frames)
+    return pl.concat(frames), counts
 
 
 def _check_slate(slate: np.ndarray, n: int, k: int, arm: str) -> np.ndarray:
