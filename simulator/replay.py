@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -49,11 +50,11 @@ from simulator.responses import WorldModel, respond
 from simulator.rundir import (
     ConfigLike,
     Context,
-    add_counts,
     _marker,
     _read_plan,
     _remove_stale_temps,
     _world,
+    add_counts,
     as_config,
     finalize,
     load_context,
@@ -94,19 +95,32 @@ def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path
     arm_names = [a.name for a in cfg.arms]
     counts = {}
     files = []
-    for period in ("pre", "experiment"):
-        requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
-        requests = requests.join(mine.select("unit_id"), left_on="user_id", right_on="unit_id",
-                                 how="semi").sort("request_id")
-        exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
-        counts[period] = {}
-        for day in sorted(requests["day"].unique().to_list()):
-            frame, day_counts = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
-                                              requests.filter(pl.col("day") == day), progress)
-            path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
-            write_events(frame, path)
-            files.append(str(path.relative_to(out)))
-            add_counts(counts[period], day_counts)
+    # Day d's file is validated and written on a second thread while day d + 1 is simulated
+    # (polars leaves the GIL while it encodes, so the writer gets a core of its own): at most
+    # one finished day waits in memory. A failed write stops the shard before the next day
+    # is handed over; leaving the block waits for the write in flight, so an error or an
+    # interrupt never leaves a file half-written, and the shard record comes last.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-writer") as writer:
+        pending: Future | None = None
+        for period in ("pre", "experiment"):
+            requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
+            requests = requests.join(mine.select("unit_id"), left_on="user_id",
+                                     right_on="unit_id", how="semi").sort("request_id")
+            exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+            counts[period] = {}
+            for day in sorted(requests["day"].unique().to_list()):
+                frame, day_counts = _simulate_day(cfg, ctx, world, served, mine, arm_names,
+                                                  period, requests.filter(pl.col("day") == day),
+                                                  progress)
+                path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write_events, frame, path)
+                del frame  # the writer holds the only reference: freed once written
+                files.append(str(path.relative_to(out)))
+                add_counts(counts[period], day_counts)
+        if pending is not None:
+            pending.result()
     record = {"shard": shard, "n_shards": n_shards, "counts": counts, "files": files}
     write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", marker)
     return record
@@ -140,8 +154,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
     """Events of one day of one shard (requests sorted by id), in batches, and their
     counts per arm (`batch_counts`)."""
     units = assignments["unit_id"].to_numpy()
-    flag_cols = [c for c in assignments.columns if c.startswith("is_cold_user")
-                 or c.startswith("cohort_")]
+    flag_cols = [c for c in assignments.columns if c.startswith(("is_cold_user", "cohort_"))]
     arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
                                                      return_dtype=pl.Int64).to_numpy())
     replicate_of_unit = assignments[REPLICATE_COLUMN].to_numpy().astype(np.int64)

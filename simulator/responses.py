@@ -74,19 +74,28 @@ class TrueWorld:
         self.world = world
         self.cancel_rate = float(world.cancel_rate)
         self.quantity_extra = float(world.quantity_extra)
+        # the item half of World.price_utility, once per item instead of once per slot
+        self._log_relative_price = np.log(world.price / world.price_ref)
 
     def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
         """p(click) = position_bias[k] sigmoid(a + click_bias); p(order | click) =
-        sigmoid(order_bias + order_slope a + g)."""
+        sigmoid(order_bias + order_slope a + g).
+
+        a and g are `World.affinity` and `World.price_utility` of each user with each slate
+        item, bit for bit, computed without gathering the user's taste vector once per slot.
+        """
         check_slates(users, items)
         w = self.world
         k = items.shape[1]
         if k > len(w.position_bias):
             raise ValueError(f"slate size {k} exceeds the world's {len(w.position_bias)} positions")
-        u = np.broadcast_to(np.asarray(users)[:, None], items.shape)
-        a = w.affinity(u, items)
+        users = np.asarray(users)
+        # np.take along axis 0: ~4x faster than fancy indexing for rows of a 2-d table
+        taste = np.take(w.item_taste, items, axis=0)
+        a = np.einsum("nd,nkd->nk", np.take(w.user_pref, users, axis=0), taste) + w.item_pop[items]
+        g = -w.price_sensitivity[users][:, None] * self._log_relative_price[items]
         click = w.position_bias[:k][None, :] * sigmoid(a + w.click_bias)
-        order = sigmoid(w.order_bias + w.order_slope * a + w.price_utility(u, items))
+        order = sigmoid(w.order_bias + w.order_slope * a + g)
         return Probabilities(click, order)
 
     def describe(self) -> dict:
@@ -113,10 +122,19 @@ def request_keys(seed: int, request_ids: np.ndarray) -> np.ndarray:
     return hash_ids(np.uint64(seed), np.asarray(request_ids, dtype=np.int64))
 
 
+def _stage_salt(k: int, stage: str) -> np.ndarray:
+    return mix64(np.uint64(STAGES[stage] << 32) + np.arange(k, dtype=np.uint64))
+
+
 def stage_uniforms(keys: np.ndarray, k: int, stage: str) -> np.ndarray:
     """(n, k) uniforms for one stage, a pure function of (request key, position, stage)."""
-    salt = mix64(np.uint64(STAGES[stage] << 32) + np.arange(k, dtype=np.uint64))
-    return to_uniform(mix64(keys[:, None] ^ salt[None, :]))
+    return to_uniform(mix64(keys[:, None] ^ _stage_salt(k, stage)[None, :]))
+
+
+def stage_uniforms_at(keys: np.ndarray, rows: np.ndarray, positions: np.ndarray, k: int,
+                      stage: str) -> np.ndarray:
+    """`stage_uniforms(keys, k, stage)[rows, positions]`, computed at those cells only."""
+    return to_uniform(mix64(keys[rows] ^ _stage_salt(k, stage)[positions]))
 
 
 @lru_cache(maxsize=16)
@@ -154,13 +172,22 @@ def respond(world: WorldModel, users: np.ndarray, items: np.ndarray, request_ids
     n, k = items.shape
     p = world.probabilities(users, items)
     p_click = np.minimum(1.0, p.click * np.reshape(click_factor, (-1, 1)))
-    p_order = np.minimum(1.0, p.order * np.reshape(order_factor, (-1, 1)))
     keys = request_keys(seed, request_ids)
     click = stage_uniforms(keys, k, "click") < p_click
-    order = click & (stage_uniforms(keys, k, "order") < p_order)
-    cancel = order & (stage_uniforms(keys, k, "cancel") < world.cancel_rate)
+    # Each later stage is drawn only at the cells where the one before happened: the same
+    # uniforms as on the full (n, k) grid, for a fifth of the cells or fewer.
+    rows, cols = np.nonzero(click)
+    factor = np.broadcast_to(np.ravel(order_factor), (n,))
+    p_order = np.minimum(1.0, p.order[rows, cols] * factor[rows])
+    ordered = stage_uniforms_at(keys, rows, cols, k, "order") < p_order
+    rows, cols = rows[ordered], cols[ordered]
+    order = np.zeros((n, k), dtype=bool)
+    order[rows, cols] = True
+    cancelled = stage_uniforms_at(keys, rows, cols, k, "cancel") < world.cancel_rate
+    cancel = np.zeros((n, k), dtype=bool)
+    cancel[rows[cancelled], cols[cancelled]] = True
     quantity = np.zeros((n, k), dtype=np.int32)
-    if order.any():
-        u = stage_uniforms(keys, k, "quantity")[order]
-        quantity[order] = 1 + poisson_quantile(u, world.quantity_extra).astype(np.int32)
+    if len(rows):
+        u = stage_uniforms_at(keys, rows, cols, k, "quantity")
+        quantity[rows, cols] = 1 + poisson_quantile(u, world.quantity_extra).astype(np.int32)
     return Responses(click, order, cancel, quantity)
