@@ -107,23 +107,24 @@ def batch_counts(arms: list[str], arm_index: np.ndarray, responses: Responses,
     requests), from the arrays `event_frame` turns into rows: requests, one impression per
     slate position, clicks, orders, cancels, GMV in cents (orders' value minus cancels')."""
     k = responses.click.shape[1]
-    # value = round(price x quantity, 2) as on the order and cancel rows, in whole cents
-    cents = np.round(np.round(price * responses.quantity, 2) * 100).astype(np.int64)
-    per_request = {
-        "clicks": responses.click.sum(axis=1),
-        "orders": responses.order.sum(axis=1),
-        "cancels": responses.cancel.sum(axis=1),
-        "gmv_cents": (np.where(responses.order, cents, 0).sum(axis=1)
-                      - np.where(responses.cancel, cents, 0).sum(axis=1)),
-    }
     arm_index = np.asarray(arm_index)
+    rows, cols = np.nonzero(responses.order)
+    # value = round(price x quantity, 2) as on the order and cancel rows, in whole cents
+    cents = np.round(np.round(price[rows, cols] * responses.quantity[rows, cols], 2) * 100
+                     ).astype(np.int64)
+    kept = ~responses.cancel[rows, cols]  # a cancel row takes its order's value back
+    per_request = {"clicks": np.count_nonzero(responses.click, axis=1),
+                   "cancels": np.count_nonzero(responses.cancel, axis=1)}
     out = {}
     for a, arm in enumerate(arms):  # a few arms, each a vectorized sum
         sel = arm_index == a
-        n = int(sel.sum())
+        n = int(np.count_nonzero(sel))
         if n:
+            on_arm = sel[rows]
             out[arm] = {"requests": n, "impressions": n * k,
-                        **{key: int(v[sel].sum()) for key, v in per_request.items()}}
+                        **{key: int(v[sel].sum()) for key, v in per_request.items()},
+                        "orders": int(np.count_nonzero(on_arm)),
+                        "gmv_cents": int(cents[on_arm & kept].sum())}
     return out
 
 

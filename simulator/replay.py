@@ -158,6 +158,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
     arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
                                                      return_dtype=pl.Int64).to_numpy())
     replicate_of_unit = assignments[REPLICATE_COLUMN].to_numpy().astype(np.int64)
+    flags_of_unit = {c: assignments[c].to_numpy() for c in flag_cols}  # once, not per batch
     click_factor = np.ones(len(arm_names))
     order_factor = np.ones(len(arm_names))
     if period == "experiment":
@@ -182,17 +183,20 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
         items = np.empty((len(unit_row), k), dtype=np.int64)
         item_rows = np.empty((len(unit_row), k), dtype=np.int64)
         cell = arm * MAX_REPLICATES + replicate
-        for c in np.unique(cell):
-            sel = cell == c
+        cells = np.unique(cell)
+        for c in cells:
+            # one cell (the pre-period, a single-cell batch): the whole batch, uncopied
+            sel = slice(None) if len(cells) == 1 else cell == c
             name, r = arm_names[c // MAX_REPLICATES], int(c % MAX_REPLICATES)
             slate, _ = stacks[name, r].recommend(hist[sel], k, req["user_id"][sel])
-            items[sel] = _check_slate(slate, int(sel.sum()), k, name)
-            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{name}' stack")
+            slate = _check_slate(slate, len(hist) if len(cells) == 1 else int(sel.sum()), k, name)
+            items[sel] = slate
+            item_rows[sel] = ctx.catalog.rows(slate, source=f"arm '{name}' stack")
         responses = respond(world, req["user_id"], items, req["request_id"], cfg.seed,
                             click_factor[arm], order_factor[arm])
         item_flags = {"is_cold_item": ctx.catalog.is_cold[item_rows],
                       **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
-        user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
+        user_flags = {c: flag[unit_row] for c, flag in flags_of_unit.items()}
         user_flags[REPLICATE_COLUMN] = replicate.astype(np.int16)
         price = ctx.catalog.price[item_rows]
         frames.append(event_frame(exp_id, arm_names, arm, req, items, responses, price,
