@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from scipy.stats import poisson
 
-import quasid.core.schemas as schemas
-import simulator.replay as replay
+from quasid.core import schemas
 from quasid.core.recommender import PAD
 from quasid.core.schemas import EVENTS, ContractError, validate
+from simulator import replay
 from simulator.baselines import PopularityRecommender
 from simulator.events import (
     EVENT_NAMES,
@@ -320,6 +320,10 @@ def test_later_stages_drawn_at_their_cells_equal_the_full_grid():
     assert abs(fast.cancel.sum() / fast.order.sum() - 0.25) < 0.05
 
 
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 def test_true_world_probabilities_equal_the_world_formulas(small_world):
     world = small_world.world
     truth = TrueWorld(world)
@@ -329,16 +333,14 @@ def test_true_world_probabilities_equal_the_world_formulas(small_world):
     got = truth.probabilities(users, items)
     u = np.broadcast_to(users[:, None], items.shape)
     a = world.affinity(u, items)
-    sigmoid = lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))  # noqa: E731
-    click = world.position_bias[:10][None, :] * sigmoid(a + world.click_bias)
-    order = sigmoid(world.order_bias + world.order_slope * a + world.price_utility(u, items))
+    click = world.position_bias[:10][None, :] * _sigmoid(a + world.click_bias)
+    order = _sigmoid(world.order_bias + world.order_slope * a + world.price_utility(u, items))
     assert np.array_equal(got.click, click) and np.array_equal(got.order, order)
 
 
 def _reference_popularity(stack: PopularityRecommender, histories, k):
     """Look each history item up among the top m, then a stable sort of the seen marks."""
-    n, h = histories.shape
-    m = min(len(stack.ranked), k + h)
+    m = min(len(stack.ranked), k + histories.shape[1])
     top = stack.ranked[:m]
     seen = (top[None, :, None] == histories[:, None, :]).any(axis=2)
     pick = np.argsort(seen, axis=1, kind="stable")[:, :k]
