@@ -7,8 +7,10 @@ shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by defau
 
 `run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
 the users whose bucket % n_shards == shard; it streams their requests day by day in
-batches (memory grows with one day of one shard, not with the number of days), writes one
-Parquet file per (experiment, day) atomically, and records itself as done last. Between
+batches (memory grows with two days of one shard, the one written and the one simulated,
+not with the number of days), validates and writes one Parquet file per (experiment, day)
+atomically on a writer thread while the next day is simulated, and records itself as done
+last, once every file is in place. Between
 batches it checks the stop flag (`quasid.core.interrupt`): after a SIGINT it leaves with
 `Interrupted` within one batch, with no half-written file. A rerun
 skips finished shards and rewrites unfinished ones under the same names, so no event is
