@@ -15,18 +15,26 @@ With `--memory-days a,b,...` it reruns the experiment once per window length in 
 process and reports each run's peak RSS (memory should not grow with the days).
 With `--floor` it also times the work no implementation can skip, kernel by kernel on the
 first experiment day's requests, and the machine's copy bandwidth (`floor`).
+With `--compare OLD_ROOT --rounds N` it alternates the same measurement in fresh processes
+on another checkout's code (`PYTHONPATH=OLD_ROOT`, e.g. `git archive main | tar -x -C
+OLD_ROOT`) and on this one's, N rounds, so both see the same load on a shared box; the
+ratio of the medians is the speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(data: Path, days: int, pre_days: int, batch: int, stack: str = "popularity",
@@ -202,6 +210,36 @@ def floor(data: Path, batch: int, reps: int = 5) -> dict:
     }
 
 
+def _child(root: Path, data: Path, days: int, pre_days: int, shards: int, batch: int) -> dict:
+    """One measurement in a fresh process that imports the simulator from `root`."""
+    cmd = [sys.executable, __file__, "--single", "--data", str(data), "--days", str(days),
+           "--pre-days", str(pre_days), "--shards", str(shards), "--batch", str(batch)]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(old_root: Path, data: Path, args: argparse.Namespace) -> dict:
+    """Alternate before (`old_root`) and after (this checkout) runs; medians and their ratio."""
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for r in range(args.rounds):
+        for label, root in (("before", old_root.resolve()), ("after", ROOT)):
+            child = _child(root, data, args.days, args.pre_days, args.shards, args.batch)
+            runs[label].append(child)
+            print(f"round {r + 1} {label:6s}: {child['requests_per_s_serving']:,} req/s serving, "
+                  f"{child['cpu_us_per_request']} CPU us/request, load {child['load_average']}")
+    med = {label: {key: statistics.median(c[key] for c in rs) for key in
+                   ("requests_per_s_serving", "cpu_us_per_request", "peak_rss_gib")}
+           for label, rs in runs.items()}
+    ratio = med["after"]["requests_per_s_serving"] / med["before"]["requests_per_s_serving"]
+    cpu_ratio = med["before"]["cpu_us_per_request"] / med["after"]["cpu_us_per_request"]
+    print(f"median before {med['before']['requests_per_s_serving']:,.0f} req/s, after "
+          f"{med['after']['requests_per_s_serving']:,.0f} req/s: {ratio:.2f}x "
+          f"({cpu_ratio:.2f}x less CPU per request)")
+    return {"old_root": str(old_root), "rounds": runs, "median": med,
+            "speedup_serving": round(ratio, 2), "cpu_per_request_ratio": round(cpu_ratio, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="existing dataset folder (else generated)")
@@ -217,6 +255,9 @@ def main() -> None:
     parser.add_argument("--memory-days", default="", help="e.g. 3,14: peak RSS per window length")
     parser.add_argument("--floor", action="store_true",
                         help="also time each serving kernel alone and the copy bandwidth")
+    parser.add_argument("--compare", type=Path, metavar="OLD_ROOT",
+                        help="alternate the measurement with another checkout's code")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,6 +292,8 @@ def main() -> None:
                   f"peak RSS {child['peak_rss_gib']} GiB, "
                   f"{child['requests_per_s_serving']:,} req/s")
         result["memory_by_days"] = memory
+        if args.compare:
+            result["compare"] = compare(args.compare, data, args)
         if args.floor:
             result["floor"] = floor(data, args.batch)
             print(json.dumps(result["floor"], indent=2))
