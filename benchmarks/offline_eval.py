@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds before unfinished runs stop")
-    parser.add_argument("--overrides", default="", help="stack config overrides (JSON)")
+    parser.add_argument("--stack-preset", default="default",
+                        help="stack preset of configs/stacks.yaml (e.g. tiger)")
+    parser.add_argument("--overrides", default="", help="stack config overrides (JSON), over the preset")
     parser.add_argument("--tokenizer-epochs", type=int, default=None)
     parser.add_argument("--tokenizer-overrides", default="", help="tokenizer overrides (JSON)")
     args = parser.parse_args()
@@ -46,7 +48,9 @@ def main() -> None:
     datasets = dict(d.split("=", 1) for d in args.data)
     tokenizers = [t for t in args.tokenizers.split(",") if t]
     as_json = lambda text: json.loads(text) if text else None
-    kwargs = dict(device=args.device, overrides=as_json(args.overrides),
+    from quasid.stack.config import stack_preset
+
+    kwargs = dict(device=args.device, overrides=stack_preset(args.stack_preset, as_json(args.overrides)),
                   tokenizer_epochs=args.tokenizer_epochs,
                   tokenizer_overrides=as_json(args.tokenizer_overrides))
     out = Path(args.out)

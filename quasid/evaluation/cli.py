@@ -17,16 +17,18 @@ def eval_cmd(
     out: Path = typer.Option(..., help="Output folder: results.json, results.md, runs/."),
     device: str = typer.Option("cpu", help="Torch device (cpu, cuda)."),
     jobs: int = typer.Option(1, help="Runs at once, in separate processes (several fit one GPU)."),
-    overrides: str = typer.Option("", help='Stack config overrides as JSON, e.g. \'{"retriever": {"epochs": 5}}\'.'),
+    stack_preset: str = typer.Option("default", help="Stack preset of configs/stacks.yaml (e.g. tiger: TIGER's sizes, early stopping; GPU-sized)."),
+    overrides: str = typer.Option("", help='Stack config overrides as JSON, over the preset, e.g. \'{"retriever": {"epochs": 5}}\'.'),
     tokenizer_epochs: int = typer.Option(None, help="Tokenizer training epochs (default: the tokenizer's)."),
     reuse_only: bool = typer.Option(False, help="Only aggregate runs already finished in OUT."),
 ) -> None:
     """Offline benchmark: tokenizers x seeds -> SIDs -> stack -> HR@5/10, NDCG@5/10 (all, cold)."""
     from quasid.evaluation.offline import offline_eval
+    from quasid.stack.config import stack_preset as preset_overrides
 
     names = [t.strip() for t in tokenizers.split(",") if t.strip()]
     results = offline_eval(data, names, seeds, out, device=device, jobs=jobs,
-                           overrides=json_option(overrides, "--overrides"),
+                           overrides=preset_overrides(stack_preset, json_option(overrides, "--overrides")),
                            tokenizer_epochs=tokenizer_epochs, reuse_only=reuse_only)
     table = Table(title=f"{data}: stack, mean over {seeds} seed(s)")
     for col in ("tokenizer", "segment", "hr@5", "hr@10", "ndcg@5", "ndcg@10"):

@@ -114,9 +114,9 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     cold = ds.items.filter(pl.col("is_cold"))["item_id"]
     train = leave_one_out(ds.interactions, cold_items=cold).train
     cfg = stack_config(overrides)
-    # the blend weight is fitted on validation requests, so only when testing on the test split
-    valid = (validation_requests(ds.interactions, cfg.retriever.max_history)
-             if split == "test" else None)
+    # the blend weight (and early stopping, when set) use the validation requests; when tuning
+    # (split="valid") the score is then on the same requests, equally optimistic for everyone
+    valid = validation_requests(ds.interactions, cfg.retriever.max_history)
     stack, summary = train_stack(ds.items, sid_table, train, cfg, device=device, seed=seed,
                                  valid=valid, source=str(sids_path))
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from quasid.core.config import Config, merge
+from quasid.core.config import CONFIGS_DIR, Config, ConfigError, load_yaml, merge, nested_update
 
 
 class RetrieverConfig(Config):
@@ -22,6 +22,8 @@ class RetrieverConfig(Config):
 
     d_model: int = 128
     n_heads: int = 4
+    head_dim: int | None = None
+    """Width of one attention head (None: d_model / n_heads); TIGER: 6 heads of 64 at d_model 128."""
     n_layers: int = 2
     """Encoder layers and decoder layers (each)."""
     d_ff: int = 512
@@ -35,6 +37,12 @@ class RetrieverConfig(Config):
     grad_clip: float = 1.0
     beam: int = 20
     """Beam width at serving time (and the number of items a beam search returns)."""
+    patience: int | None = None
+    """Early stopping: after each epoch the beam's HR@10 on validation requests (each user's
+    second-to-last item, never the test item) is measured, the best epoch's weights are kept,
+    and training stops after this many epochs without a gain (None: off, run all epochs)."""
+    valid_requests: int | None = 4096
+    """Validation requests scored per epoch when early stopping (a seeded sample; None: all)."""
 
 
 class RankerConfig(Config):
@@ -89,3 +97,18 @@ class StackConfig(Config):
 def stack_config(overrides: Mapping[str, Any] | None = None) -> StackConfig:
     """`StackConfig` with `overrides` merged in; unknown keys raise `ConfigError` naming them."""
     return merge(StackConfig(), overrides, "overrides")
+
+
+PRESETS_FILE = CONFIGS_DIR / "stacks.yaml"
+
+
+def stack_preset(name: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The overrides of the named stack preset (`configs/stacks.yaml`) with `overrides` merged
+    over them, checked: a plain dict for `stack_config`, so a run records what it set."""
+    presets = load_yaml(PRESETS_FILE)
+    if name not in presets:
+        raise ConfigError(f"stack preset {name!r}: unknown (expected one of {sorted(presets)}, "
+                          f"from {PRESETS_FILE})")
+    combined = nested_update(presets[name] or {}, overrides or {})
+    stack_config(combined)  # unknown keys or bad values fail here, naming them
+    return combined
