@@ -98,10 +98,11 @@ def train_stack(
     timings["ranker_s"] = time.perf_counter() - start
 
     stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
-    weight_fit = None
+    weight_fit = bias_fit = None
     if valid is not None:
         start = time.perf_counter()
         weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
+        bias_fit = {str(b): v for b, v in stack.fit_cold_bias(*valid).items()}
         timings["weight_fit_s"] = time.perf_counter() - start
     summary = {
         "tokenizer": tokenizer,
@@ -115,6 +116,8 @@ def train_stack(
         "retriever_training": r_hist.summary(),
         "retrieval_weight": stack.cfg.retrieval_weight,
         "weight_fit_ndcg@10": weight_fit,
+        "cold_bias": stack.cfg.cold_bias,
+        "cold_bias_fit": bias_fit,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     return stack, summary

@@ -3,9 +3,11 @@
 Built from one tokenizer's SID table. Per batch of requests:
 1. the retriever's constrained beam search proposes `beam` items (cold items included:
    their SIDs come from content);
+   With cold back-off on (`cold_backoff`), items without training interactions reach the beam
+   by their back-off score (`Retriever.set_cold_backoff`: the log p of their deepest prefix
+   holding a warm item, spread over its items, plus `cold_bias` fitted on validation);
 2. cold-start quota: items without training interactions that share their first SID
-   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
-   warm targets only, gives their unseen full codes almost no probability;
+   level(s) with a beam result join (at most `cold_candidates`), scored the same way;
 3. the most popular training items not already proposed fill the candidate set up to
    `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
 4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
@@ -82,7 +84,8 @@ class Stack:
             raise ValueError(f"cold_prefix={depth}: expected 1 .. {trie.depth - 1} (the SID levels)")
         node = trie.node_of[depth].to(self.device)
         self._node = node
-        self._region_log_size = torch.bincount(node).float().log()[node]
+        self.retriever.set_cold_backoff(self.ranker.warm if cfg.cold_backoff else None,
+                                        cfg.cold_bias)
         cold = torch.nonzero(~self.ranker.warm).squeeze(1)
         cold = cold[torch.argsort(node[cold], stable=True)]
         counts = torch.bincount(node[cold], minlength=trie.n_nodes(depth))
@@ -148,11 +151,7 @@ class Stack:
             cand = self._candidates(hist, beam)
             logit = self.ranker.logits(hist, cand)
             levels = self.retriever.level_scores(hist, cand.clamp(min=0), encoded).float()
-        log_p = levels.sum(-1)
-        if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
-            rows = cand.clamp(min=0)
-            region = levels[..., : self.cfg.cold_prefix].sum(-1) - self._region_log_size[rows]
-            log_p = torch.where(self.ranker.warm[rows], log_p, region)
+        log_p = self.retriever.item_log_p(levels, cand.clamp(min=0))  # cold: back-off score
         return beam, cand, logit.float(), log_p
 
     def _combine(self, cand: torch.Tensor, logit: torch.Tensor, log_p: torch.Tensor,
@@ -195,6 +194,30 @@ class Stack:
             found[w] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
         best = max(self.cfg.weight_grid, key=lambda w: found[w])  # max keeps the first of ties
         self.set_config(retrieval_weight=best)
+        return found
+
+    def fit_cold_bias(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
+                      ) -> dict[float, dict[str, float]]:
+        """Set `cold_bias` to the grid value with the best NDCG@k of the slates on
+        (history, target) requests (validation, never test); returns {bias: {ndcg, cold
+        hr@k of the slates, of the beam}}. Ties go to the earlier grid value; nothing
+        changes when back-off is off."""
+        from quasid.stack.metrics import hit_ndcg
+
+        if not self.cfg.cold_backoff:
+            return {}
+        targets = np.asarray(targets)
+        cold = ~self.ranker.warm.cpu().numpy()[self.rows_of(targets)]
+        found = {}
+        for bias in self.cfg.cold_bias_grid:
+            self.set_config(cold_bias=bias)
+            slate, _, beam = self.slates(histories, k)
+            stack, alone = hit_ndcg(slate, targets, ks=(k,)), hit_ndcg(beam[:, :k], targets, ks=(k,))
+            found[bias] = {f"ndcg@{k}": float(stack[f"ndcg@{k}"].mean()),
+                           f"cold_hr@{k}": float(stack[f"hr@{k}"][cold].mean()) if cold.any() else math.nan,
+                           f"beam_cold_hr@{k}": float(alone[f"hr@{k}"][cold].mean()) if cold.any() else math.nan}
+        best = max(self.cfg.cold_bias_grid, key=lambda b: found[b][f"ndcg@{k}"])
+        self.set_config(cold_bias=best)
         return found
 
     def _to_ids(self, rows: list[torch.Tensor]) -> np.ndarray:

@@ -167,3 +167,40 @@ def test_early_stopping_on_the_beam_hit_rate_of_validation_requests():
         assert "validation requests" in str(exc)
     else:
         raise AssertionError("patience without validation requests must be refused")
+
+
+def test_cold_backoff_scores_by_hand_on_a_four_item_trie():
+    # A=(0,0|0) warm, B=(0,1|0) cold, C=(0,1|1) cold, D=(1,0|0) warm
+    codes = np.array([[0, 0, 0], [0, 1, 0], [0, 1, 1], [1, 0, 0]])
+    torch.manual_seed(0)
+    model = Retriever(SidTrie.from_codes(codes), TINY).eval()
+    warm = torch.tensor([True, False, False, True])
+    hist = torch.tensor([[-1, -1, -1, 0, 3], [-1, -1, -1, -1, 3]])
+    rows = torch.arange(4).expand(2, -1)
+    levels = model.level_scores(hist, rows)  # the model's own per-level log p
+    model.set_cold_backoff(warm, bias=-0.5)
+    got = model.score_items(hist, rows)
+    # B and C: deepest prefix with a warm item is (0) (items A, B, C): log p(0) - log 3 - 0.5
+    expected = levels.sum(-1).clone()
+    expected[:, 1:3] = levels[:, 1:3, 0] - np.log(3) - 0.5
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the beam, as wide as the catalog, gives exactly these scores in this order (B, C tie)
+    r, s = model.beam_search(hist, beam=4)
+    assert torch.allclose(s, expected.sort(dim=1, descending=True).values, atol=1e-5)
+    assert torch.allclose(expected.gather(1, r), s, atol=1e-5)
+    model.set_cold_backoff(None)
+    assert torch.allclose(model.score_items(hist, rows), levels.sum(-1))
+
+
+def test_cold_backoff_beam_is_the_brute_force_ranking_on_a_random_catalog():
+    model = _model(n_items=40, seed=5)
+    warm = torch.from_numpy(np.random.default_rng(5).random(40) < 0.7)
+    model.set_cold_backoff(warm, bias=1.0)
+    hist = torch.from_numpy(np.random.default_rng(6).integers(-1, 40, (8, 5)))
+    rows, scores = model.beam_search(hist, beam=40)
+    brute = model.score_items(hist, torch.arange(40).expand(8, -1))
+    assert torch.allclose(scores, brute.sort(dim=1, descending=True).values, atol=1e-5)
+    assert torch.allclose(scores, model.score_items(hist, rows), atol=1e-5)
+    # a narrow beam now reaches cold items
+    narrow, _ = model.beam_search(hist, beam=5)
+    assert (~warm[narrow]).any()

@@ -187,3 +187,31 @@ def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
             rest_slate.remove(value)
         assert rest_slate == rest_all[: len(rest_slate)]
     assert sum(len(set(r) & set(ids[~warm])) for r in items.tolist()) > 0
+
+
+def test_cold_bias_is_fitted_on_validation_and_cold_items_reach_the_beam(stack, small_world):
+    hist, targets = loo_requests(drop_last(small_world.interactions), 8)
+    hist, targets = hist[:400], targets[:400]
+    saved = stack.cfg.cold_bias
+    try:
+        found = stack.fit_cold_bias(hist, targets)
+        assert set(found) == set(stack.cfg.cold_bias_grid)
+        best = max(stack.cfg.cold_bias_grid, key=lambda b: found[b]["ndcg@10"])
+        assert stack.cfg.cold_bias == best
+        # the figure of one grid point, recomputed directly
+        stack.set_config(cold_bias=stack.cfg.cold_bias_grid[0])
+        slate, _, beam = stack.slates(hist, 10)
+        from quasid.stack.metrics import hit_ndcg
+
+        direct = hit_ndcg(slate, targets, ks=(10,))["ndcg@10"].mean()
+        assert found[stack.cfg.cold_bias_grid[0]]["ndcg@10"] == pytest.approx(direct)
+        # with a large bias the beam is mostly cold items, far more than without back-off
+        warm = stack.ranker.warm.numpy()
+        stack.set_config(cold_bias=20.0)
+        _, _, beam = stack.slates(hist, 10)
+        boosted = (~warm[stack.rows_of(beam[beam >= 0])]).mean()
+        stack.set_config(cold_backoff=False)
+        _, _, beam = stack.slates(hist, 10)
+        assert boosted > 0.5 > (~warm[stack.rows_of(beam[beam >= 0])]).mean()
+    finally:
+        stack.set_config(cold_bias=saved, cold_backoff=True)
