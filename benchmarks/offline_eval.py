@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--overrides", default="", help="stack config overrides (JSON), over the preset")
     parser.add_argument("--tokenizer-epochs", type=int, default=None)
     parser.add_argument("--tokenizer-overrides", default="", help="tokenizer overrides (JSON)")
+    parser.add_argument("--resume", action="append", default=[],
+                        help="NAME=FILE: an exported <name>_runs.json of an earlier call; its "
+                             "finished runs are restored and not run again (repeatable)")
     args = parser.parse_args()
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
@@ -54,6 +57,9 @@ def main() -> None:
                   tokenizer_epochs=args.tokenizer_epochs,
                   tokenizer_overrides=as_json(args.tokenizer_overrides))
     out = Path(args.out)
+    for spec in args.resume:
+        name, path = spec.split("=", 1)
+        _restore_runs(Path(path), out / name)
     tasks = [(name, tok, seed) for seed in range(args.seeds) for tok in tokenizers for name in datasets]
     _run_all(tasks, datasets, out, args, kwargs, started)
 
@@ -133,6 +139,18 @@ def _export_runs(run_root: Path, target: Path) -> None:
         runs[f"{path.parent.parent.name}/{path.parent.name}"] = {
             k: m[k] for k in ("stack", "retrieval", "n", "settings", "timings", "summary") if k in m}
     target.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+
+
+def _restore_runs(exported: Path, run_root: Path) -> None:
+    """Write back the metrics.json of every run in an `_export_runs` file, so `eval_run` finds
+    them finished (it reuses a run whose recorded settings match) and runs only the rest."""
+    from quasid.core.io import write_text_atomic
+
+    for key, metrics in json.loads(exported.read_text()).items():
+        tok, seed = key.split("/")
+        target = run_root / "runs" / tok / seed / "metrics.json"
+        if not target.exists():
+            write_text_atomic(json.dumps(metrics, indent=2, sort_keys=True) + "\n", target)
 
 
 def _throughput(datasets, tokenizers, args, out) -> dict:
