@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--resume", action="append", default=[],
                         help="NAME=FILE: an exported <name>_runs.json of an earlier call; its "
                              "finished runs are restored and not run again (repeatable)")
+    parser.add_argument("--progress", action="store_true", help="log every run's stack epochs")
     args = parser.parse_args()
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
@@ -66,6 +67,8 @@ def main() -> None:
     from quasid.evaluation.offline import offline_eval
 
     export = Path(args.export) if args.export else None
+    if export:
+        export.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, data in datasets.items():
         try:
@@ -102,7 +105,8 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     for name, tok, seed in tasks:
         run_dir = out / name / "runs" / tok / f"seed{seed}"
         pending[name, tok, seed] = pool.apply_async(
-            eval_run, (datasets[name], tok, seed, run_dir), dict(threads=threads, **kwargs))
+            eval_run, (datasets[name], tok, seed, run_dir),
+            dict(threads=threads, progress=args.progress, **kwargs))
     pool.close()
     while pending:
         for key in [k for k, r in pending.items() if r.ready()]:

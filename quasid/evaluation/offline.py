@@ -66,14 +66,14 @@ def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split
 def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Path, *,
              device: str = "cpu", overrides: dict | None = None, tokenizer_epochs: int | None = None,
              tokenizer_overrides: dict | None = None, split: str = "test",
-             save_stack: bool = True, threads: int | None = None, reuse_only: bool = False
-             ) -> dict:
+             save_stack: bool = True, threads: int | None = None, reuse_only: bool = False,
+             progress: bool = False) -> dict:
     """One tokenizer x seed: SIDs, stack, metrics; writes and returns `run_dir/metrics.json`'s content.
 
     Reuses the metrics if the settings match, and `run_dir/tokenizer/sids.parquet` if this
     function trained it with the same tokenizer settings (recorded beside it) or it was put
     there by hand (no record: used as is). `reuse_only`: never train; a run without matching
-    metrics raises `FileNotFoundError`.
+    metrics raises `FileNotFoundError`. `progress`: log the stack's epochs to stderr.
     """
     import torch
 
@@ -118,7 +118,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     # (split="valid") the score is then on the same requests, equally optimistic for everyone
     valid = validation_requests(ds.interactions, cfg.retriever.max_history)
     stack, summary = train_stack(ds.items, sid_table, train, cfg, device=device, seed=seed,
-                                 valid=valid, source=str(sids_path))
+                                 valid=valid, source=str(sids_path), progress=progress)
     t0 = time.perf_counter()
     result = evaluate_stack(stack, ds.items, ds.interactions, split)
     result.update(settings=settings, summary=summary,

@@ -102,7 +102,8 @@ def train_stack(
     if valid is not None:
         start = time.perf_counter()
         weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
-        bias_fit = {str(b): v for b, v in stack.fit_cold_bias(*valid).items()}
+        sample = sample_windows(*valid, cfg.cold_bias_requests, seed)
+        bias_fit = {str(b): v for b, v in stack.fit_cold_bias(*sample).items()}
         timings["weight_fit_s"] = time.perf_counter() - start
     summary = {
         "tokenizer": tokenizer,

@@ -79,24 +79,27 @@ class StackConfig(Config):
     cold_candidates: int = 50
     """Cold-start quota: up to this many items without training interactions join the
     candidates, those sharing their first `cold_prefix` SID levels with a beam result (0: off).
-    They are scored by back-off (see `cold_backoff`), in the beam and as candidates alike."""
+    The retriever never saw them as targets, so its log p of their full code says nothing;
+    they are scored with the log p of that prefix spread evenly over the items under it,
+    plus `cold_bias`."""
     cold_prefix: int = 1
     """SID levels a cold candidate shares with a beam result (1 .. SID levels)."""
     cold_slots: int = 2
     """Slate positions kept for the best-scoring cold candidates, when there are any (TIGER's
     epsilon share of the top-K; 0: cold items compete on score alone). The slate stays in
     score order. Defaults measured in benchmarks/README.md (cold HR@10 0 -> 0.0175 on Beauty)."""
-    cold_backoff: bool = True
-    """Score items without training interactions by back-off (the retriever never saw them as
-    targets, so its log p of their codes says nothing): log p of the deepest SID prefix that
-    holds a warm item, spread evenly over that prefix's items, plus `cold_bias`. Lets the beam
-    reach cold items (`quasid.stack.retriever.Retriever.set_cold_backoff`); False: the model's
-    own log p (the beam then never reaches them)."""
+    cold_in_beam: bool = True
+    """The retrieval stage's top list merges the cold quota's items into the beam by their
+    back-off log p (the beam search itself cannot reach codes the model never saw as
+    targets); False: the beam search's results alone."""
     cold_bias: float = 0.0
-    """Added to every cold item's back-off score; fitted on validation requests from
+    """Added to every cold candidate's back-off log p; fitted on validation requests from
     `cold_bias_grid` when the stack is trained with them."""
-    cold_bias_grid: tuple[float, ...] = (-6.0, -4.0, -2.0, 0.0, 2.0)
+    cold_bias_grid: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
     """Biases `Stack.fit_cold_bias` tries (best NDCG@10 of the slates on validation)."""
+    cold_bias_requests: int | None = 5000
+    """Validation requests the cold bias is fitted on (a seeded sample; None: all): each grid
+    point serves them again, the beam changing with the bias."""
     batch_size: int = 1024
     """Requests per device batch when serving."""
     max_train_windows: int | None = None

@@ -15,17 +15,6 @@ The item score is log p(code) = the sum of the per-level log-probabilities (soft
 the level's full vocabulary, as the model was trained; invalid tokens are then excluded).
 `score_items` computes the same number by teacher forcing for any items, the brute-force
 reference the beam search is tested against.
-
-Cold items (no training interactions; their SIDs come from content) were never targets, so
-the model gives the branches that lead only to them almost no probability and the beam
-never reaches them. `set_cold_backoff(warm, bias)` scores them by back-off instead: a cold
-item's score is the model's log p of its deepest prefix that still holds a warm item,
-spread evenly over that prefix's items (log p(prefix) - log n_items(prefix)), plus `bias`
-(fitted on validation requests by the stack). In the beam, an edge into a subtree without
-warm items takes log(n_items(child) / n_items(parent)) (+ bias where it leaves warm ground)
-instead of the model's log-probability, which sums to the same per-item score along the
-path, so cold items compete with warm ones in one beam; `item_log_p` gives the same score
-from teacher-forced level scores.
 """
 
 from __future__ import annotations
@@ -148,58 +137,11 @@ class Retriever(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(*sizes) for _ in range(cfg.n_layers))
         self.dec_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, self.n_tokens)
-        self._backoff = self._entry = self._offset = None  # cold back-off: off until set
 
     @property
     def depth(self) -> int:
         """Tokens per item (SID levels + collision suffix)."""
         return self.trie.depth
-
-    def set_cold_backoff(self, warm: torch.Tensor | None, bias: float = 0.0) -> None:
-        """Score items without training interactions by back-off (module doc); None: off.
-
-        warm: (n_items,) bool, True for items seen as training targets.
-        """
-        if warm is None:
-            self._backoff = self._entry = self._offset = None
-            return
-        trie, dev = self.trie, self.trie.codes.device
-        warm = torch.as_tensor(warm, dtype=torch.bool, device=dev)
-        if warm.shape != (trie.n_items,):
-            raise ValueError(f"warm: expected shape ({trie.n_items},), got {tuple(warm.shape)}")
-        # items and warm items under each node, per depth; depth D nodes are the items
-        count = [torch.bincount(trie.node_of[d].to(dev), minlength=trie.n_nodes(d)).double()
-                 for d in range(trie.depth)] + [torch.ones(trie.n_items, dtype=torch.float64, device=dev)]
-        warm_n = [torch.bincount(trie.node_of[d].to(dev), weights=warm.double(),
-                                 minlength=trie.n_nodes(d)) for d in range(trie.depth)] + [warm.double()]
-        tables = []
-        for d in range(trie.depth):
-            tok, nxt = trie.padded(d)
-            child = nxt.clamp(min=0)
-            share = (count[d + 1][child] / count[d][:, None]).log() + bias * (warm_n[d][:, None] > 0)
-            cold_edge = (nxt >= 0) & (warm_n[d + 1][child] == 0)
-            tables.append(torch.where(cold_edge, share, math.nan).float())
-        self._backoff = tables
-        # per item: the depth of its deepest warm prefix (D for warm items) and the back-off
-        # constant -log n_items(that prefix) + bias
-        depths = torch.arange(trie.depth + 1, device=dev)
-        has_warm = torch.stack([warm_n[d][trie.node_of[d].to(dev)] > 0 for d in range(trie.depth)]
-                               + [warm], dim=1)  # (n_items, D + 1)
-        entry = torch.where(has_warm, depths, -1).max(dim=1).values
-        size = torch.stack([count[d][trie.node_of[d].to(dev)] for d in range(trie.depth)]
-                           + [count[-1]], dim=1).gather(1, entry[:, None])[:, 0]
-        self._entry = entry
-        self._offset = torch.where(warm, 0.0, bias - size.log()).float()
-
-    def item_log_p(self, levels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Item scores from per-level scores `levels` (..., D) of item `rows` (...): the sum of
-        the levels, or for cold items with back-off on, the levels above their deepest warm
-        prefix plus the back-off constant (the number the beam gives them)."""
-        if self._entry is None:
-            return levels.sum(-1)
-        entry = self._entry[rows]
-        above = torch.arange(levels.shape[-1], device=levels.device) < entry[..., None]
-        return torch.where(above, levels, 0.0).sum(-1) + self._offset[rows]
 
     def encode(self, histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory (B, S, d), keep mask (B, S): True for real tokens) of item-row histories
@@ -248,9 +190,8 @@ class Retriever(nn.Module):
 
     @torch.inference_mode()
     def score_items(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """log p(item) by teacher forcing for candidate item rows (B, n): the brute-force
-        reference (with cold back-off on, cold items get their back-off score)."""
-        return self.item_log_p(self.level_scores(histories, rows), rows)
+        """log p(item) by teacher forcing for candidate item rows (B, n): the brute-force reference."""
+        return self.level_scores(histories, rows).sum(-1)
 
     @torch.inference_mode()
     def level_scores(self, histories: torch.Tensor, rows: torch.Tensor,
@@ -292,9 +233,6 @@ class Retriever(nn.Module):
             child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]  # (B, W, F)
             fan = child_tok.shape[2]
             cand = lp.gather(2, child_tok.clamp(min=0))
-            if self._backoff is not None:  # edges into cold-only subtrees: the back-off score
-                off = self._backoff[d][node.clamp(min=0)]
-                cand = torch.where(torch.isnan(off), cand, off)
             cand = torch.where(child_tok >= 0, cand + score[..., None], -math.inf)
             score, idx = cand.reshape(b, w * fan).topk(min(beam, w * fan), dim=1)
             parent = idx // fan
@@ -316,9 +254,6 @@ class Retriever(nn.Module):
         out = super().to(*args, **kwargs)
         device = next(self.parameters()).device
         self.trie = self.trie.to(device)
-        if self._backoff is not None:
-            self._backoff = [t.to(device) for t in self._backoff]
-            self._entry, self._offset = self._entry.to(device), self._offset.to(device)
         return out
 
 
