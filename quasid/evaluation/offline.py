@@ -149,6 +149,38 @@ def aggregate(runs: list[dict], stage: str = "stack") -> list[dict]:
     return rows
 
 
+def welch_tests(runs: list[dict], reference: str = "quasid") -> list[dict]:
+    """Welch t-tests over seeds of `reference` against every other tokenizer: one row per
+    stage x segment x metric (@10) x baseline with both means, the relative difference and
+    the two-sided p (NaN with fewer than two seeds a side or no spread). Empty when the
+    reference did not run."""
+    from scipy import stats
+
+    by_tok: dict[str, list[dict]] = {}
+    for r in runs:
+        by_tok.setdefault(r["settings"]["tokenizer"], []).append(r)
+    if reference not in by_tok:
+        return []
+    rows = []
+    for stage in ("stack", "retrieval"):
+        for seg in SEGMENTS:
+            for m in ("hr@10", "ndcg@10"):
+                ref = np.array([r[stage][seg][m] for r in by_tok[reference]])
+                for tok, mine in by_tok.items():
+                    if tok == reference:
+                        continue
+                    base = np.array([r[stage][seg][m] for r in mine])
+                    testable = len(ref) > 1 and len(base) > 1 and (ref.std() > 0 or base.std() > 0)
+                    p = (float(stats.ttest_ind(ref, base, equal_var=False).pvalue) if testable
+                         else float("nan"))
+                    rows.append({"stage": stage, "segment": seg, "metric": m,
+                                 "tokenizer": reference, "baseline": tok,
+                                 "mean": float(ref.mean()), "baseline_mean": float(base.mean()),
+                                 "relative": float(ref.mean() / base.mean() - 1) if base.mean() else float("nan"),
+                                 "p": p, "seeds": [len(ref), len(base)]})
+    return rows
+
+
 def markdown_table(rows: list[dict], title: str) -> str:
     """A Markdown table of `aggregate` rows, metrics as mean ± std."""
     head = "| tokenizer | segment | " + " | ".join(METRICS) + " | seeds | requests |"
@@ -256,6 +288,7 @@ def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[s
     results = {
         "rows": aggregate(runs, "stack"),
         "retrieval_rows": aggregate(runs, "retrieval"),
+        "welch": welch_tests(runs),
         "failed": failed,
         "data": str(data_dir),
         "device": device,
@@ -275,6 +308,14 @@ def results_markdown(results: dict) -> str:
           f"mean ± sample std over seeds ({results['seeds']} requested).\n\n"
           + markdown_table(results["rows"], "Stack (retriever -> ranker)") + "\n"
           + markdown_table(results["retrieval_rows"], "Retriever beam alone (TIGER protocol)"))
+    if results.get("welch"):
+        md += ("\n### quasid against each baseline (Welch t-test over seeds, two-sided)\n\n"
+               "| stage | segment | metric | baseline | quasid | baseline mean | relative | p | seeds |\n"
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        md += "".join(f"| {w['stage']} | {w['segment']} | {w['metric']} | {w['baseline']} "
+                      f"| {w['mean']:.4f} | {w['baseline_mean']:.4f} | {w['relative']:+.1%} "
+                      f"| {w['p']:.3f} | {w['seeds'][0]}, {w['seeds'][1]} |\n"
+                      for w in results["welch"])
     if results["failed"]:
         md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in results["failed"].items())
     return md
