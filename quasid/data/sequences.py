@@ -31,7 +31,9 @@ def window_histories(items: np.ndarray, start: np.ndarray, rows: np.ndarray, max
     (`start` from `user_starts`), left-padded with PAD, newest last."""
     rows = np.asarray(rows, dtype=np.int64)
     idx = rows[:, None] - np.arange(max_len, 0, -1)[None, :]
-    return np.where(idx >= start[rows][:, None], items[idx.clip(min=0)], PAD)
+    # np.take(mode="clip") folds the clip of the indices before a user's first row into the
+    # gather (those slots become PAD anyway): one pass less than items[idx.clip(min=0)]
+    return np.where(idx >= start[rows][:, None], np.take(items, idx, mode="clip"), PAD)
 
 
 def sequence_windows(interactions: pl.DataFrame, max_len: int
