@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex, pair_mask
 
 
 @dataclass
@@ -37,10 +37,11 @@ class Batch:
     rows: torch.Tensor  # (B,) int64 item rows (duplicates possible)
     x: torch.Tensor  # (B, d) standardized content
     unit: torch.Tensor  # (B, d) L2-normalized raw content (for content cosines)
-    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P
+    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P (off the CPU)
     anchor: torch.Tensor  # (A,) contrastive anchor positions in the batch
     target: torch.Tensor  # (A,) their partners' positions
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
+    positive_pairs: torch.Tensor | None = None  # (m, 2) unordered positions i < j with P_ij
 
 
 def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
@@ -124,16 +125,22 @@ class BatchSampler:
         collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
         sid = self.sid_partner[anchors] if self.sid_partner is not None else near
         device = self.x.device
-        rows = torch.cat([anchors, collab, near, sid]).to(device, non_blocking=True)
+        rows = torch.cat([anchors, collab, near, sid])
+        # P as a pair list (the CPU's sparse pair terms), and as a B x B mask where the dense
+        # formulas run (accelerators: a static-shape input for graphs and compile)
+        pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
+        dense = pos is not None and device.type != "cpu"
+        rows = rows.to(device, non_blocking=True)
         index = torch.arange(a, device=device)
         return Batch(
             rows=rows,
             x=self.x[rows],
             unit=self.unit[rows],
-            positive=self.pairs.mask(rows) if self.need_positive else None,
+            positive=pair_mask(pos, rows.numel()) if dense else None,
             anchor=index,
             target=index + a,
             pair_weight=has_pos.float().to(device, non_blocking=True),
+            positive_pairs=pos,
         )
 
     def state(self) -> dict:
