@@ -47,7 +47,8 @@ def step_time(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int, s
     g = torch.Generator().manual_seed(0)
     sampler = BatchSampler(model.standardize(content), content,
                            PairIndex(pairs, content.shape[0], device), batch, g,
-                           need_positive=tok.config.needs_pairs)
+                           need_positive=tok.config.needs_pairs,
+                           near_duplicate=tok.config.tau_dup if tok.config.hamr else None)
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(sampler.x[:65_536]).float(), g, 5)
     sampler.set_codes(all_codes(model, content))

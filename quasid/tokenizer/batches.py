@@ -42,19 +42,26 @@ class Batch:
     target: torch.Tensor  # (A,) their partners' positions
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
     positive_pairs: torch.Tensor | None = None  # (m, 2) unordered positions i < j with P_ij
+    near_pairs: torch.Tensor | None = None  # (m, 2) i < j, distinct items, content cos > τ_dup
 
 
-def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), CPU."""
+def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096, above: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), and
+    with `above` the (m, 2) row pairs (a < b) whose cosine exceeds it (else None), CPU."""
     n = unit.shape[0]
     k = max(1, min(k, n - 1))
-    out = []
+    out, close = [], []
     for start in range(0, n, chunk):
         sims = unit[start:start + chunk].float() @ unit.float().T
         own = torch.arange(start, min(start + chunk, n), device=unit.device)
         sims[own - start, own] = float("-inf")
         out.append(sims.topk(k, dim=1).indices.cpu())
-    return torch.cat(out)
+        if above is not None:  # the same similarities, so no second N x N pass
+            found = torch.nonzero(sims > above).cpu()
+            found[:, 0] += start
+            close.append(found[found[:, 0] < found[:, 1]])
+    return torch.cat(out), (torch.cat(close) if above is not None else None)
 
 
 def lexicographic_partner(codes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +92,8 @@ class BatchSampler:
     """Anchors + partners (see the module docstring) over the N fit items, on `device`."""
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
-                 generator: torch.Generator, neighbours: int = 8, need_positive: bool = True):
+                 generator: torch.Generator, neighbours: int = 8, need_positive: bool = True,
+                 near_duplicate: float | None = None):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
@@ -95,7 +103,10 @@ class BatchSampler:
         self.pairs, self.generator = pairs, generator
         self.n, self.anchors = n, batch_size // 4
         self.need_positive = need_positive
-        self.knn = content_neighbours(self.unit, neighbours)
+        # near-duplicates (content cosine > `near_duplicate`, CVPM's τ_dup) depend on the
+        # content only: found once here, then looked up per batch like the positives
+        self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
+        self.near = PairIndex(near.numpy(), n) if near is not None else None
         self.sid_partner: torch.Tensor | None = None
         self._order = torch.arange(n)
 
@@ -141,6 +152,7 @@ class BatchSampler:
             target=index + a,
             pair_weight=has_pos.float().to(device, non_blocking=True),
             positive_pairs=pos,
+            near_pairs=self.near.batch_pairs(rows).to(device) if self.near is not None else None,
         )
 
     def state(self) -> dict:

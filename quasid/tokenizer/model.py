@@ -148,7 +148,7 @@ class SIDModel(nn.Module):
             ham = P.pair_hamming(codes, close)
         if cfg.hamr:
             cv = P.cvpm_pairs(rows, codes, close, ham, batch.unit, batch.positive_pairs,
-                              cfg.tau_dup, cfg.max_hamming)
+                              cfg.tau_dup, cfg.max_hamming, batch.near_pairs)
             terms["hamr"] = P.hamr_loss(unit, cv, cfg.levels, cfg.hamr_margin, cfg.hamr_gamma)
             stats["cvpm_excluded"] = cv.excluded
             stats["valid_pairs"] = torch.tensor(2 * cv.pairs.shape[0])

@@ -8,8 +8,10 @@ But every margin term is nonzero only on a sparse set of pairs:
 - AdaSID on pairs sharing their first code (p_ij ≥ 1).
 Those pairs are found by grouping the rows on their codes (sorts, O(B log B) plus the pairs
 found), and the hinge, its weight and its gradient are evaluated on them alone
-(`pair_hinge`). Only CVPM's near-duplicate count reads every pair: one content-cosine GEMM
-row block by row block, each block counted and dropped (`cosine_scan`).
+(`pair_hinge`). CVPM's near-duplicate count is over every pair, but near-duplicates are a
+property of the fixed content: the batch sampler finds them once per fit and lists a
+batch's like its positives; without that list, one content-cosine GEMM row block by row
+block, each block counted and dropped (`cosine_scan`), finds them.
 
 Pairs are unordered: (m, 2) int64 batch positions i < j, sorted by (i, j). Every term is
 symmetric in (i, j), so a sum over the B² ordered pairs of the dense formulas is twice the
@@ -51,8 +53,14 @@ def equal_key_pairs(keys: torch.Tensor) -> torch.Tensor:
 
 
 def group_ids(codes: torch.Tensor, levels) -> torch.Tensor:
-    """(B,) int64 ids, equal exactly when two rows agree on every level in `levels`."""
-    return torch.unique(codes[:, list(levels)], dim=0, return_inverse=True)[1]
+    """(B,) int64 ids in [0, B), equal exactly when two rows agree on every level in `levels`."""
+    # one level at a time, re-ranked after each so the key stays below B·K (no overflow);
+    # a 1-D unique sorts, `unique(dim=0)` compares row by row on the CPU (far slower)
+    ids = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
+    span = int(codes.max()) + 1 if codes.numel() else 1
+    for level in levels:
+        ids = torch.unique(ids * span + codes[:, level], return_inverse=True)[1]
+    return ids
 
 
 def pair_hamming(codes: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -173,35 +181,44 @@ class CVPMPairs:
 
 def cvpm_pairs(item_ids: torch.Tensor, codes: torch.Tensor, close: torch.Tensor,
                close_hamming: torch.Tensor, unit: torch.Tensor, positive: torch.Tensor,
-               tau_dup: float, h_max: int, block: int = SCAN_BLOCK) -> CVPMPairs:
+               tau_dup: float, h_max: int, near: torch.Tensor | None = None,
+               block: int = SCAN_BLOCK) -> CVPMPairs:
     """CVPM (`losses.cvpm_mask`) on the sparse pairs.
 
     `close` (unordered pairs with H ≤ some h ≥ h_max, e.g. `close_pairs(codes, h_max)`) and
     their `close_hamming`; `unit` the L2-normalized content rows; `positive` the batch's
-    unordered positive pairs. The valid pairs are the close ones with H ≤ h_max that are not
-    the same item, not positives and not near-duplicates (cos ≤ τ_dup). The exclusion counts
-    follow the first-match order self, same_item, collaborative, near_duplicate, far: the
-    near-duplicate count is the scan's count less the self, same-item and positive pairs
-    above τ_dup (positives never pair an item with itself), and `far` the rest.
+    unordered positive pairs; `near` its unordered near-duplicate pairs of distinct items
+    (cos > τ_dup; `BatchSampler(near_duplicate=τ_dup)` lists them) or None to find them with
+    a `cosine_scan` of all pairs. The valid pairs are the close ones with H ≤ h_max that are
+    not the same item, not positives and not near-duplicates. The exclusion counts follow the
+    first-match order self, same_item, collaborative, near_duplicate, far: the
+    near-duplicates counted are those that are not positives (positives never pair an item
+    with itself), and `far` the rest.
     """
     b = item_ids.shape[0]
     close = close[close_hamming <= h_max]
     ham = close_hamming[close_hamming <= h_max]
     same = equal_key_pairs(item_ids)
-    diagonal = torch.arange(b, device=item_ids.device)[:, None].expand(b, 2)
-    probes = torch.cat([diagonal, same, positive, close])
-    above, cos = cosine_scan(unit, probes, tau_dup, block)
-    cos_self, cos_same, cos_pos, cos_close = torch.split(
-        cos, [b, same.shape[0], positive.shape[0], close.shape[0]])
-    near = above - (cos_self > tau_dup).sum() \
-        - 2 * ((cos_same > tau_dup).sum() + (cos_pos > tau_dup).sum())
+    if near is not None:
+        n_near = 2 * (~pairs_in(near, positive, b)).sum()
+        is_near = pairs_in(close, near, b)
+    else:
+        diagonal = torch.arange(b, device=item_ids.device)[:, None].expand(b, 2)
+        probes = torch.cat([diagonal, same, positive, close])
+        above, cos = cosine_scan(unit, probes, tau_dup, block)
+        cos_self, cos_same, cos_pos, cos_close = torch.split(
+            cos, [b, same.shape[0], positive.shape[0], close.shape[0]])
+        # the scan counts every ordered pair above τ_dup: drop those an earlier reason took
+        n_near = above - (cos_self > tau_dup).sum() \
+            - 2 * ((cos_same > tau_dup).sum() + (cos_pos > tau_dup).sum())
+        is_near = cos_close > tau_dup
     keep = (item_ids[close[:, 0]] != item_ids[close[:, 1]]) & ~pairs_in(close, positive, b) \
-        & ~(cos_close > tau_dup)
+        & ~is_near
     n_same, n_pos, n_valid = (2 * same.shape[0], 2 * positive.shape[0],
                               2 * int(keep.sum()))
-    far = b * b - b - n_same - n_pos - near - n_valid
-    excluded = torch.stack([near.new_tensor(b), near.new_tensor(n_same), near.new_tensor(n_pos),
-                            near, far])
+    far = b * b - b - n_same - n_pos - n_near - n_valid
+    excluded = torch.stack([n_near.new_tensor(b), n_near.new_tensor(n_same),
+                            n_near.new_tensor(n_pos), n_near, far])
     return CVPMPairs(pairs=close[keep], hamming=ham[keep], excluded=excluded)
 
 

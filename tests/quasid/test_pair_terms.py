@@ -4,6 +4,7 @@ whole `SIDModel.losses` on both paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from quasid.tokenizer import pair_terms as P
-from quasid.tokenizer.batches import BatchSampler
+from quasid.tokenizer.batches import BatchSampler, content_neighbours
 from quasid.tokenizer.fit import all_codes
 from quasid.tokenizer.pairs import PairIndex
 from quasid.tokenizer.tokenizer import make_tokenizer
@@ -141,18 +142,23 @@ def test_cosine_scan_counts_all_pairs_and_reads_the_probes(block):
 
 # ---- CVPM and the losses against the reference ----
 
-def _cvpm(items, codes, unit, positive, tau, h_max):
+def _cvpm(items, codes, unit, positive, tau, h_max, listed=False):
+    """CVPM on the sparse pairs; near-duplicates found by the scan, or `listed` as the
+    sampler lists them (distinct items, cos > tau)."""
     close = P.close_pairs(codes, h_max)
+    near = unordered((unit @ unit.T > tau) & (items[:, None] != items[None, :])) if listed \
+        else None
     return P.cvpm_pairs(items, codes, close, P.pair_hamming(codes, close), unit,
-                        unordered(positive), tau, h_max, block=100)
+                        unordered(positive), tau, h_max, near, block=100)
 
 
+@pytest.mark.parametrize("listed", [False, True])
 @pytest.mark.parametrize("seed,h_max", [(0, 1), (1, 0), (2, 2), (3, 1)])
-def test_cvpm_pairs_match_the_dense_mask_and_counts(seed, h_max):
+def test_cvpm_pairs_match_the_dense_mask_and_counts(seed, h_max, listed):
     items, codes, unit, positive, _ = random_batch(seed)
     cos = unit @ unit.T
     valid, counts = ref_cvpm(items, codes, cos, positive, 0.98, h_max)
-    cv = _cvpm(items, codes, unit, positive, 0.98, h_max)
+    cv = _cvpm(items, codes, unit, positive, 0.98, h_max, listed)
     assert counts["same_item"] > 0 and counts["collaborative"] > 0  # the batch has each reason
     assert counts["near_duplicate"] > 0 and valid.any()
     assert dict(zip(REASONS, cv.excluded.tolist())) == counts
@@ -160,10 +166,23 @@ def test_cvpm_pairs_match_the_dense_mask_and_counts(seed, h_max):
     assert int(cv.excluded.sum()) + 2 * len(cv.pairs) == len(items) ** 2
 
 
-def test_cvpm_pairs_when_every_pair_is_masked():
+def test_content_neighbours_list_the_near_duplicate_pairs():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(30, 5, generator=g)
+    unit = torch.nn.functional.normalize(torch.cat([base, base[:6] + 0.05]), dim=1)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-2)
+    knn, near = content_neighbours(unit, 2, chunk=7, above=0.98)  # chunks of 7 rows
+    assert torch.equal(near, unordered(cos > 0.98)) and len(near) >= 6
+    assert torch.equal(knn[:, 0], cos.argmax(dim=1))
+    assert content_neighbours(unit, 2)[1] is None
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_cvpm_pairs_when_every_pair_is_masked(listed):
     items, codes, unit, positive, z = random_batch(0)
     one_item = torch.zeros_like(items)  # the same item 37 times
-    cv = _cvpm(one_item, codes, unit, positive & False, 0.98, 1)
+    cv = _cvpm(one_item, codes, unit[:1].expand_as(unit), positive & False, 0.98, 1, listed)
     assert cv.excluded.tolist() == [37, 37 * 36, 0, 0, 0] and cv.pairs.shape == (0, 2)
     unit_z = P.unit_latent(z.requires_grad_())
     loss = P.hamr_loss(unit_z, cv, 3, 0.6, 1.0)
@@ -244,33 +263,42 @@ def test_model_losses_sparse_and_dense_paths_agree(name):
     rng = np.random.default_rng(1)
     n = 400
     content = torch.tensor(rng.normal(size=(n, 8)), dtype=torch.float32)
-    content[1] = content[0] * 1.001  # near-duplicate items
+    # every item has a near-duplicate (cos ≈ 0.995; not identical: in fp32 d = sqrt(2 − 2g + ε)
+    # of identical latents is ill-conditioned, and GEMM and row sums round g differently)
+    content[n // 2:] = content[:n // 2] + 0.1 * torch.tensor(rng.normal(size=(n // 2, 8)),
+                                                              dtype=torch.float32)
     tok = make_tokenizer(name, {"hidden": [16], "latent": 4, "codebook_size": 4,
                                 "tower_dim": 8, "train": {"batch_size": 68}})
     model = tok._build(8)
     model.set_standardization(content)
     g = torch.Generator().manual_seed(0)
+    hamr = tok.config.hamr
     sampler = BatchSampler(model.standardize(content), content,
-                           PairIndex(rng.integers(0, n, size=(3 * n, 2)), n), 68, g)
+                           PairIndex(rng.integers(0, n, size=(3 * n, 2)), n), 68, g,
+                           neighbours=2, near_duplicate=tok.config.tau_dup if hamr else None)
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(sampler.x), g, 3)
     sampler.set_codes(all_codes(model, content))
     sampler.new_epoch()
     batch = sampler.batch(0)
     assert batch.positive is None and len(batch.positive_pairs) > 0  # CPU: the pair list only
+    assert (batch.near_pairs is not None and len(batch.near_pairs) > 0) == hamr
+    # dense; sparse with the sampler's near-duplicate list; sparse with the scan
+    runs = [(False, batch), (True, batch), (True, dataclasses.replace(batch, near_pairs=None))]
     out = []
-    for sparse in (False, True):
+    for sparse, b in runs:
         model.sparse_pairs = sparse
         model.zero_grad()
-        total, terms = model.losses(batch, 0.3)
+        total, terms = model.losses(b, 0.3)
         total.backward()
         out.append((terms, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (dense, dense_grads), (sparse, sparse_grads) = out
-    assert dense.keys() == sparse.keys()
-    for key in dense:
-        if dense[key].is_floating_point():
-            torch.testing.assert_close(sparse[key], dense[key], rtol=1e-5, atol=1e-6)
-        else:  # pair counts: exact
-            assert torch.equal(sparse[key], dense[key]), key
-    for a, b in zip(sparse_grads, dense_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    (dense, dense_grads) = out[0]
+    for sparse, sparse_grads in out[1:]:
+        assert dense.keys() == sparse.keys()
+        for key in dense:
+            if dense[key].is_floating_point():
+                torch.testing.assert_close(sparse[key], dense[key], rtol=1e-5, atol=1e-6)
+            else:  # pair counts: exact
+                assert torch.equal(sparse[key], dense[key]), key
+        for a, b in zip(sparse_grads, dense_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
