@@ -117,22 +117,25 @@ class PairIndex:
         """The positive pairs of a batch: (m, 2) int64 positions (i < j) into `rows` with
         P_ij = 1, sorted by (i, j) (CPU).
 
-        Walks each row's partner list and finds the partners in the sorted batch, so the work
-        is the batch's total partner count, not B² key look-ups; a row present twice in the
-        batch pairs with each copy of its partners.
+        Walks each row's partner list and finds the partners' copies in the batch through an
+        item -> (first sorted position, copies) table, so the work is the batch's total partner
+        count (gathers), not B² key look-ups; a row present twice pairs with each copy.
         """
         rows = rows.cpu()
         b = rows.numel()
         order = torch.argsort(rows, stable=True)
-        ordered = rows[order]
+        present, copies = torch.unique_consecutive(rows[order], return_counts=True)
+        first = torch.zeros(self.n, dtype=torch.int64)
+        count = torch.zeros(self.n, dtype=torch.int64)
+        first[present] = torch.cumsum(copies, 0) - copies
+        count[present] = copies
         start = self.indptr[rows]
         src, offset = ranges(self.indptr[rows + 1] - start)
         partner = self.partners[start[src] + offset]
-        lo = torch.searchsorted(ordered, partner)
-        hit, copy = ranges(torch.searchsorted(ordered, partner, right=True) - lo)
-        first, second = src[hit], order[lo[hit] + copy]
-        keep = first < second  # each pair is met from both ends: keep one
-        return sort_pairs(first[keep], second[keep], b)
+        hit, copy = ranges(count[partner])
+        one, two = src[hit], order[first[partner[hit]] + copy]
+        keep = one < two  # each pair is met from both ends: keep one
+        return sort_pairs(one[keep], two[keep], b)
 
     def mask(self, rows: torch.Tensor) -> torch.Tensor:
         """P (B, B) bool on the index's device: P_ij = 1 when rows[i] and rows[j] are a
