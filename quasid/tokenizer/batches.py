@@ -138,8 +138,10 @@ class BatchSampler:
         device = self.x.device
         rows = torch.cat([anchors, collab, near, sid])
         # P as a pair list (the CPU's sparse pair terms), and as a B x B mask where the dense
-        # formulas run (accelerators: a static-shape input for graphs and compile)
+        # formulas run (accelerators: a static-shape input for graphs and compile); the lists
+        # come from the CPU rows, so nothing waits for the device
         pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
+        dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
         dense = pos is not None and device.type != "cpu"
         rows = rows.to(device, non_blocking=True)
         index = torch.arange(a, device=device)
@@ -152,7 +154,7 @@ class BatchSampler:
             target=index + a,
             pair_weight=has_pos.float().to(device, non_blocking=True),
             positive_pairs=pos,
-            near_pairs=self.near.batch_pairs(rows).to(device) if self.near is not None else None,
+            near_pairs=dup,
         )
 
     def state(self) -> dict:
