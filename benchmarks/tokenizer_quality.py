@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from quasid.core.schemas import SID_TABLE, read_parquet
 from quasid.data.dataset import load_dataset
@@ -71,6 +74,31 @@ def warm_cold_rates(data: Path, sids: Path) -> dict:
     for label, sel in (("warm", ~has_cold), ("cold", has_cold)):
         out[f"harmful_{label}_rate"] = float((ham[sel] <= 1).mean()) if sel.any() else float("nan")
     return out
+
+
+def run_one(job: dict) -> tuple[dict, dict | None]:
+    """Train one (dataset, tokenizer, seed): (its metrics with the warm / cold split, its
+    history when diagnosing). A top-level function, so a process pool can run it."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    print(f"start {job['name']} on {job['data']} seed {job['seed']}", flush=True)
+    metrics = train_tokenizer(job["data"], job["name"], job["out"], device=job["device"],
+                              epochs=job["epochs"], seed=job["seed"],
+                              overrides=job["overrides"], diagnose=job["diagnose"])
+    metrics.update(warm_cold_rates(job["data"], job["out"] / "sids.parquet"),
+                   data=str(job["data"]))
+    history = json.loads((job["out"] / "history.json").read_text()) if job["diagnose"] else None
+    return metrics, history
+
+
+def _results(jobs: list[dict], workers: int):
+    """`run_one` of each job, in job order, as each finishes (a process pool when workers > 1)."""
+    if workers <= 1:
+        yield from map(run_one, jobs)
+        return
+    # spawn: a forked child would inherit the parent's torch thread pool state
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(run_one, jobs)
 
 
 def summary_table(runs: list[dict], names: list[str]) -> str:
@@ -172,29 +200,37 @@ def main() -> None:
                         help="record the look-alike / near-duplicate pairs during training")
     parser.add_argument("--plot", type=Path, default=None,
                         help="with --diagnose: draw the pair diagnostics into this PNG")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0 = torch default; 1 on a shared box, where idle "
+                             "threads spinning at every op's barrier slow the step manyfold)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.paired and len(args.seeds) != len(args.data):
         raise SystemExit(f"--paired needs one seed per --data folder, got {len(args.seeds)} "
                          f"seeds for {len(args.data)} folders")
     if args.plot is not None and not args.diagnose:
         raise SystemExit("--plot draws the --diagnose records: pass --diagnose too")
-    jobs = list(zip(args.data, args.seeds)) if args.paired else \
+    pairs = list(zip(args.data, args.seeds)) if args.paired else \
         [(d, s) for d in args.data for s in args.seeds]
     overrides = parse_sets(args.sets)
-    runs, histories = [], {}
+    jobs = []
     for name in args.tokenizers:
-        for data, seed in jobs:
+        for data, seed in pairs:
             tag = f"{data.name}_" if len(args.data) > 1 else ""
             out = args.out / f"{tag}{name.replace('+', '_')}_s{seed}"
-            metrics = train_tokenizer(data, name, out, device=args.device, epochs=args.epochs,
-                                      seed=seed, overrides=overrides, diagnose=args.diagnose)
-            metrics.update(warm_cold_rates(data, out / "sids.parquet"), data=str(data))
-            runs.append(metrics)
-            if args.diagnose:
-                histories.setdefault(name, []).append(
-                    json.loads((out / "history.json").read_text()))
-            print(json.dumps({"tokenizer": name, "data": str(data), "seed": seed,
-                              **{k: metrics.get(k) for k in KEYS}}), flush=True)
+            jobs.append({"data": data, "name": name, "out": out, "seed": seed,
+                         "device": args.device, "epochs": args.epochs, "overrides": overrides,
+                         "diagnose": args.diagnose, "threads": args.threads})
+    runs, histories = [], {}
+    for job, (metrics, history) in zip(jobs, _results(jobs, args.jobs)):
+        runs.append(metrics)
+        if history is not None:
+            histories.setdefault(job["name"], []).append(history)
+        print(json.dumps({"tokenizer": job["name"], "data": str(job["data"]), "seed": job["seed"],
+                          **{k: metrics.get(k) for k in KEYS}}), flush=True)
     text = summary_table(runs, args.tokenizers)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
