@@ -16,8 +16,10 @@ epoch:
   w = 1, m = m_u);
 - the share of group pairs that met in at least one batch of the epoch, and meetings per pair;
 - after the epoch, on the codes of all fit items: the Hamming histogram of the group pairs
-  (the harmful / benign rate on fit items is the share with H ≤ 1) and their mean unit-latent
-  distance d beside that of fixed random item pairs (how close the encoder keeps them).
+  (the harmful / benign rate on fit items is the share with H ≤ 1), how many pairs crossed
+  that line since the previous epoch (`escaped`: H ≤ 1 -> H ≥ 2, `returned`: back), and
+  their mean unit-latent distance d beside that of fixed random item pairs (how close the
+  encoder keeps them).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class PairProbe:
         self.static = {name: {"pairs": len(rows),
                               "collaborative_share": self._share_positive(rows)}
                        for name, rows in self.groups.items()}
+        self._last_h: dict[str, torch.Tensor] = {}
         self._reset()
 
     def _share_positive(self, rows: torch.Tensor) -> float:
@@ -206,10 +209,14 @@ class PairProbe:
             h = (codes[pairs[:, 0]] != codes[pairs[:, 1]]).sum(dim=1)
             hist = torch.bincount(h, minlength=levels + 1).tolist()
             meetings = acc["meetings"].double()
+            last = self._last_h.get(name)
+            self._last_h[name] = h
             out[name] = {
                 **self.static[name],
                 "hamming_hist": hist,
                 "rate_h_le_1": float((h <= 1).double().mean()) if len(pairs) else 0.0,
+                "escaped": int(((last <= 1) & (h >= 2)).sum()) if last is not None else 0,
+                "returned": int(((last >= 2) & (h <= 1)).sum()) if last is not None else 0,
                 "mean_distance": mean_distance(pairs),
                 "occurrences": occ,
                 "reasons": dict(zip(PROBE_REASONS, acc["reasons"].tolist())),

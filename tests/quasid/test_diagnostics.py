@@ -124,9 +124,17 @@ def test_probe_step_and_epoch_hand_computed(name, push):
     assert benign["collaborative_share"] == 1.0 and harm["collaborative_share"] == 0.0
     assert benign["reasons"]["collaborative"] == 1 and benign["contrastive_positive"] == 1
     assert benign["planted"]["collab"] == 1
-    # the counters restart after an epoch
-    again = probe.epoch(model, latents, model.quantizer.table)
+    assert harm["escaped"] == 0 and harm["returned"] == 0  # no previous epoch
+    # the counters restart after an epoch; pair (1, 7) moves to H = 3, then back to H = 0
+    codes = model.quantizer.table.clone()
+    codes[7] = torch.tensor([13, 13, 13])
+    again = probe.epoch(model, latents, codes)
     assert again["harmful"]["occurrences"] == 0 and again["harmful"]["met_share"] == 0.0
+    assert again["harmful"]["escaped"] == 1 and again["harmful"]["returned"] == 0
+    codes[7] = codes[1]
+    back = probe.epoch(model, latents, codes)
+    assert back["harmful"]["escaped"] == 0 and back["harmful"]["returned"] == 1
+    assert back["harmful"]["hamming_hist"] == [2, 0, 0, 0]
 
 
 def test_probe_rejects_bad_groups():
