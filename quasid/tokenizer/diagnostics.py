@@ -131,8 +131,8 @@ class PairProbe:
         } for name, rows in self.groups.items()}
         self._steps = 0
 
-    def _push(self, d: torch.Tensor, ham: torch.Tensor, valid: torch.Tensor, batch_size: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _push(self, d: torch.Tensor, ham: torch.Tensor, valid: torch.Tensor,
+              cos: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(|∂(λ·loss)/∂d| per occurrence, whether the repulsion acts on it).
 
         The losses sum ordered pairs, so an unordered pair enters twice:
@@ -147,8 +147,10 @@ class PairProbe:
             hinge = (cfg.hamr_margin * (1.0 + s) - d).clamp_min(0.0)
             force += (4.0 * cfg.hamr_weight * w * hinge / batch_size).double()
             acted |= w > 0
-        if cfg.uniform:  # the pair's items differ, so U = [H <= h_u]
+        if cfg.uniform:  # the pair's items differ, so U = [H <= h_u] (and its cosine rule)
             mask = ham <= cfg.uniform_h_max
+            if cfg.uniform_tau_dup <= 1:
+                mask = mask & (cos <= cfg.uniform_tau_dup)
             hinge = (cfg.uniform_margin - d).clamp_min(0.0)
             force += (4.0 * cfg.uniform_weight * mask.float() * hinge / batch_size).double()
             acted |= mask
@@ -173,7 +175,7 @@ class PairProbe:
                                   cfg.tau_dup, cfg.max_hamming)
             d = torch.sqrt((2.0 - 2.0 * (unit_z[i] * unit_z[j]).sum(dim=1)).clamp_min(0.0)
                            + 1e-8)  # as losses.unit_distances
-            force, acted = self._push(d, ham, reason == len(CVPM_REASONS), b)
+            force, acted = self._push(d, ham, reason == len(CVPM_REASONS), cos, b)
             lo, hi = torch.minimum(i, j), torch.maximum(i, j)
             acc["occurrences"] += len(k)
             acc["reasons"] += torch.bincount(reason, minlength=len(PROBE_REASONS)).cpu()

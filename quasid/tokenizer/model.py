@@ -73,7 +73,7 @@ class SIDModel(nn.Module):
         rows = batch.rows
         if cfg.hamr or cfg.uniform:
             ham = L.hamming(q.codes)
-        if cfg.hamr or cfg.adasid:
+        if cfg.hamr or cfg.adasid or (cfg.uniform and cfg.uniform_tau_dup <= 1):
             cos = batch.unit @ batch.unit.T
         if cfg.hamr:
             cv = L.cvpm_mask(rows, ham, cos, batch.positive, cfg.tau_dup, cfg.max_hamming)
@@ -86,6 +86,8 @@ class SIDModel(nn.Module):
             distinct = rows[:, None] != rows[None, :]
         if cfg.uniform:
             mask = distinct & (ham <= cfg.uniform_h_max)
+            if cfg.uniform_tau_dup <= 1:
+                mask = mask & (cos <= cfg.uniform_tau_dup)
             terms["uniform"] = L.uniform_repulsion_loss(z, mask, cfg.uniform_margin)
             total = total + cfg.uniform_weight * terms["uniform"]
             stats["uniform_pairs"] = mask.sum()

@@ -94,17 +94,20 @@ def _tiny():
     return _Stub(latents, codes), batch, groups, latents
 
 
-@pytest.mark.parametrize("name,push", [
+@pytest.mark.parametrize("name,overrides,push", [
     # HaMR: pair (0, 2) valid, s = 1, m = 2·0.6, d = 1: 4·20·1·(1.2 − 1)/8 = 2.0; (1, 7) is
     # a near-duplicate by content (0.99 > 0.98), not pushed
-    ("quasid", 2.0),
+    ("quasid", {}, 2.0),
     # uniform: (0, 2) has H = 0 ≤ h_u: 4·20·(1.2 − 1)/8 = 2.0; (1, 7) has H = 1 > h_u
-    ("uniform", 2.0),
-    ("rqvae", 0.0),
+    ("uniform", {}, 2.0),
+    # uniform exempting content cosines above 0.85: (0, 2) at 0.9 is exempt
+    ("uniform", {"uniform_tau_dup": 0.85}, 0.0),
+    ("rqvae", {}, 0.0),
 ])
-def test_probe_step_and_epoch_hand_computed(name, push):
+def test_probe_step_and_epoch_hand_computed(name, overrides, push):
     model, batch, groups, latents = _tiny()
-    probe = PairProbe(groups, np.array([[0, 3]]), 8, tokenizer_config(name), reference_pairs=64)
+    probe = PairProbe(groups, np.array([[0, 3]]), 8, tokenizer_config(name, overrides),
+                      reference_pairs=64)
     probe.step(model, batch)
     out = probe.epoch(model, latents, model.quantizer.table)
     harm, benign = out["harmful"], out["benign"]
@@ -170,3 +173,26 @@ def test_train_tokenizer_diagnose_writes_the_probe(small_world_dir, tmp_path):
     probe = history["epochs"][0]["probe"]
     assert probe["harmful"]["pairs"] > 0 and probe["benign"]["pairs"] > 0
     assert sum(probe["harmful"]["hamming_hist"]) == probe["harmful"]["pairs"]
+
+
+def test_uniform_tau_dup_exempts_near_duplicate_content_from_uniform_repulsion():
+    from quasid.tokenizer.model import SIDModel
+
+    cfg = tokenizer_config("uniform", TINY | {"content_dim": 4})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((6, 4), generator=g)
+    x[1] = x[0] * 1.001  # cosine 1 with row 0: the same codes, H = 0
+    batch = Batch(rows=torch.arange(6), x=x, unit=torch.nn.functional.normalize(x, dim=1),
+                  positive=None, anchor=torch.tensor([0]), target=torch.tensor([1]),
+                  pair_weight=torch.tensor([0.0]))
+    counts = {}
+    for tau in (2.0, 0.98):
+        torch.manual_seed(0)
+        model = SIDModel(tokenizer_config("uniform", TINY | {"content_dim": 4,
+                                                             "uniform_tau_dup": tau}))
+        model.set_standardization(x)
+        _, terms = model.losses(batch, 0.0)
+        counts[tau] = int(terms["uniform_pairs"])
+    # the pair (0, 1) in both orders leaves the mask; nothing else changes
+    assert counts[2.0] >= 2 and counts[0.98] == counts[2.0] - 2
+    assert cfg.uniform_tau_dup == 2.0
