@@ -109,7 +109,7 @@ class SIDModel(nn.Module):
         stats: dict[str, torch.Tensor] = {}
         if cfg.hamr or cfg.uniform:
             ham = L.hamming(codes)
-        if cfg.hamr or cfg.adasid:
+        if cfg.hamr or cfg.adasid or (cfg.uniform and cfg.uniform_tau_dup <= 1):
             cos = batch.unit @ batch.unit.T
             positive = _dense_positive(batch)
         if cfg.hamr:
@@ -122,6 +122,8 @@ class SIDModel(nn.Module):
             distinct = rows[:, None] != rows[None, :]
         if cfg.uniform:
             mask = distinct & (ham <= cfg.uniform_h_max)
+            if cfg.uniform_tau_dup <= 1:  # the ablation that keeps near-duplicates, as CVPM
+                mask = mask & (cos <= cfg.uniform_tau_dup)
             terms["uniform"] = L.uniform_repulsion_loss(z, mask, cfg.uniform_margin)
             stats["uniform_pairs"] = mask.sum()
         if cfg.adasid:
@@ -154,6 +156,9 @@ class SIDModel(nn.Module):
             stats["valid_pairs"] = torch.tensor(2 * cv.pairs.shape[0])
         if cfg.uniform:
             pick = (ham <= cfg.uniform_h_max) & (rows[close[:, 0]] != rows[close[:, 1]])
+            if cfg.uniform_tau_dup <= 1:  # the ablation that keeps near-duplicates, as CVPM
+                cos = (batch.unit[close[:, 0]] * batch.unit[close[:, 1]]).sum(-1)
+                pick = pick & (cos <= cfg.uniform_tau_dup)
             terms["uniform"] = P.uniform_loss(unit, close[pick], cfg.uniform_margin)
             stats["uniform_pairs"] = 2 * pick.sum()
         if cfg.adasid:
