@@ -17,7 +17,8 @@ to check the script end to end.
         --device cuda --jobs 9 --grid small
 
 Writes OUT/tuning.json (every point: overrides, validation HR/NDCG@5/10, cold HR@10, the
-share of top-10 slots cold items take, epochs run, best epoch, seconds; the best point), OUT/tuning.md and OUT/best_overrides.json, and prints them.
+share of top-10 slots cold items take, epochs run, best epoch, seconds; the best point),
+OUT/tuning.md and OUT/best_overrides.json, and prints them.
 Finished points are reused on a rerun with the same settings (their `metrics.json`).
 """
 
