@@ -13,6 +13,9 @@ over the dataset's real test histories.
     python benchmarks/offline_eval.py --data beauty=DIR --data toys=DIR \
         --tokenizers rqvae,rqkmeans,uniform,adasid,quasid,rqvae+hamr,adasid+hamr --seeds 3 \
         --out /tmp/bench --export $OUT --device cuda --jobs 21 --deadline 480
+
+The tokenizer name `sasrec` adds the SASRec baseline (`quasid.stack.sasrec`), configured by
+`--sasrec-overrides` (JSON, e.g. the `best_overrides.json` of benchmarks/sasrec_tuning.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def main() -> None:
                         help="NAME=FILE: an exported <name>_runs.json of an earlier call; its "
                              "finished runs are restored and not run again (repeatable)")
     parser.add_argument("--progress", action="store_true", help="log every run's stack epochs")
+    parser.add_argument("--sasrec-overrides", default="",
+                        help="SasrecConfig overrides (JSON) of the `sasrec` runs")
     args = parser.parse_args()
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
@@ -56,7 +61,8 @@ def main() -> None:
 
     kwargs = dict(device=args.device, overrides=stack_preset(args.stack_preset, as_json(args.overrides)),
                   tokenizer_epochs=args.tokenizer_epochs,
-                  tokenizer_overrides=as_json(args.tokenizer_overrides))
+                  tokenizer_overrides=as_json(args.tokenizer_overrides),
+                  sasrec_overrides=as_json(args.sasrec_overrides))
     out = Path(args.out)
     for spec in args.resume:
         name, path = spec.split("=", 1)
