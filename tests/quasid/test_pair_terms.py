@@ -258,7 +258,7 @@ def test_contrastive_allowed_matches_the_dense_mask():
 
 # ---- the whole loss on both paths ----
 
-@pytest.mark.parametrize("name", ["quasid", "uniform", "adasid", "adasid+hamr"])
+@pytest.mark.parametrize("name", ["quasid", "uniform", "adasid", "adasid+hamr", "uniform-dup"])
 def test_model_losses_sparse_and_dense_paths_agree(name):
     rng = np.random.default_rng(1)
     n = 400
@@ -267,8 +267,10 @@ def test_model_losses_sparse_and_dense_paths_agree(name):
     # of identical latents is ill-conditioned, and GEMM and row sums round g differently)
     content[n // 2:] = content[:n // 2] + 0.1 * torch.tensor(rng.normal(size=(n // 2, 8)),
                                                               dtype=torch.float32)
-    tok = make_tokenizer(name, {"hidden": [16], "latent": 4, "codebook_size": 4,
-                                "tower_dim": 8, "train": {"batch_size": 68}})
+    extra = {"uniform_tau_dup": 0.98} if name == "uniform-dup" else {}  # near-duplicates exempt
+    tok = make_tokenizer(name.removesuffix("-dup"), {"hidden": [16], "latent": 4, "codebook_size": 4,
+                                                     "tower_dim": 8, "train": {"batch_size": 68},
+                                                     **extra})
     model = tok._build(8)
     model.set_standardization(content)
     g = torch.Generator().manual_seed(0)
