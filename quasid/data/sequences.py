@@ -100,3 +100,13 @@ def validation_requests(interactions: pl.DataFrame, max_len: int
     """Leave-one-out validation requests: each user's second-to-last item and its past
     (never the test item), for tuning and early stopping."""
     return loo_requests(drop_last(interactions), max_len)
+
+
+def sample_windows(hist: np.ndarray, tgt: np.ndarray, cap: int | None, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """At most `cap` (history, target) windows or requests: a seeded sample kept in their
+    original order (all of them if `cap` is None or not smaller)."""
+    if cap is None or len(tgt) <= cap:
+        return hist, tgt
+    keep = np.sort(np.random.default_rng(seed).choice(len(tgt), size=cap, replace=False))
+    return hist[keep], tgt[keep]

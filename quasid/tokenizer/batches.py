@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex, pair_mask
 
 
 @dataclass
@@ -37,23 +37,31 @@ class Batch:
     rows: torch.Tensor  # (B,) int64 item rows (duplicates possible)
     x: torch.Tensor  # (B, d) standardized content
     unit: torch.Tensor  # (B, d) L2-normalized raw content (for content cosines)
-    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P
+    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P (off the CPU)
     anchor: torch.Tensor  # (A,) contrastive anchor positions in the batch
     target: torch.Tensor  # (A,) their partners' positions
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
+    positive_pairs: torch.Tensor | None = None  # (m, 2) unordered positions i < j with P_ij
+    near_pairs: torch.Tensor | None = None  # (m, 2) i < j, distinct items, content cos > τ_dup
 
 
-def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), CPU."""
+def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096, above: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), and
+    with `above` the (m, 2) row pairs (a < b) whose cosine exceeds it (else None), CPU."""
     n = unit.shape[0]
     k = max(1, min(k, n - 1))
-    out = []
+    out, close = [], []
     for start in range(0, n, chunk):
         sims = unit[start:start + chunk].float() @ unit.float().T
         own = torch.arange(start, min(start + chunk, n), device=unit.device)
         sims[own - start, own] = float("-inf")
         out.append(sims.topk(k, dim=1).indices.cpu())
-    return torch.cat(out)
+        if above is not None:  # the same similarities, so no second N x N pass
+            found = torch.nonzero(sims > above).cpu()
+            found[:, 0] += start
+            close.append(found[found[:, 0] < found[:, 1]])
+    return torch.cat(out), (torch.cat(close) if above is not None else None)
 
 
 def lexicographic_partner(codes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,7 +92,8 @@ class BatchSampler:
     """Anchors + partners (see the module docstring) over the N fit items, on `device`."""
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
-                 generator: torch.Generator, neighbours: int = 8, need_positive: bool = True):
+                 generator: torch.Generator, neighbours: int = 8, need_positive: bool = True,
+                 near_duplicate: float | None = None):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
@@ -94,7 +103,10 @@ class BatchSampler:
         self.pairs, self.generator = pairs, generator
         self.n, self.anchors = n, batch_size // 4
         self.need_positive = need_positive
-        self.knn = content_neighbours(self.unit, neighbours)
+        # near-duplicates (content cosine > `near_duplicate`, CVPM's τ_dup) depend on the
+        # content only: found once here, then looked up per batch like the positives
+        self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
+        self.near = PairIndex(near.numpy(), n) if near is not None else None
         self.sid_partner: torch.Tensor | None = None
         self._order = torch.arange(n)
 
@@ -124,16 +136,25 @@ class BatchSampler:
         collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
         sid = self.sid_partner[anchors] if self.sid_partner is not None else near
         device = self.x.device
-        rows = torch.cat([anchors, collab, near, sid]).to(device, non_blocking=True)
+        rows = torch.cat([anchors, collab, near, sid])
+        # P as a pair list (the CPU's sparse pair terms), and as a B x B mask where the dense
+        # formulas run (accelerators: a static-shape input for graphs and compile); the lists
+        # come from the CPU rows, so nothing waits for the device
+        pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
+        dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
+        dense = pos is not None and device.type != "cpu"
+        rows = rows.to(device, non_blocking=True)
         index = torch.arange(a, device=device)
         return Batch(
             rows=rows,
             x=self.x[rows],
             unit=self.unit[rows],
-            positive=self.pairs.mask(rows) if self.need_positive else None,
+            positive=pair_mask(pos, rows.numel()) if dense else None,
             anchor=index,
             target=index + a,
             pair_weight=has_pos.float().to(device, non_blocking=True),
+            positive_pairs=pos,
+            near_pairs=dup,
         )
 
     def state(self) -> dict:

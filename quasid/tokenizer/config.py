@@ -87,6 +87,9 @@ class TokenizerConfig(Config):
     uniform_weight: float = 20.0
     uniform_margin: float = 1.2
     uniform_h_max: int = 0
+    # > 1 (default): no exemption; <= 1: pairs whose content cosine exceeds it are exempt, as
+    # CVPM's near-duplicate rule (the ablation "uniform that keeps near-duplicates")
+    uniform_tau_dup: float = 2.0
     # collaborative positives: co-interacted within `pair_window` positions by at least
     # `pair_min_count` users (one chance co-occurrence is no evidence of a shared audience)
     pair_window: int = 2

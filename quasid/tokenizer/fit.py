@@ -70,7 +70,8 @@ def train_step(loss_fn, batch: Batch, progress: float, params: list[torch.nn.Par
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # the pre-clip norm shows how often clipping rescales (and so re-weights) the step
+        terms = {**terms, "grad_norm": torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()}
     optimizer.step()
     scheduler.step()
     return terms
@@ -88,7 +89,7 @@ def _load_checkpoint(path: Path | None, cfg: TokenizerConfig) -> dict | None:
 
 def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: TokenizerConfig,
               generator: torch.Generator, *, device: str = "cpu", checkpoint: Path | None = None,
-              progress: bool = False, callback=None) -> dict:
+              progress: bool = False, callback=None, probe=None) -> dict:
     """Train `model` on raw `content` (n, d, on `device`) with positive `pairs` (rows).
 
     Returns the history: {"init": SID metrics after the k-means init, "epochs": [per-epoch
@@ -96,7 +97,9 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     record holds the mean of every loss term over the epoch's steps, the SID metrics of all
     fit items after the epoch, dead codes re-seeded per level and (with HaMR) CVPM's
     exclusion counts. `callback(record)` runs after each epoch (an exception stops training;
-    the last checkpoint stays).
+    the last checkpoint stays). A `probe` (`diagnostics.PairProbe`) sees each batch before
+    its step and adds its epoch statistics under `record["probe"]`; it changes nothing the
+    fit computes.
     """
     from quasid.tokenizer.losses import CVPM_REASONS
 
@@ -105,7 +108,8 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     n = content.shape[0]
     sampler = BatchSampler(model.standardize(content), content, PairIndex(pairs, n, dev),
                            tc.batch_size, generator, tc.neighbours,
-                           need_positive=cfg.needs_pairs)
+                           need_positive=cfg.needs_pairs,
+                           near_duplicate=cfg.tau_dup if cfg.hamr else None)
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
     params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)
@@ -137,8 +141,11 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
             sums: dict[str, torch.Tensor] = {}
             for step in range(steps):
                 done = (epoch * steps + step) / total_steps
-                terms = train_step(loss_fn, sampler.batch(step), done, params, optimizer,
-                                   scheduler, tc.grad_clip, amp)
+                batch = sampler.batch(step)
+                if probe is not None:
+                    probe.step(model, batch)
+                terms = train_step(loss_fn, batch, done, params, optimizer, scheduler,
+                                   tc.grad_clip, amp)
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 bar.advance()
@@ -157,6 +164,10 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                 codes = all_codes(model, content)
                 record.update(code_summary(codes, cfg.codebook_size))
                 sampler.set_codes(codes)
+            if probe is not None:
+                model.eval()
+                probe_codes = codes if "collision_rate" in record else all_codes(model, content)
+                record["probe"] = probe.epoch(model, sampler.x, probe_codes)
             record["seconds"] = time.perf_counter() - began
             history["epochs"].append(record)
             history["train_seconds"] = record["seconds"]

@@ -55,12 +55,14 @@ class Tokenizer:
         return self.model
 
     def fit(self, content: np.ndarray, pairs: np.ndarray | None = None, *, device: str = "cpu",
-            checkpoint: Path | None = None, progress: bool = False, callback=None) -> dict:
+            checkpoint: Path | None = None, progress: bool = False, callback=None,
+            probe=None) -> dict:
         """Train on `content` (n, d) with positive `pairs` ((m, 2) rows into content).
 
         Returns the training history (`epochs`: per-epoch losses and SID metrics). With a
         `checkpoint` path, progress is saved there and a matching checkpoint is resumed.
-        `callback(record)` is called after each epoch.
+        `callback(record)` is called after each epoch; a `probe` (`diagnostics.PairProbe`,
+        built on the same rows) adds its statistics to each epoch's record.
         """
         content = np.asarray(content, dtype=np.float32)
         if content.ndim != 2 or content.shape[0] < 2:
@@ -77,7 +79,7 @@ class Tokenizer:
             model.quantizer.init_kmeans(model.standardize(x), generator, self.config.kmeans_iters)
             return {"epochs": []}
         return fit_model(model, x, pairs, self.config, generator, device=device,
-                         checkpoint=checkpoint, progress=progress, callback=callback)
+                         checkpoint=checkpoint, progress=progress, callback=callback, probe=probe)
 
     def encode(self, content: np.ndarray, *, device: str | None = None,
                batch_size: int = 65_536) -> np.ndarray:

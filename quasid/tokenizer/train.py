@@ -23,6 +23,7 @@ from quasid.core.layout import (
 from quasid.core.schemas import SID_TABLE, write_parquet
 from quasid.data.dataset import load_dataset
 from quasid.data.splits import training_interactions
+from quasid.tokenizer.diagnostics import PairProbe, world_pair_rows
 from quasid.tokenizer.metrics import sid_metrics
 from quasid.tokenizer.pairs import collaborative_pairs, pairs_to_rows
 from quasid.tokenizer.plots import plot_training
@@ -31,8 +32,8 @@ from quasid.tokenizer.tokenizer import make_tokenizer
 
 
 def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: str = "cpu",
-                    epochs: int | None = None, seed: int = 0, overrides: dict | None = None
-                    ) -> dict:
+                    epochs: int | None = None, seed: int = 0, overrides: dict | None = None,
+                    diagnose: bool = False) -> dict:
     """Train `tokenizer` on a dataset folder and write its outputs to `out_dir`.
 
     Fits on the warm items (`is_cold` false) with collaborative positives from the training
@@ -40,6 +41,9 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     `sids.parquet` (SID_TABLE), `tokenizer.pt` + `tokenizer.json`, `metrics.json`
     (`sid_metrics` plus run facts), `history.json` and `training.png`; the outputs appear
     together or not at all (`checkpoint.pt` is kept for resuming). Returns the metrics.
+    With `diagnose` on a synthetic world, a `PairProbe` watches the look-alike (`harmful`)
+    and near-duplicate (`benign`) pairs whose items are both fit items; its per-epoch
+    statistics land in `history.json` under each epoch's `probe`.
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train_tokenizer: device {device!r} asked for, but CUDA is not available")
@@ -57,9 +61,17 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     pairs = collaborative_pairs(training_interactions(ds), window=tok.config.pair_window,
                                 min_count=tok.config.pair_min_count)
     rows = pairs_to_rows(pairs, item_ids[warm])
+    probe = None
+    if diagnose:
+        if ds.world is None:
+            raise ValueError(f"{data_dir}: --diagnose needs a synthetic world (world.npz)")
+        fit_ids = item_ids[warm]
+        groups = {"harmful": world_pair_rows(ds.world.lookalike_pairs, fit_ids),
+                  "benign": world_pair_rows(ds.world.benign_pairs(), fit_ids)}
+        probe = PairProbe(groups, rows, len(fit_ids), tok.config, device, seed=seed)
     started = time.perf_counter()
     history = tok.fit(content[warm], rows, device=device, checkpoint=out_dir / CHECKPOINT_FILE,
-                      progress=True)
+                      progress=True, probe=probe)
     fit_seconds = time.perf_counter() - started
     codes = tok.encode(content, device=device)
     metrics = sid_metrics(codes, tok.config.codebook_size, item_ids, ds.world)
@@ -76,7 +88,8 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
         "fit_seconds": fit_seconds,
         "train_seconds": float(history.get("train_seconds", 0.0)),
         "final_losses": {k: v for k, v in last.items()
-                         if isinstance(v, float) and k not in ("lr", "seconds", "collision_rate")},
+                         if isinstance(v, float)
+                         and k not in ("lr", "seconds", "collision_rate", "grad_norm")},
         "cold_items": int(cold_rows.sum()),
     })
     table = sid_table(item_ids, codes, tokenizer)
