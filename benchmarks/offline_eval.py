@@ -15,7 +15,7 @@ over the dataset's real test histories.
         --out /tmp/bench --export $OUT --device cuda --jobs 21 --deadline 480
 
 The tokenizer name `sasrec` adds the SASRec baseline (`quasid.stack.sasrec`), configured by
-`--sasrec-overrides` (JSON, e.g. the `best_overrides.json` of benchmarks/sasrec_tuning.py).
+`--sasrec-overrides` (JSON, e.g. the `best_overrides.json` of benchmarks/tuning.py).
 """
 
 from __future__ import annotations

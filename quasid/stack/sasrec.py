@@ -66,7 +66,7 @@ class SasrecConfig(Config):
     Defaults, chosen before tuning for Amazon Beauty (12k items, ~9 interactions per user) on
     a GPU: the paper's max history 50, 2 blocks, batch 128, lr 1e-3 and dropout 0.5 (its
     choice for the sparse Amazon sets) at width 64 with full-softmax cross-entropy; the epoch
-    count is a ceiling that early stopping cuts. `benchmarks/sasrec_tuning.py` searches them
+    count is a ceiling that early stopping cuts. `benchmarks/tuning.py --model sasrec` searches them
     on the validation split.
     """
 

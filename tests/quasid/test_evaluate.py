@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -155,3 +156,66 @@ def test_a_run_retrains_its_tokenizer_when_the_tokenizer_settings_change(tiny_wo
     settings = json.loads((run / "tokenizer" / "eval_settings.json").read_text())
     assert settings["tokenizer_epochs"] == 2
     assert json.loads((run / "metrics.json").read_text())["settings"]["tokenizer_epochs"] == 2
+
+
+TUNING = Path(__file__).resolve().parents[2] / "benchmarks" / "tuning.py"
+
+
+def test_tuning_draws_the_same_points_inside_each_tokenizers_space():
+    import runpy
+
+    tuning = runpy.run_path(str(TUNING))  # the module's functions, main() not run
+    spaces, draw = tuning["SPACES"], tuning["random_points"]
+    for model, space in spaces.items():
+        points = draw(model, 6, seed=1)
+        assert points[0] == {} and len(points) == 6  # the defaults come first
+        assert points == draw(model, 6, seed=1)  # seeded: the same points on a rerun
+        assert points != draw(model, 6, seed=2)
+        for point in points[1:]:
+            flat = {k: v for k, v in point.items() if k != "train"}
+            flat |= {f"train.{k}": v for k, v in point.get("train", {}).items()}
+            assert set(flat) == set(space)  # every dimension drawn, nothing else
+            for key, value in flat.items():
+                dim = space[key]
+                if isinstance(dim, list):
+                    assert value in dim
+                else:
+                    assert dim[1] * 0.999 <= value <= dim[2] * 1.001, (model, key, value)
+    # QuaSID searches its own terms on top of RQ-VAE's; the baselines get as many points
+    assert set(spaces["rqvae"]) < set(spaces["quasid"])
+    assert {"hamr_weight", "contrastive_weight", "tau_dup"} <= set(spaces["quasid"])
+    with pytest.raises(SystemExit, match="--model 'nope'"):
+        draw("nope", 3, seed=0)
+
+
+def test_tokenizer_tuning_scores_every_point_on_the_validation_split(tiny_world, tmp_path,
+                                                                      monkeypatch, capsys):
+    import runpy
+
+    fixed = {"hidden": [16], "latent": 8, "codebook_size": 8, "kmeans_iters": 3,
+             "train": {"batch_size": 64}}
+    out = tmp_path / "tune"
+    monkeypatch.setattr("sys.argv", [str(TUNING), "--model", "rqvae", "--data", str(tiny_world),
+                                     "--out", str(out), "--points", "3", "--tokenizer-epochs", "1",
+                                     "--overrides", json.dumps(TINY), "--base", json.dumps(fixed)])
+    runpy.run_path(str(TUNING), run_name="__main__")
+    printed = capsys.readouterr().out
+    tuning = json.loads((out / "tuning.json").read_text())
+    points = tuning["points"]
+    assert [p["name"] for p in points] == ["p00", "p01", "p02"] and not tuning["failed"]
+    assert points[0]["overrides"] == fixed  # the defaults, with the fixed fields
+    for p in points[1:]:  # drawn, but --base's fields held fixed
+        o = p["overrides"]
+        assert o["codebook_size"] == 8 and o["train"]["batch_size"] == 64
+        assert 0.1 <= o["beta"] <= 0.5 and 1e-3 <= o["train"]["lr"] <= 4e-3
+    assert points[1]["overrides"] != points[2]["overrides"]
+    for p in points:  # each figure is its run's validation-split metrics, never the test's
+        run = json.loads((out / "runs" / p["name"] / "metrics.json").read_text())
+        assert run["settings"]["split"] == "valid" and run["settings"]["tokenizer_epochs"] == 1
+        assert run["settings"]["tokenizer_overrides"] == p["overrides"]
+        assert p["hr@10"] == run["stack"]["all"]["hr@10"]
+        assert p["beam_ndcg@10"] == run["retrieval"]["all"]["ndcg@10"]
+    assert tuning["best"] == max(points, key=lambda p: (p["hr@10"], p["ndcg@10"]))
+    assert json.loads((out / "best_overrides.json").read_text()) == tuning["best"]["overrides"]
+    md = (out / "tuning.md").read_text()
+    assert "**best**" in md and "- p01: `" in md and "best overrides" in printed

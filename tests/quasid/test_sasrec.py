@@ -312,7 +312,7 @@ def test_the_tuning_script_scores_every_point_on_the_validation_split(tiny_world
     from pathlib import Path
 
     # the script run as a program, in this process (a subprocess re-imports torch: seconds)
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sasrec_tuning.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tuning.py"
     out = tmp_path / "tune"
     monkeypatch.setattr("sys.argv", [str(script), "--data", str(tiny_world), "--out", str(out),
                                      "--grid", "tiny", "--epochs", "1"])
