@@ -142,7 +142,7 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                 done = (epoch * steps + step) / total_steps
                 batch = sampler.batch(step)
                 if probe is not None:
-                    probe.step(model, batch)
+                    probe.step(model, batch, optimizer, done, sampler.x)
                 terms = train_step(loss_fn, batch, done, params, optimizer, scheduler,
                                    tc.grad_clip, amp)
                 for key, value in terms.items():
