@@ -81,7 +81,14 @@ def _load_checkpoint(path: Path | None, cfg: TokenizerConfig) -> dict | None:
     if path is None or not Path(path).exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != cfg.to_dict():
+    # read through the config class: a checkpoint from before a field existed holds that
+    # field's default, so the same training
+    saved = state.get("config")
+    try:
+        same = type(cfg).from_dict(saved).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):  # unknown or invalid keys: another config
+        same = False
+    if not same:
         log.warning("%s: checkpoint of another config; training from scratch", path)
         return None
     return state

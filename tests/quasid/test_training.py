@@ -144,6 +144,24 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_
         assert torch.equal(va, vb)
 
 
+def test_a_checkpoint_from_before_a_new_field_still_resumes(tmp_path):
+    from quasid.tokenizer.config import tokenizer_config
+    from quasid.tokenizer.fit import _load_checkpoint
+
+    cfg = tokenizer_config("uniform", {"content_dim": 4})
+    path = tmp_path / "checkpoint.pt"
+
+    def saved(config: dict):
+        torch.save({"config": config, "epoch": 3}, path)
+        return _load_checkpoint(path, cfg)
+
+    older = cfg.to_dict()
+    del older["uniform_tau_dup"]  # written before the field existed: it meant the default
+    assert saved(older)["epoch"] == 3
+    assert saved(cfg.to_dict() | {"uniform_tau_dup": 0.9}) is None  # another training
+    assert saved(cfg.to_dict() | {"no_such_field": 1}) is None
+
+
 def test_train_tokenizer_writes_every_output(small_world_dir, small_world, tmp_path):
     out = tmp_path / "quasid"
     metrics = train_tokenizer(small_world_dir, "quasid", out, epochs=2, seed=3,
