@@ -86,15 +86,6 @@ def _occurrences(rows: torch.Tensor, pairs: torch.Tensor
     return k, i, j
 
 
-def _is_pair(index: PairIndex, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Whether each (a[t], b[t]) is one of `index`'s pairs (either order), bool."""
-    if index.keys.numel() == 0:
-        return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-    query = torch.minimum(a, b) * index.n + torch.maximum(a, b)
-    pos = torch.searchsorted(index.keys, query).clamp_max(index.keys.numel() - 1)
-    return index.keys[pos] == query
-
-
 class PairProbe:
     """Per-epoch statistics of named pair groups during `fit_model` (see the module docstring).
 
@@ -130,7 +121,7 @@ class PairProbe:
     def _share_positive(self, rows: torch.Tensor) -> float:
         if len(rows) == 0:
             return 0.0
-        return float(_is_pair(self.positives, rows[:, 0], rows[:, 1]).float().mean())
+        return float(self.positives.contains(rows[:, 0], rows[:, 1]).float().mean())
 
     def _reset(self) -> None:
         levels = self.cfg.levels
@@ -252,7 +243,7 @@ class PairProbe:
             k, i, j = _occurrences(rows, pairs)
             ham = (codes[i] != codes[j]).sum(dim=1)
             cos = (batch.unit[i] * batch.unit[j]).sum(dim=1)
-            positive = _is_pair(self.positives, rows[i], rows[j])
+            positive = self.positives.contains(rows[i], rows[j])
             reason = cvpm_reasons(i == j, rows[i] == rows[j], positive, cos, ham,
                                   cfg.tau_dup, cfg.max_hamming)
             d = torch.sqrt((2.0 - 2.0 * (unit_z[i] * unit_z[j]).sum(dim=1)).clamp_min(0.0)

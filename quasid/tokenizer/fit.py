@@ -19,7 +19,7 @@ import torch
 
 from quasid.core.io import write_atomic
 from quasid.core.schedule import lr_factor, warmup_steps
-from quasid.tokenizer.batches import Batch, BatchSampler
+from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule
 from quasid.tokenizer.config import TrainConfig
 from quasid.tokenizer.pairs import PairIndex
 
@@ -43,6 +43,18 @@ def code_summary(codes: torch.Tensor, codebook_size: int) -> dict:
             for k in range(codes.shape[1])]
     return {"collision_rate": 1.0 - unique / codes.shape[0], "unique_sids": unique,
             "utilization": util}
+
+
+def conflict_rule(cfg: TokenizerConfig) -> ConflictRule | None:
+    """The conflict-mining rule of `cfg` (`train.mine_conflicts`): HaMR's CVPM mask, else
+    uniform's; None without mining or without a repulsion to mine for."""
+    if not cfg.train.mine_conflicts:
+        return None
+    if cfg.hamr:
+        return ConflictRule(cfg.max_hamming, cfg.tau_dup, exempt_positives=True)
+    if cfg.uniform:
+        return ConflictRule(cfg.uniform_h_max, cfg.uniform_tau_dup)
+    return None
 
 
 def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: torch.device
@@ -115,7 +127,7 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     n = content.shape[0]
     sampler = BatchSampler(model.standardize(content), content, PairIndex(pairs, n, dev),
                            tc.batch_size, generator, tc.neighbours,
-                           need_positive=cfg.needs_pairs)
+                           need_positive=cfg.needs_pairs, conflicts=conflict_rule(cfg))
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
     params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)

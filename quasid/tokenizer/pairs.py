@@ -96,6 +96,14 @@ class PairIndex:
         pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.numel() - 1)
         return self.keys[pos] == query
 
+    def contains(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Whether each (a[t], b[t]) is a positive pair (either order): bool, a's shape."""
+        if self.keys.numel() == 0:
+            return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+        query = torch.minimum(a, b) * self.n + torch.maximum(a, b)
+        pos = torch.searchsorted(self.keys, query.reshape(-1)).clamp_max(self.keys.numel() - 1)
+        return (self.keys[pos] == query.reshape(-1)).reshape(query.shape)
+
     def draw_partner(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One uniformly drawn positive partner per row (CPU int64); -1 where a row has none."""
         start = self.indptr[rows]
