@@ -13,6 +13,9 @@ over the dataset's real test histories.
     python benchmarks/offline_eval.py --data beauty=DIR --data toys=DIR \
         --tokenizers rqvae,rqkmeans,uniform,adasid,quasid,rqvae+hamr,adasid+hamr --seeds 3 \
         --out /tmp/bench --export $OUT --device cuda --jobs 21 --deadline 480
+
+The tokenizer name `sasrec` adds the SASRec baseline (`quasid.stack.sasrec`), configured by
+`--sasrec-overrides` (JSON, e.g. the `best_overrides.json` of benchmarks/sasrec_tuning.py).
 """
 
 from __future__ import annotations
@@ -38,24 +41,40 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds before unfinished runs stop")
-    parser.add_argument("--overrides", default="", help="stack config overrides (JSON)")
+    parser.add_argument("--stack-preset", default="default",
+                        help="stack preset of configs/stacks.yaml (e.g. tiger)")
+    parser.add_argument("--overrides", default="", help="stack config overrides (JSON), over the preset")
     parser.add_argument("--tokenizer-epochs", type=int, default=None)
     parser.add_argument("--tokenizer-overrides", default="", help="tokenizer overrides (JSON)")
+    parser.add_argument("--resume", action="append", default=[],
+                        help="NAME=FILE: an exported <name>_runs.json of an earlier call; its "
+                             "finished runs are restored and not run again (repeatable)")
+    parser.add_argument("--progress", action="store_true", help="log every run's stack epochs")
+    parser.add_argument("--sasrec-overrides", default="",
+                        help="SasrecConfig overrides (JSON) of the `sasrec` runs")
     args = parser.parse_args()
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
     tokenizers = [t for t in args.tokenizers.split(",") if t]
     as_json = lambda text: json.loads(text) if text else None
-    kwargs = dict(device=args.device, overrides=as_json(args.overrides),
+    from quasid.stack.config import stack_preset
+
+    kwargs = dict(device=args.device, overrides=stack_preset(args.stack_preset, as_json(args.overrides)),
                   tokenizer_epochs=args.tokenizer_epochs,
-                  tokenizer_overrides=as_json(args.tokenizer_overrides))
+                  tokenizer_overrides=as_json(args.tokenizer_overrides),
+                  sasrec_overrides=as_json(args.sasrec_overrides))
     out = Path(args.out)
+    for spec in args.resume:
+        name, path = spec.split("=", 1)
+        _restore_runs(Path(path), out / name)
     tasks = [(name, tok, seed) for seed in range(args.seeds) for tok in tokenizers for name in datasets]
     _run_all(tasks, datasets, out, args, kwargs, started)
 
     from quasid.evaluation.offline import offline_eval
 
     export = Path(args.export) if args.export else None
+    if export:
+        export.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, data in datasets.items():
         try:
@@ -92,7 +111,8 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     for name, tok, seed in tasks:
         run_dir = out / name / "runs" / tok / f"seed{seed}"
         pending[name, tok, seed] = pool.apply_async(
-            eval_run, (datasets[name], tok, seed, run_dir), dict(threads=threads, **kwargs))
+            eval_run, (datasets[name], tok, seed, run_dir),
+            dict(threads=threads, progress=args.progress, **kwargs))
     pool.close()
     while pending:
         for key in [k for k, r in pending.items() if r.ready()]:
@@ -129,6 +149,18 @@ def _export_runs(run_root: Path, target: Path) -> None:
         runs[f"{path.parent.parent.name}/{path.parent.name}"] = {
             k: m[k] for k in ("stack", "retrieval", "n", "settings", "timings", "summary") if k in m}
     target.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+
+
+def _restore_runs(exported: Path, run_root: Path) -> None:
+    """Write back the metrics.json of every run in an `_export_runs` file, so `eval_run` finds
+    them finished (it reuses a run whose recorded settings match) and runs only the rest."""
+    from quasid.core.io import write_text_atomic
+
+    for key, metrics in json.loads(exported.read_text()).items():
+        tok, seed = key.split("/")
+        target = run_root / "runs" / tok / seed / "metrics.json"
+        if not target.exists():
+            write_text_atomic(json.dumps(metrics, indent=2, sort_keys=True) + "\n", target)
 
 
 def _throughput(datasets, tokenizers, args, out) -> dict:

@@ -2,28 +2,39 @@
 
 Step time: the real training step (`quasid.tokenizer.fit.train_step` on a `BatchSampler` batch:
 batch drawing and gathering, forward, losses, backward, AdamW, LR schedule), on random
-content with random collaborative pairs, averaged over timed steps after warm-up; reported
-with its overhead over `rqvae` at the same batch size.
+content with random collaborative pairs, averaged over timed steps after warm-up (with
+`--rounds`, blocks of steps timed in turn across the tokenizers, the median block); reported
+with its overhead over `rqvae` at the same batch size, and its floor: the step's arithmetic
+(`step_flops`) / the fp32 GEMM rate measured here on the same threads (`gemm_rate`).
+`--pairs` picks the pair-term path (`SIDModel.sparse_pairs`: auto = sparse on the CPU, dense
+B x B formulas elsewhere).
 
 SID assignment: encode + residual quantization + collision ranks of N items already on the
 device, against the bandwidth floor = bytes of input read once (N × d × 4) / the device
 bandwidth measured here (a large device-to-device copy, bytes read + written / time).
 
     python benchmarks/tokenizer_speed.py --device cuda --out benchmarks/results/speed.json
-    python benchmarks/tokenizer_speed.py --device cpu --batches 256 1024 --assign 0
+    python benchmarks/tokenizer_speed.py --device cpu --batches 256 1024 --assign 0 --threads 2
+    python benchmarks/tokenizer_speed.py --device cuda --batches 1024 --tokenizers rqvae quasid \
+        --compile --assign 0
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import subprocess
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import quasid
 from quasid.tokenizer.batches import BatchSampler
+from quasid.tokenizer.config import TokenizerConfig, tokenizer_config
 from quasid.tokenizer.fit import all_codes, build_optimizer, train_step
 from quasid.tokenizer.pairs import PairIndex
 from quasid.tokenizer.sids import collision_ranks
@@ -37,17 +48,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_time(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int, steps: int,
-              warmup: int, compile_: bool = False) -> float:
-    """Mean seconds per training step of tokenizer `name` at batch size `batch`."""
+PAIR_PATHS = {"auto": None, "sparse": True, "dense": False}
+
+
+def step_flops(cfg: TokenizerConfig, batch: int) -> dict[str, float]:
+    """FLOPs of one training step's arithmetic by part: what must be computed, however.
+
+    network: encoder + decoder MLPs, 2 FLOPs per multiply-add forward and 4 backward (input
+    and weight gradients); quantizer: the B x L x K code distances (forward only: argmin has
+    no gradient); towers and infonce (contrastive): the two tower MLPs and the A x B logits
+    (forward + backward), A = B / 4. The pair terms add nothing at this resolution: their
+    nonzero pairs are the sparse candidate sets (a few per row), so the B² pairs cost no
+    arithmetic; `dense_pairs` is what the dense B x B formulas compute on top (content cosine
+    2d, latent distance 2·latent forward + 4·latent backward, ~20 elementwise per pair).
+    """
+    widths = [cfg.content_dim, *cfg.hidden, cfg.latent]
+    macs = sum(a * b for a, b in pairwise(widths))
+    parts = {"network": 6.0 * 2 * macs * batch,
+             "quantizer": 2.0 * batch * cfg.levels * cfg.codebook_size * cfg.latent}
+    if cfg.contrastive:
+        tower = cfg.latent * cfg.tower_dim + cfg.tower_dim ** 2
+        parts["towers"] = 6.0 * 2 * tower * batch
+        parts["infonce"] = 6.0 * (batch // 4) * batch * cfg.tower_dim
+    if cfg.hamr or cfg.uniform or cfg.adasid:
+        cosine = 2 * cfg.content_dim if cfg.hamr or cfg.adasid else 0
+        parts["dense_pairs"] = float(batch) ** 2 * (cosine + 6 * cfg.latent + 20)
+    return parts
+
+
+def gemm_rate(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """fp32 FLOP/s of an n x n x n matrix product on the device (the threads set)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
+            compile_: bool = False, pair_path: str = "auto"):
+    """A function running one real training step of tokenizer `name` at batch size `batch`
+    (model, sampler and optimizer built once, batches drawn in epoch order)."""
     device = content.device
     tok = make_tokenizer(name, {"train": {"batch_size": batch, "compile": compile_}})
     model = tok._build(content.shape[1]).to(device)
+    model.sparse_pairs = PAIR_PATHS[pair_path]
     model.set_standardization(content)
     g = torch.Generator().manual_seed(0)
+    extra = {}
+    if "near_duplicate" in inspect.signature(BatchSampler).parameters:  # older commits lack it
+        extra["near_duplicate"] = tok.config.tau_dup if tok.config.hamr else None
     sampler = BatchSampler(model.standardize(content), content,
                            PairIndex(pairs, content.shape[0], device), batch, g,
-                           need_positive=tok.config.needs_pairs)
+                           need_positive=tok.config.needs_pairs, **extra)
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(sampler.x[:65_536]).float(), g, 5)
     sampler.set_codes(all_codes(model, content))
@@ -56,14 +113,46 @@ def step_time(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int, s
     loss_fn = torch.compile(model.losses) if compile_ else model.losses
     model.train()
     sampler.new_epoch()
-    for k in range(warmup + steps):
-        if k == warmup:
+    done = [0]
+
+    def step() -> None:
+        train_step(loss_fn, sampler.batch(done[0] % sampler.steps_per_epoch), 0.5, params, opt,
+                   sched, 1.0, amp)
+        done[0] += 1
+
+    return step
+
+
+def step_times(steps_of: dict, steps: int, warmup: int, rounds: int, device: torch.device
+               ) -> dict[str, float]:
+    """Median over `rounds` of the mean seconds per step of each stepper, the tokenizers timed
+    in turn (a block of `steps` steps each, the order rotated every round), so load that
+    drifts during the run falls on all of them alike."""
+    for step in steps_of.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps_of)
+    per: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             _sync(device)
             start = time.perf_counter()
-        train_step(loss_fn, sampler.batch(k % sampler.steps_per_epoch), 0.5, params, opt, sched,
-                   1.0, amp)
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+            for _ in range(steps):
+                steps_of[name]()
+            _sync(device)
+            per[name].append((time.perf_counter() - start) / steps)
+    return {n: float(np.median(per[n])) for n in names}
+
+
+def code_version() -> dict:
+    """Where the measured `quasid` package lives and its git commit (before/after runs point
+    PYTHONPATH at another worktree)."""
+    folder = Path(quasid.__file__).resolve().parent
+    commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=False,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "quasid"],
+                           check=False, capture_output=True, text=True).stdout.strip()
+    return {"package": str(folder), "commit": commit, "dirty": bool(dirty)}
 
 
 def bandwidth(device: torch.device, nbytes: int = 2 ** 30) -> float:
@@ -118,12 +207,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="content dimension")
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS))
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="blocks per tokenizer, in turn (the median block is reported)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd losses")
     parser.add_argument("--assign", type=int, nargs="*", default=[1_000_000, 10_000_000],
                         help="catalog sizes for SID assignment throughput (0 = skip)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--pairs", choices=sorted(PAIR_PATHS), default="auto",
+                        help="pair-term path: sparse sets, dense B x B, auto (sparse on the CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -131,25 +224,34 @@ def main() -> None:
     device = torch.device(args.device)
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else f"cpu ({torch.get_num_threads()} threads)", "dim": args.dim,
-                    "items": args.items, "steps": {}, "assign": []}
+                    "items": args.items, "pairs": args.pairs, "rounds": args.rounds,
+                    "steps_per_round": args.steps, "steps": {}, "assign": []}
+    rate = gemm_rate(device)
+    result["gemm_flops_per_s"] = rate
+    result["code"] = code_version()
+    print(f"fp32 GEMM {rate / 1e9:.1f} GFLOP/s (the floors' rate)", flush=True)
     rng = np.random.default_rng(0)
     content = torch.tensor(rng.normal(size=(args.items, args.dim)), dtype=torch.float32,
                            device=device)
     pairs = rng.integers(0, args.items, size=(10 * args.items, 2))
     for variant in ([False, True] if args.compile else [False]):
         for batch in args.batches:
-            row = {}
-            for name in args.tokenizers:
-                row[name] = step_time(name, content, pairs, batch, args.steps, args.warmup,
-                                      compile_=variant)
+            row = step_times({n: stepper(n, content, pairs, batch, variant, args.pairs)
+                              for n in args.tokenizers},
+                             args.steps, args.warmup, args.rounds, device)
+            flops = {n: step_flops(tokenizer_config(n).model_copy(
+                update={"content_dim": args.dim}), batch) for n in args.tokenizers}
             base = row.get("rqvae")
             key = f"{batch}{' compiled' if variant else ''}"
+            floors = {n: sum(v for k, v in f.items() if k != "dense_pairs") / rate
+                      for n, f in flops.items()}
             result["steps"][key] = {n: {"ms": 1e3 * t,
-                                        "overhead_vs_rqvae": (t / base - 1) if base else None}
+                                        "overhead_vs_rqvae": (t / base - 1) if base else None,
+                                        "floor_ms": 1e3 * floors[n], "flops": flops[n]}
                                     for n, t in row.items()}
             print(f"batch {key}: " + ", ".join(
                 f"{n} {1e3 * t:.2f} ms" + (f" ({100 * (t / base - 1):+.0f}%)" if base else "")
-                for n, t in row.items()), flush=True)
+                + f" [floor {1e3 * floors[n]:.2f}]" for n, t in row.items()), flush=True)
     sizes = [n for n in (args.assign or []) if n > 0]
     if sizes:
         bw = bandwidth(device)

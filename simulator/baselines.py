@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from quasid.core.hashing import mix64
+from simulator.lookup import IdIndex
 
 
 def _first_unique(candidates: np.ndarray, k: int) -> np.ndarray:
@@ -45,6 +46,7 @@ class PopularityRecommender:
         self.ranked = item_ids[order]
         total = counts.sum()
         self.scores = (counts[order] / total if total > 0 else counts[order]).astype(np.float32)
+        self._rank = IdIndex(self.ranked)
 
     @classmethod
     def fit(cls, catalog: np.ndarray, interacted: np.ndarray, name: str = "popularity"
@@ -61,19 +63,26 @@ class PopularityRecommender:
         """Top-`k` popular items not in each row's history."""
         _check_k(k, len(self.ranked), self.name)
         histories = np.asarray(histories, dtype=np.int64)
-        n = len(histories)
-        m = min(len(self.ranked), k + histories.shape[1])  # k unseen items are among these
+        n, h = histories.shape
+        m = min(len(self.ranked), k + h)  # k unseen items are among these
         top = self.ranked[:m]
-        # Mark seen candidates by looking each history item up among the top m (n x H
-        # lookups, rather than comparing n x m x H pairs).
-        order = np.argsort(top, kind="stable")
-        pos = np.searchsorted(top[order], histories).clip(max=m - 1)
-        hit = top[order][pos] == histories
+        # Mark seen candidates by each history item's popularity rank (n x H lookups,
+        # rather than comparing n x m x H pairs); PAD and unknown ids have no rank.
+        rank = self._rank.positions(histories).ravel()
+        hits = np.flatnonzero(rank.view(np.uint64) < m)  # misses (-1) view as huge
         seen = np.zeros((n, m), dtype=bool)
-        rows = np.broadcast_to(np.arange(n)[:, None], histories.shape)
-        seen[rows[hit], order[pos[hit]]] = True
-        # unseen first in rank order; where fewer than k are unseen, seen items fill the slate
-        pick = np.argsort(seen, axis=1, kind="stable")[:, :k]
+        seen[hits // h, rank[hits]] = True
+        if m - h >= k:
+            # at most h of the m are seen, so every row has k unseen: its first k, in rank
+            # order; rows that saw none of the top m (most) simply take the first k
+            pick = np.broadcast_to(np.arange(k), (n, k)).copy()
+            dirty = np.flatnonzero(seen.any(axis=1))
+            unseen = ~seen[dirty]
+            first = unseen & (np.cumsum(unseen, axis=1, dtype=np.int32) <= k)
+            pick[dirty] = (np.flatnonzero(first) % m).reshape(len(dirty), k)
+        else:
+            # unseen first in rank order; where fewer than k are unseen, seen items fill in
+            pick = np.argsort(seen, axis=1, kind="stable")[:, :k]
         return top[pick], self.scores[:m][pick]
 
 

@@ -19,6 +19,7 @@ import polars as pl
 
 from quasid.data.splits import cold_users
 from simulator.config import CohortSpec
+from simulator.lookup import IdIndex
 
 
 class CohortError(ValueError):
@@ -52,7 +53,7 @@ def user_table(train_users: np.ndarray, users: np.ndarray, cohorts: Sequence[Coh
 
 @dataclass
 class Catalog:
-    """Item lookups by id (sorted ids, searchsorted): price, cold flag, item-level cohorts."""
+    """Item lookups by id (sorted ids, `IdIndex`): price, cold flag, item-level cohorts."""
 
     item_ids: np.ndarray
     price: np.ndarray
@@ -67,10 +68,13 @@ class Catalog:
         return cls(items["item_id"].to_numpy(), items["price"].to_numpy(),
                    items["is_cold"].to_numpy(), flags)
 
+    def __post_init__(self) -> None:
+        self._index = IdIndex(self.item_ids)
+
     def rows(self, items: np.ndarray, source: str = "stack") -> np.ndarray:
         """Row of each item id; an unknown id is an error naming `source`."""
-        pos = np.searchsorted(self.item_ids, items).clip(max=len(self.item_ids) - 1)
-        bad = self.item_ids[pos] != items
+        pos = self._index.positions(items)
+        bad = pos < 0
         if bad.any():
             raise ValueError(f"{source}: returned item ids not in the catalog: "
                              f"{np.unique(np.asarray(items)[bad])[:5].tolist()}")

@@ -7,8 +7,10 @@ shard (through `map_fn`, e.g. a Prefect task runner or Dask; in-process by defau
 
 `run_shard(config, shard, n_shards, out_dir)` is a plain picklable function. A shard holds
 the users whose bucket % n_shards == shard; it streams their requests day by day in
-batches (memory grows with one day of one shard, not with the number of days), writes one
-Parquet file per (experiment, day) atomically, and records itself as done last. Between
+batches (memory grows with two days of one shard, the one written and the one simulated,
+not with the number of days), validates and writes one Parquet file per (experiment, day)
+atomically on a writer thread while the next day is simulated, and records itself as done
+last, once every file is in place. Between
 batches it checks the stop flag (`quasid.core.interrupt`): after a SIGINT it leaves with
 `Interrupted` within one batch, with no half-written file. A rerun
 skips finished shards and rewrites unfinished ones under the same names, so no event is
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from quasid.core.schemas import ASSIGNMENTS, REPLICATE_COLUMN, validate
 from simulator.arms import StackContext, arm_recommender
 from simulator.config import ExperimentConfig
 from simulator.events import (
+    batch_counts,
     event_frame,
     part_name,
     partition_dir,
@@ -48,11 +52,11 @@ from simulator.responses import WorldModel, respond
 from simulator.rundir import (
     ConfigLike,
     Context,
-    _add_counts,
     _marker,
     _read_plan,
     _remove_stale_temps,
     _world,
+    add_counts,
     as_config,
     finalize,
     load_context,
@@ -93,19 +97,32 @@ def run_shard(config: ConfigLike, shard: int, n_shards: int, out_dir: str | Path
     arm_names = [a.name for a in cfg.arms]
     counts = {}
     files = []
-    for period in ("pre", "experiment"):
-        requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
-        requests = requests.join(mine.select("unit_id"), left_on="user_id", right_on="unit_id",
-                                 how="semi").sort("request_id")
-        exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
-        counts[period] = {}
-        for day in sorted(requests["day"].unique().to_list()):
-            frame = _simulate_day(cfg, ctx, world, served, mine, arm_names, period,
-                                  requests.filter(pl.col("day") == day), progress)
-            path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
-            write_events(frame, path)
-            files.append(str(path.relative_to(out)))
-            _add_counts(counts[period], frame)
+    # Day d's file is validated and written on a second thread while day d + 1 is simulated
+    # (polars leaves the GIL while it encodes, so the writer gets a core of its own): at most
+    # one finished day waits in memory. A failed write stops the shard before the next day
+    # is handed over; leaving the block waits for the write in flight, so an error or an
+    # interrupt never leaves a file half-written, and the shard record comes last.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-writer") as writer:
+        pending: Future | None = None
+        for period in ("pre", "experiment"):
+            requests = ctx.traffic.pre if period == "pre" else ctx.traffic.experiment
+            requests = requests.join(mine.select("unit_id"), left_on="user_id",
+                                     right_on="unit_id", how="semi").sort("request_id")
+            exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
+            counts[period] = {}
+            for day in sorted(requests["day"].unique().to_list()):
+                frame, day_counts = _simulate_day(cfg, ctx, world, served, mine, arm_names,
+                                                  period, requests.filter(pl.col("day") == day),
+                                                  progress)
+                path = partition_dir(out, exp_id, day) / part_name(shard, n_shards)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write_events, frame, path)
+                del frame  # the writer holds the only reference: freed once written
+                files.append(str(path.relative_to(out)))
+                add_counts(counts[period], day_counts)
+        if pending is not None:
+            pending.result()
     record = {"shard": shard, "n_shards": n_shards, "counts": counts, "files": files}
     write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", marker)
     return record
@@ -135,14 +152,15 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
                   stacks: dict[tuple[str, int], Recommender], assignments: pl.DataFrame,
                   arm_names: list[str],
                   period: str, requests: pl.DataFrame,
-                  progress: Callable[[int], None] | None) -> pl.DataFrame:
-    """Events of one day of one shard (requests sorted by id), in batches."""
+                  progress: Callable[[int], None] | None) -> tuple[pl.DataFrame, dict]:
+    """Events of one day of one shard (requests sorted by id), in batches, and their
+    counts per arm (`batch_counts`)."""
     units = assignments["unit_id"].to_numpy()
-    flag_cols = [c for c in assignments.columns if c.startswith("is_cold_user")
-                 or c.startswith("cohort_")]
+    flag_cols = [c for c in assignments.columns if c.startswith(("is_cold_user", "cohort_"))]
     arm_of_unit = (assignments["arm"].replace_strict(arm_names, list(range(len(arm_names))),
                                                      return_dtype=pl.Int64).to_numpy())
     replicate_of_unit = assignments[REPLICATE_COLUMN].to_numpy().astype(np.int64)
+    flags_of_unit = {c: assignments[c].to_numpy() for c in flag_cols}  # once, not per batch
     click_factor = np.ones(len(arm_names))
     order_factor = np.ones(len(arm_names))
     if period == "experiment":
@@ -152,6 +170,7 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
     control = arm_names.index(cfg.control_arm)
     k = cfg.slate_size
     frames = []
+    counts: dict = {}
     exp_id = cfg.pre_experiment_id if period == "pre" else cfg.experiment_id
     for start in range(0, requests.height, cfg.batch_size):
         check_stop()  # Ctrl-C: leave between batches (nothing of this day is written yet)
@@ -166,23 +185,28 @@ def _simulate_day(cfg: ExperimentConfig, ctx: Context, world: WorldModel,
         items = np.empty((len(unit_row), k), dtype=np.int64)
         item_rows = np.empty((len(unit_row), k), dtype=np.int64)
         cell = arm * MAX_REPLICATES + replicate
-        for c in np.unique(cell):
-            sel = cell == c
+        cells = np.unique(cell)
+        for c in cells:
+            # one cell (the pre-period, a single-cell batch): the whole batch, uncopied
+            sel = slice(None) if len(cells) == 1 else cell == c
             name, r = arm_names[c // MAX_REPLICATES], int(c % MAX_REPLICATES)
             slate, _ = stacks[name, r].recommend(hist[sel], k, req["user_id"][sel])
-            items[sel] = _check_slate(slate, int(sel.sum()), k, name)
-            item_rows[sel] = ctx.catalog.rows(items[sel], source=f"arm '{name}' stack")
+            slate = _check_slate(slate, len(hist) if len(cells) == 1 else int(sel.sum()), k, name)
+            items[sel] = slate
+            item_rows[sel] = ctx.catalog.rows(slate, source=f"arm '{name}' stack")
         responses = respond(world, req["user_id"], items, req["request_id"], cfg.seed,
                             click_factor[arm], order_factor[arm])
         item_flags = {"is_cold_item": ctx.catalog.is_cold[item_rows],
                       **{name: flag[item_rows] for name, flag in ctx.catalog.flags.items()}}
-        user_flags = {c: assignments[c].to_numpy()[unit_row] for c in flag_cols}
+        user_flags = {c: flag[unit_row] for c, flag in flags_of_unit.items()}
         user_flags[REPLICATE_COLUMN] = replicate.astype(np.int16)
-        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses,
-                                  ctx.catalog.price[item_rows], item_flags, user_flags))
+        price = ctx.catalog.price[item_rows]
+        frames.append(event_frame(exp_id, arm_names, arm, req, items, responses, price,
+                                  item_flags, user_flags))
+        add_counts(counts, batch_counts(arm_names, arm, responses, price))
         if progress is not None:
             progress(len(unit_row))
-    return pl.concat(frames)
+    return pl.concat(frames), counts
 
 
 def _check_slate(slate: np.ndarray, n: int, k: int, arm: str) -> np.ndarray:

@@ -16,10 +16,11 @@ Implementations: `TrueWorld` (the synthetic world's ground truth, `quasid.data.w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from scipy.stats import poisson
+from scipy.special import pdtr
 
 from quasid.core.hashing import hash_ids, mix64, to_uniform
 from quasid.data.world import World
@@ -73,19 +74,28 @@ class TrueWorld:
         self.world = world
         self.cancel_rate = float(world.cancel_rate)
         self.quantity_extra = float(world.quantity_extra)
+        # the item half of World.price_utility, once per item instead of once per slot
+        self._log_relative_price = np.log(world.price / world.price_ref)
 
     def probabilities(self, users: np.ndarray, items: np.ndarray) -> Probabilities:
         """p(click) = position_bias[k] sigmoid(a + click_bias); p(order | click) =
-        sigmoid(order_bias + order_slope a + g)."""
+        sigmoid(order_bias + order_slope a + g).
+
+        a and g are `World.affinity` and `World.price_utility` of each user with each slate
+        item, bit for bit, computed without gathering the user's taste vector once per slot.
+        """
         check_slates(users, items)
         w = self.world
         k = items.shape[1]
         if k > len(w.position_bias):
             raise ValueError(f"slate size {k} exceeds the world's {len(w.position_bias)} positions")
-        u = np.broadcast_to(np.asarray(users)[:, None], items.shape)
-        a = w.affinity(u, items)
+        users = np.asarray(users)
+        # np.take along axis 0: ~4x faster than fancy indexing for rows of a 2-d table
+        taste = np.take(w.item_taste, items, axis=0)
+        a = np.einsum("nd,nkd->nk", np.take(w.user_pref, users, axis=0), taste) + w.item_pop[items]
+        g = -w.price_sensitivity[users][:, None] * self._log_relative_price[items]
         click = w.position_bias[:k][None, :] * sigmoid(a + w.click_bias)
-        order = sigmoid(w.order_bias + w.order_slope * a + w.price_utility(u, items))
+        order = sigmoid(w.order_bias + w.order_slope * a + g)
         return Probabilities(click, order)
 
     def describe(self) -> dict:
@@ -112,10 +122,46 @@ def request_keys(seed: int, request_ids: np.ndarray) -> np.ndarray:
     return hash_ids(np.uint64(seed), np.asarray(request_ids, dtype=np.int64))
 
 
+def _stage_salt(k: int, stage: str) -> np.ndarray:
+    return mix64(np.uint64(STAGES[stage] << 32) + np.arange(k, dtype=np.uint64))
+
+
 def stage_uniforms(keys: np.ndarray, k: int, stage: str) -> np.ndarray:
     """(n, k) uniforms for one stage, a pure function of (request key, position, stage)."""
-    salt = mix64(np.uint64(STAGES[stage] << 32) + np.arange(k, dtype=np.uint64))
-    return to_uniform(mix64(keys[:, None] ^ salt[None, :]))
+    return to_uniform(mix64(keys[:, None] ^ _stage_salt(k, stage)[None, :]))
+
+
+def stage_uniforms_at(keys: np.ndarray, rows: np.ndarray, positions: np.ndarray, k: int,
+                      stage: str) -> np.ndarray:
+    """`stage_uniforms(keys, k, stage)[rows, positions]`, computed at those cells only."""
+    return to_uniform(mix64(keys[rows] ^ _stage_salt(k, stage)[positions]))
+
+
+@lru_cache(maxsize=16)
+def _poisson_cdf(mu: float) -> np.ndarray:
+    """F(j) = P(Poisson(mu) <= j) for j = 0, 1, ... up to where F rounds to 1."""
+    n = int(mu + 40 * np.sqrt(mu) + 64)  # F is 1 in float64 long before 40 sd above mu
+    cdf = pdtr(np.arange(n), mu)
+    while cdf[-1] < 1.0:  # not reached for any mu tried; kept so the table is always whole
+        n *= 2
+        cdf = pdtr(np.arange(n), mu)
+    cdf.setflags(write=False)
+    return cdf
+
+
+def poisson_quantile(u: np.ndarray, mu: float) -> np.ndarray:
+    """Inverse CDF of Poisson(mu) at uniforms u in [0, 1): the smallest j with F(j) >= u.
+
+    A binary search in a table of F (a few dozen entries for small mu), instead of
+    `scipy.stats.poisson.ppf`'s per-value root finding (~100x slower); both give the same
+    integer except at u within one float step of an F(j), where scipy's root can land on
+    the wrong side.
+    """
+    if not mu >= 0 or not np.isfinite(mu):
+        raise ValueError(f"poisson_quantile: mean {mu!r} must be a finite number >= 0")
+    if mu == 0:
+        return np.zeros(np.shape(u), dtype=np.int64)
+    return np.searchsorted(_poisson_cdf(float(mu)), u, side="left").astype(np.int64)
 
 
 def respond(world: WorldModel, users: np.ndarray, items: np.ndarray, request_ids: np.ndarray,
@@ -126,14 +172,22 @@ def respond(world: WorldModel, users: np.ndarray, items: np.ndarray, request_ids
     n, k = items.shape
     p = world.probabilities(users, items)
     p_click = np.minimum(1.0, p.click * np.reshape(click_factor, (-1, 1)))
-    p_order = np.minimum(1.0, p.order * np.reshape(order_factor, (-1, 1)))
     keys = request_keys(seed, request_ids)
     click = stage_uniforms(keys, k, "click") < p_click
-    order = click & (stage_uniforms(keys, k, "order") < p_order)
-    cancel = order & (stage_uniforms(keys, k, "cancel") < world.cancel_rate)
+    # Each later stage is drawn only at the cells where the one before happened: the same
+    # uniforms as on the full (n, k) grid, for a fifth of the cells or fewer.
+    rows, cols = np.nonzero(click)
+    factor = np.broadcast_to(np.ravel(order_factor), (n,))
+    p_order = np.minimum(1.0, p.order[rows, cols] * factor[rows])
+    ordered = stage_uniforms_at(keys, rows, cols, k, "order") < p_order
+    rows, cols = rows[ordered], cols[ordered]
+    order = np.zeros((n, k), dtype=bool)
+    order[rows, cols] = True
+    cancelled = stage_uniforms_at(keys, rows, cols, k, "cancel") < world.cancel_rate
+    cancel = np.zeros((n, k), dtype=bool)
+    cancel[rows[cancelled], cols[cancelled]] = True
     quantity = np.zeros((n, k), dtype=np.int32)
-    if order.any():
-        u = stage_uniforms(keys, k, "quantity")[order]
-        extra = poisson.ppf(u, world.quantity_extra) if world.quantity_extra > 0 else 0 * u
-        quantity[order] = 1 + np.maximum(extra, 0).astype(np.int32)
+    if len(rows):
+        u = stage_uniforms_at(keys, rows, cols, k, "quantity")
+        quantity[rows, cols] = 1 + poisson_quantile(u, world.quantity_extra).astype(np.int32)
     return Responses(click, order, cancel, quantity)

@@ -294,20 +294,12 @@ def _remove_stale_temps(out: Path, shard: int, n_shards: int) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _add_counts(acc: dict, frame: pl.DataFrame) -> None:
-    summary = frame.group_by("arm", "event_type").agg(
-        pl.len().alias("n"), (pl.col("value") * 100).round().sum().cast(pl.Int64).alias("cents"))
-    requests = frame.group_by("arm").agg(pl.col("request_id").n_unique().alias("n"))
-    for arm, n in requests.iter_rows():
-        acc.setdefault(arm, dict.fromkeys(COUNT_KEYS, 0))["requests"] += int(n)
-    names = {"impression": "impressions", "click": "clicks", "order": "orders", "cancel": "cancels"}
-    for arm, event, n, cents in summary.iter_rows():
-        row = acc[arm]
-        row[names[event]] += int(n)
-        if event == "order":
-            row["gmv_cents"] += int(cents)
-        elif event == "cancel":
-            row["gmv_cents"] -= int(cents)
+def add_counts(acc: dict, counts: Mapping[str, Mapping[str, int]]) -> None:
+    """Add per-arm counts (`COUNT_KEYS`, e.g. `simulator.events.batch_counts`) into `acc`."""
+    for arm, row in counts.items():
+        total = acc.setdefault(arm, dict.fromkeys(COUNT_KEYS, 0))
+        for key in COUNT_KEYS:
+            total[key] += int(row[key])
 
 
 # ---------------------------------------------------------------- the whole run
@@ -325,10 +317,7 @@ def finalize(config: ConfigLike, out_dir: str | Path, n_shards: int) -> dict:
     for s in range(n_shards):
         record = json.loads(_marker(out, s, n_shards).read_text())
         for period, arms in record["counts"].items():
-            for arm, row in arms.items():
-                acc = totals[period].setdefault(arm, dict.fromkeys(COUNT_KEYS, 0))
-                for key in COUNT_KEYS:
-                    acc[key] += row[key]
+            add_counts(totals[period], arms)
     assignments = pl.read_parquet(out / ASSIGNMENTS_FILE)
     users = dict(assignments.group_by("arm").len().sort("arm").iter_rows())
     ctx = load_context(cfg)

@@ -81,6 +81,16 @@ def merge(config: C, overrides: Mapping[str, Any] | None, where: str = "override
         raise ConfigError(f"{where}: {describe_errors(exc)}") from None
 
 
+def nested_update(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict:
+    """Overrides `new` laid over overrides `base` (plain dicts, nested ones merged key by key):
+    how a preset and a user's overrides combine before `merge` validates them."""
+    out = dict(base)
+    for key, value in new.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = nested_update(out[key], value) if both else value
+    return out
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; `ConfigError` for a missing file, bad YAML or a non-mapping."""
     path = Path(path)

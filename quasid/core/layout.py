@@ -4,7 +4,7 @@ A dataset folder: ITEMS_FILE, INTERACTIONS_FILE, DATACARD_FILE[, WORLD_FILE].
 A tokenizer folder: SIDS_FILE, MODEL_FILE, CONFIG_FILE, TOKENIZER_METRICS_FILE, HISTORY_FILE,
 PLOT_FILE, CHECKPOINT_FILE.
 A stack folder: STACK_FILE, SUMMARY_FILE. An offline-evaluation run: RUN_METRICS_FILE,
-TOKENIZER_SETTINGS_FILE (in its tokenizer folder).
+TOKENIZER_SETTINGS_FILE (in its tokenizer folder), SASREC_FILE (SASRec baseline runs).
 A run directory (simulator): ASSIGNMENTS_FILE, EVENTS_DIR, MANIFEST_FILE, STATE_DIR with
 PLAN_FILE and FITTED_WORLD_FILE. An analysis output folder: DB_NAME and the report files.
 """
@@ -26,6 +26,7 @@ SUMMARY_FILE = "stack.json"
 
 RUN_METRICS_FILE = "metrics.json"  # HR/NDCG of one offline-evaluation run (tokenizer x seed)
 TOKENIZER_SETTINGS_FILE = "eval_settings.json"  # what the run's tokenizer was trained with
+SASREC_FILE = "sasrec.pt"  # the trained model of an offline-evaluation run of the SASRec baseline
 
 
 ITEMS_FILE = "items.parquet"

@@ -191,6 +191,10 @@ def validate(frame: pl.DataFrame, schema: Schema, source: str = "<frame>") -> pl
     Checks, in order: missing columns, exact dtypes, nulls, NaN (also inside list
     columns), each column's row rules, equal list lengths, and the unique key. Extra
     columns are allowed and ignored.
+
+    Every row rule is first evaluated as one aggregate in a single parallel `select`
+    (`_all_rules_hold`); only when one fails are the per-row masks built, in the order
+    above, to name the first broken rule and its rows. The verdict is the same either way.
     """
     missing = [c for c in schema.names if c not in frame.columns]
     if missing:
@@ -205,6 +209,50 @@ def validate(frame: pl.DataFrame, schema: Schema, source: str = "<frame>") -> pl
                 f"{source}: column '{col.name}' has dtype {actual}, expected {col.dtype} "
                 f"(the {schema.name} schema; nothing is cast silently)"
             )
+    if _all_rules_hold(frame, schema):
+        return frame
+    _raise_first_broken_rule(frame, schema, source)
+    return frame
+
+
+def _all_rules_hold(frame: pl.DataFrame, schema: Schema) -> bool:
+    """True when no row breaks a rule of `schema`: nulls, NaN, row checks, list lengths and
+    the unique key, as one aggregate each in one `select` (no per-row mask is kept).
+
+    False is only a "maybe": the unique key is tested on row hashes (all hashes distinct =>
+    all keys distinct, but two keys may share a hash), so the exact check runs afterwards.
+    """
+    if any(not c.nullable and frame[c.name].null_count() for c in schema.columns):
+        return False  # null counts are stored with the column: no pass over the data
+    aggregates = []
+    for col in schema.columns:
+        dtype = frame.schema[col.name]
+        if dtype.is_float():
+            aggregates.append(pl.col(col.name).is_finite().fill_null(True).all())
+        elif isinstance(dtype, pl.List) and dtype.inner.is_float():
+            aggregates.append(pl.col(col.name).explode().is_finite().fill_null(True).all())
+        aggregates.extend(check.expr.fill_null(True).all() for check in col.checks)
+    if frame.height:
+        aggregates.extend(pl.col(name).list.len().n_unique() == 1
+                          for name in schema.equal_list_lengths)
+    if len(schema.unique) == 1:
+        aggregates.append(pl.col(schema.unique[0]).n_unique() == pl.len())
+    elif schema.unique:
+        # xor of per-column hashes under distinct seeds: equal keys give equal hashes, and it
+        # costs ~half of hashing the key as a struct
+        key = pl.col(schema.unique[0]).hash(1)
+        for i, name in enumerate(schema.unique[1:], start=2):
+            key = key ^ pl.col(name).hash(i)
+        aggregates.append(key.n_unique() == pl.len())
+    if not aggregates:
+        return True
+    verdicts = frame.select(a.alias(f"rule{i}") for i, a in enumerate(aggregates)).row(0)
+    return all(verdicts)
+
+
+def _raise_first_broken_rule(frame: pl.DataFrame, schema: Schema, source: str) -> None:
+    """Raise the `ContractError` of the first broken rule (in `validate`'s order), built
+    from per-row masks; returns quietly when nothing is broken (a row-hash collision)."""
     for col in schema.columns:
         series = frame[col.name]
         if not col.nullable:
@@ -236,7 +284,6 @@ def validate(frame: pl.DataFrame, schema: Schema, source: str = "<frame>") -> pl
             raise _fail(source, "+".join(schema.unique), int(dup.sum()),
                         f"unique ({', '.join(schema.unique)})",
                         _show_rows(frame, dup, list(schema.unique)))
-    return frame
 
 
 def _nan_mask(series: pl.Series) -> pl.Series | None:

@@ -31,7 +31,9 @@ def window_histories(items: np.ndarray, start: np.ndarray, rows: np.ndarray, max
     (`start` from `user_starts`), left-padded with PAD, newest last."""
     rows = np.asarray(rows, dtype=np.int64)
     idx = rows[:, None] - np.arange(max_len, 0, -1)[None, :]
-    return np.where(idx >= start[rows][:, None], items[idx.clip(min=0)], PAD)
+    # np.take(mode="clip") folds the clip of the indices before a user's first row into the
+    # gather (those slots become PAD anyway): one pass less than items[idx.clip(min=0)]
+    return np.where(idx >= start[rows][:, None], np.take(items, idx, mode="clip"), PAD)
 
 
 def sequence_windows(interactions: pl.DataFrame, max_len: int
@@ -98,3 +100,13 @@ def validation_requests(interactions: pl.DataFrame, max_len: int
     """Leave-one-out validation requests: each user's second-to-last item and its past
     (never the test item), for tuning and early stopping."""
     return loo_requests(drop_last(interactions), max_len)
+
+
+def sample_windows(hist: np.ndarray, tgt: np.ndarray, cap: int | None, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """At most `cap` (history, target) windows or requests: a seeded sample kept in their
+    original order (all of them if `cap` is None or not smaller)."""
+    if cap is None or len(tgt) <= cap:
+        return hist, tgt
+    keep = np.sort(np.random.default_rng(seed).choice(len(tgt), size=cap, replace=False))
+    return hist[keep], tgt[keep]

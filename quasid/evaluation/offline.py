@@ -13,6 +13,11 @@ train a stack on the leave-one-out training part, evaluate, and aggregate mean a
 deviation over seeds into `results.json` and `results.md`. Each run's metrics are cached in
 `out/runs/<tokenizer>/seed<k>/metrics.json` (reused when the settings match), and runs can
 go in parallel processes sharing one GPU (`jobs`).
+
+The tokenizer name "sasrec" runs the ID-based SASRec baseline instead (`quasid.stack.sasrec`:
+no tokenizer, no stack; its settings are `sasrec_overrides`), trained on the same training
+part, early-stopped on the same validation requests and scored by the same code; being one
+model, its slates fill both the stack and the retrieval entries.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import numpy as np
 import polars as pl
 
 from quasid.core.io import staged_dir, write_text_atomic
-from quasid.core.layout import RUN_METRICS_FILE, TOKENIZER_SETTINGS_FILE
+from quasid.core.layout import RUN_METRICS_FILE, SASREC_FILE, TOKENIZER_SETTINGS_FILE
 from quasid.core.schemas import SID_TABLE, read_parquet
 from quasid.data.sequences import drop_last, loo_requests, validation_requests
 from quasid.stack.metrics import KS, hit_ndcg
 
 METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
+SASREC = "sasrec"
+"""The tokenizer name that runs the SASRec baseline (`quasid.stack.sasrec.NAME`)."""
 
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
@@ -43,17 +50,40 @@ def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split
 
     split="test" scores each user's last item; "valid" the second-to-last (for tuning).
     """
+    max_len = max(stack.cfg.retriever.max_history, stack.cfg.ranker.max_history)
+    hist, targets, cold = _requests(items, interactions, split, max_len)
+    k = max(KS)
+    slate, _, beam = stack.slates(hist, k)
+    return _metrics({"stack": slate, "retrieval": beam[:, :k]}, targets, cold)
+
+
+def evaluate_recommender(model, items: pl.DataFrame, interactions: pl.DataFrame,
+                         max_history: int, split: str = "test") -> dict:
+    """`evaluate_stack`'s metrics of any `quasid.core.recommender.Recommender` that is one
+    model (SASRec): its top-K fills both the "stack" and the "retrieval" entries;
+    `cold_slot_share` is the share of its top-K slots holding cold items."""
+    hist, targets, cold = _requests(items, interactions, split, max_history)
+    slate, _ = model.recommend(hist, max(KS))
+    out = _metrics({"stack": slate, "retrieval": slate}, targets, cold)
+    cold_ids = items.filter(pl.col("is_cold"))["item_id"].to_numpy()
+    out["cold_slot_share"] = float(np.isin(slate, cold_ids).mean()) if len(slate) else float("nan")
+    return out
+
+
+def _requests(items: pl.DataFrame, interactions: pl.DataFrame, split: str, max_len: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(histories, targets, target is cold) of the leave-one-out requests of `split`."""
     if split not in ("test", "valid"):
         raise ValueError(f"split={split!r}: expected 'test' or 'valid'")
     if split == "valid":
         interactions = drop_last(interactions)
-    max_len = max(stack.cfg.retriever.max_history, stack.cfg.ranker.max_history)
     hist, targets = loo_requests(interactions, max_len)
     cold_ids = items.filter(pl.col("is_cold"))["item_id"].to_numpy()
-    cold = np.isin(targets, cold_ids)
-    k = max(KS)
-    slate, _, beam = stack.slates(hist, k)
-    ranked = {"stack": slate, "retrieval": beam[:, :k]}
+    return hist, targets, np.isin(targets, cold_ids)
+
+
+def _metrics(ranked: dict[str, np.ndarray], targets: np.ndarray, cold: np.ndarray) -> dict:
+    """{stage: {segment: {metric: mean}}, "n": {segment: requests}} of each stage's slates."""
     out: dict = {"n": {"all": int(len(targets)), "cold": int(cold.sum())}}
     for stage, slate in ranked.items():
         per = hit_ndcg(slate, targets)
@@ -66,14 +96,17 @@ def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split
 def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Path, *,
              device: str = "cpu", overrides: dict | None = None, tokenizer_epochs: int | None = None,
              tokenizer_overrides: dict | None = None, split: str = "test",
-             save_stack: bool = True, threads: int | None = None, reuse_only: bool = False
-             ) -> dict:
+             save_stack: bool = True, threads: int | None = None, reuse_only: bool = False,
+             progress: bool = False, sasrec_overrides: dict | None = None) -> dict:
     """One tokenizer x seed: SIDs, stack, metrics; writes and returns `run_dir/metrics.json`'s content.
 
     Reuses the metrics if the settings match, and `run_dir/tokenizer/sids.parquet` if this
     function trained it with the same tokenizer settings (recorded beside it) or it was put
     there by hand (no record: used as is). `reuse_only`: never train; a run without matching
-    metrics raises `FileNotFoundError`.
+    metrics raises `FileNotFoundError`. `progress`: log the stack's epochs to stderr.
+    Tokenizer "sasrec": the SASRec baseline with `sasrec_overrides`
+    (`quasid.stack.sasrec.SasrecConfig` fields; the stack and tokenizer settings do not apply
+    and are not recorded), saved as `run_dir/sasrec.pt`.
     """
     import torch
 
@@ -86,7 +119,8 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
-                **eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)}
+                **(sasrec_settings(sasrec_overrides, split) if tokenizer == SASREC else
+                   eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split))}
     metrics_path = run_dir / RUN_METRICS_FILE
     if metrics_path.exists():
         cached = json.loads(metrics_path.read_text())
@@ -94,6 +128,9 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
             return cached
     if reuse_only:
         raise FileNotFoundError(f"{metrics_path}: no finished run with these settings")
+    if tokenizer == SASREC:
+        return _sasrec_run(data_dir, seed, run_dir, settings, device=device, save_model=save_stack,
+                           progress=progress)
     started = time.perf_counter()
     tok_dir = run_dir / "tokenizer"
     sids_path = tok_dir / "sids.parquet"
@@ -114,11 +151,11 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     cold = ds.items.filter(pl.col("is_cold"))["item_id"]
     train = leave_one_out(ds.interactions, cold_items=cold).train
     cfg = stack_config(overrides)
-    # the blend weight is fitted on validation requests, so only when testing on the test split
-    valid = (validation_requests(ds.interactions, cfg.retriever.max_history)
-             if split == "test" else None)
+    # the blend weight (and early stopping, when set) use the validation requests; when tuning
+    # (split="valid") the score is then on the same requests, equally optimistic for everyone
+    valid = validation_requests(ds.interactions, cfg.retriever.max_history)
     stack, summary = train_stack(ds.items, sid_table, train, cfg, device=device, seed=seed,
-                                 valid=valid, source=str(sids_path))
+                                 valid=valid, source=str(sids_path), progress=progress)
     t0 = time.perf_counter()
     result = evaluate_stack(stack, ds.items, ds.interactions, split)
     result.update(settings=settings, summary=summary,
@@ -128,6 +165,35 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     if save_stack:
         stack.save(run_dir / "stack.pt")
     write_text_atomic(json.dumps(result, indent=2, sort_keys=True) + "\n", metrics_path)
+    return result
+
+
+def _sasrec_run(data_dir: str | Path, seed: int, run_dir: Path, settings: dict, *,
+                device: str, save_model: bool, progress: bool = False) -> dict:
+    """`eval_run` for the SASRec baseline: the same training part, validation requests and
+    scoring as a stack run; writes and returns `run_dir/metrics.json`'s content."""
+    from quasid.data.dataset import load_dataset
+    from quasid.data.splits import leave_one_out
+    from quasid.stack.sasrec import sasrec_config, train_sasrec
+
+    started = time.perf_counter()
+    ds = load_dataset(data_dir)
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    train = leave_one_out(ds.interactions, cold_items=cold).train
+    cfg = sasrec_config(settings["sasrec_overrides"])
+    valid = validation_requests(ds.interactions, cfg.max_history)
+    model, summary = train_sasrec(ds.items, train, cfg, device=device, seed=seed, valid=valid,
+                                  progress=progress)
+    t0 = time.perf_counter()
+    result = evaluate_recommender(model, ds.items, ds.interactions, cfg.max_history,
+                                  settings["split"])
+    result.update(settings=settings, summary=summary,
+                  timings={"tokenizer_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1),
+                           "total_s": round(time.perf_counter() - started, 1)})
+    if save_model:
+        model.save(run_dir / SASREC_FILE)
+    write_text_atomic(json.dumps(result, indent=2, sort_keys=True) + "\n",
+                      run_dir / RUN_METRICS_FILE)
     return result
 
 
@@ -146,6 +212,38 @@ def aggregate(runs: list[dict], stage: str = "stack") -> list[dict]:
             row["seeds"] = len(mine)
             row["requests"] = int(mine[0]["n"][seg])
             rows.append(row)
+    return rows
+
+
+def welch_tests(runs: list[dict], reference: str = "quasid") -> list[dict]:
+    """Welch t-tests over seeds of `reference` against every other tokenizer: one row per
+    stage x segment x metric (@10) x baseline with both means, the relative difference and
+    the two-sided p (NaN with fewer than two seeds a side or no spread). Empty when the
+    reference did not run."""
+    from scipy import stats
+
+    by_tok: dict[str, list[dict]] = {}
+    for r in runs:
+        by_tok.setdefault(r["settings"]["tokenizer"], []).append(r)
+    if reference not in by_tok:
+        return []
+    rows = []
+    for stage in ("stack", "retrieval"):
+        for seg in SEGMENTS:
+            for m in ("hr@10", "ndcg@10"):
+                ref = np.array([r[stage][seg][m] for r in by_tok[reference]])
+                for tok, mine in by_tok.items():
+                    if tok == reference:
+                        continue
+                    base = np.array([r[stage][seg][m] for r in mine])
+                    testable = len(ref) > 1 and len(base) > 1 and (ref.std() > 0 or base.std() > 0)
+                    p = (float(stats.ttest_ind(ref, base, equal_var=False).pvalue) if testable
+                         else float("nan"))
+                    rows.append({"stage": stage, "segment": seg, "metric": m,
+                                 "tokenizer": reference, "baseline": tok,
+                                 "mean": float(ref.mean()), "baseline_mean": float(base.mean()),
+                                 "relative": float(ref.mean() / base.mean() - 1) if base.mean() else float("nan"),
+                                 "p": p, "seeds": [len(ref), len(base)]})
     return rows
 
 
@@ -179,6 +277,7 @@ def offline_eval(
     split: str = "test",
     reuse_only: bool = False,
     progress: bool = True,
+    sasrec_overrides: dict | None = None,
 ) -> dict:
     """Evaluate each tokenizer over `seeds` seeds (0..seeds-1); write `results.json` and `results.md`.
 
@@ -189,11 +288,13 @@ def offline_eval(
     runs that many tokenizer x seed runs at once in separate processes (on one GPU, the
     small models then keep it busy). A failed run is reported, not fatal, unless all fail.
     `reuse_only`: aggregate the finished runs only (runs missing are reported as failed).
+    The tokenizer "sasrec" is the SASRec baseline, configured by `sasrec_overrides`.
     """
     out_dir = Path(out_dir)
     tasks = eval_tasks(tokenizers, seeds)
     kwargs = dict(device=device, overrides=overrides, tokenizer_epochs=tokenizer_epochs,
-                  tokenizer_overrides=tokenizer_overrides, split=split, reuse_only=reuse_only)
+                  tokenizer_overrides=tokenizer_overrides, split=split, reuse_only=reuse_only,
+                  sasrec_overrides=sasrec_overrides)
     done: dict[tuple[str, int], dict] = {}
     failed: dict[str, str] = {}
     log = _logger(progress)
@@ -223,6 +324,8 @@ def offline_eval(
                     failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
                     log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}")
     settings = eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)
+    if SASREC in tokenizers:
+        settings["sasrec_overrides"] = sasrec_overrides or {}
     return write_results(out_dir, data_dir, tasks, done, failed, seeds, device, settings)
 
 
@@ -241,6 +344,11 @@ def eval_settings(overrides: dict | None, tokenizer_epochs: int | None,
             "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
 
 
+def sasrec_settings(sasrec_overrides: dict | None, split: str = "test") -> dict:
+    """The settings a SASRec run records (None overrides as {})."""
+    return {"sasrec_overrides": sasrec_overrides or {}, "split": split}
+
+
 def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[str, int]],
                   done: dict[tuple[str, int], dict], failed: dict[str, str], seeds: int,
                   device: str, settings: dict) -> dict:
@@ -256,6 +364,7 @@ def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[s
     results = {
         "rows": aggregate(runs, "stack"),
         "retrieval_rows": aggregate(runs, "retrieval"),
+        "welch": welch_tests(runs),
         "failed": failed,
         "data": str(data_dir),
         "device": device,
@@ -275,6 +384,14 @@ def results_markdown(results: dict) -> str:
           f"mean ± sample std over seeds ({results['seeds']} requested).\n\n"
           + markdown_table(results["rows"], "Stack (retriever -> ranker)") + "\n"
           + markdown_table(results["retrieval_rows"], "Retriever beam alone (TIGER protocol)"))
+    if results.get("welch"):
+        md += ("\n### quasid against each baseline (Welch t-test over seeds, two-sided)\n\n"
+               "| stage | segment | metric | baseline | quasid | baseline mean | relative | p | seeds |\n"
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        md += "".join(f"| {w['stage']} | {w['segment']} | {w['metric']} | {w['baseline']} "
+                      f"| {w['mean']:.4f} | {w['baseline_mean']:.4f} | {w['relative']:+.1%} "
+                      f"| {w['p']:.3f} | {w['seeds'][0]}, {w['seeds'][1]} |\n"
+                      for w in results["welch"])
     if results["failed"]:
         md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in results["failed"].items())
     return md

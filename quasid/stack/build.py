@@ -20,7 +20,7 @@ import torch
 from quasid.core.io import staged_dir
 from quasid.core.layout import STACK_FILE, SUMMARY_FILE
 from quasid.core.schemas import SID_TABLE, ContractError, read_parquet
-from quasid.data.sequences import row_mapper, training_windows, validation_requests
+from quasid.data.sequences import row_mapper, sample_windows, training_windows, validation_requests
 from quasid.data.splits import training_interactions
 from quasid.stack.config import StackConfig, stack_config
 from quasid.stack.ranker import Ranker, train_ranker
@@ -35,17 +35,11 @@ def _epoch_logger(label: str, epochs: int, enabled: bool):
     from rich.console import Console
 
     console = Console(stderr=True)
-    return lambda epoch, loss: console.log(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.4f}",
-                                           markup=False)
 
-
-def _sampled(hist: np.ndarray, tgt: np.ndarray, cap: int | None, seed: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """At most `cap` training windows, a seeded sample in their original order (all if None)."""
-    if cap is None or len(tgt) <= cap:
-        return hist, tgt
-    keep = np.sort(np.random.default_rng(seed).choice(len(tgt), size=cap, replace=False))
-    return hist[keep], tgt[keep]
+    def log(epoch: int, loss: float, score: float | None = None) -> None:
+        valid = "" if score is None else f" valid hr@10 {score:.4f}"
+        console.log(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.4f}{valid}", markup=False)
+    return log
 
 
 def train_stack(
@@ -86,26 +80,30 @@ def train_stack(
 
     start = time.perf_counter()
     retriever = Retriever(SidTrie.from_codes(codes), cfg.retriever).to(device)
-    hist, tgt = _sampled(*training_windows(train, rows_of, cfg.retriever.max_history),
+    hist, tgt = sample_windows(*training_windows(train, rows_of, cfg.retriever.max_history),
                          cfg.max_train_windows, seed)
-    r_loss = train_retriever(retriever, hist, tgt, seed=seed, progress=_epoch_logger(
-        f"retriever[{tokenizer}]", cfg.retriever.epochs, progress))
+    valid_rows = None if valid is None else (rows_of(valid[0]), rows_of(valid[1]))
+    r_hist = train_retriever(retriever, hist, tgt, seed=seed, valid=valid_rows,
+                             progress=_epoch_logger(f"retriever[{tokenizer}]",
+                                                    cfg.retriever.epochs, progress))
     timings["retriever_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ranker = Ranker(codes[:, :-1], warm, cfg.ranker).to(device)
     if cfg.ranker.max_history != cfg.retriever.max_history:
-        hist, tgt = _sampled(*training_windows(train, rows_of, cfg.ranker.max_history),
+        hist, tgt = sample_windows(*training_windows(train, rows_of, cfg.ranker.max_history),
                              cfg.max_train_windows, seed)
-    k_loss = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
+    k_hist = train_ranker(ranker, hist, tgt, np.flatnonzero(warm), seed=seed, progress=_epoch_logger(
         f"ranker[{tokenizer}]", cfg.ranker.epochs, progress))
     timings["ranker_s"] = time.perf_counter() - start
 
     stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
-    weight_fit = None
+    weight_fit = bias_fit = None
     if valid is not None:
         start = time.perf_counter()
         weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
+        sample = sample_windows(*valid, cfg.cold_bias_requests, seed)
+        bias_fit = {str(b): v for b, v in stack.fit_cold_bias(*sample).items()}
         timings["weight_fit_s"] = time.perf_counter() - start
     summary = {
         "tokenizer": tokenizer,
@@ -115,9 +113,12 @@ def train_stack(
         "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
                    "train_interactions": train.height, "train_windows": len(tgt),
                    "sid_depth": int(codes.shape[1])},
-        "losses": {"retriever": r_loss, "ranker": k_loss},
+        "losses": {"retriever": r_hist.losses, "ranker": k_hist.losses},
+        "retriever_training": r_hist.summary(),
         "retrieval_weight": stack.cfg.retrieval_weight,
         "weight_fit_ndcg@10": weight_fit,
+        "cold_bias": stack.cfg.cold_bias,
+        "cold_bias_fit": bias_fit,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     return stack, summary

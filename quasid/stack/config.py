@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from quasid.core.config import Config, merge
+from quasid.core.config import CONFIGS_DIR, Config, ConfigError, load_yaml, merge, nested_update
 
 
 class RetrieverConfig(Config):
@@ -22,6 +22,8 @@ class RetrieverConfig(Config):
 
     d_model: int = 128
     n_heads: int = 4
+    head_dim: int | None = None
+    """Width of one attention head (None: d_model / n_heads); TIGER: 6 heads of 64 at d_model 128."""
     n_layers: int = 2
     """Encoder layers and decoder layers (each)."""
     d_ff: int = 512
@@ -35,6 +37,12 @@ class RetrieverConfig(Config):
     grad_clip: float = 1.0
     beam: int = 20
     """Beam width at serving time (and the number of items a beam search returns)."""
+    patience: int | None = None
+    """Early stopping: after each epoch the beam's HR@10 on validation requests (each user's
+    second-to-last item, never the test item) is measured, the best epoch's weights are kept,
+    and training stops after this many epochs without a gain (None: off, run all epochs)."""
+    valid_requests: int | None = 4096
+    """Validation requests scored per epoch when early stopping (a seeded sample; None: all)."""
 
 
 class RankerConfig(Config):
@@ -72,13 +80,26 @@ class StackConfig(Config):
     """Cold-start quota: up to this many items without training interactions join the
     candidates, those sharing their first `cold_prefix` SID levels with a beam result (0: off).
     The retriever never saw them as targets, so its log p of their full code says nothing;
-    they are scored with the log p of that prefix spread evenly over the items under it."""
+    they are scored with the log p of that prefix spread evenly over the items under it,
+    plus `cold_bias`."""
     cold_prefix: int = 1
     """SID levels a cold candidate shares with a beam result (1 .. SID levels)."""
     cold_slots: int = 2
     """Slate positions kept for the best-scoring cold candidates, when there are any (TIGER's
     epsilon share of the top-K; 0: cold items compete on score alone). The slate stays in
     score order. Defaults measured in benchmarks/README.md (cold HR@10 0 -> 0.0175 on Beauty)."""
+    cold_in_beam: bool = True
+    """The retrieval stage's top list merges the cold quota's items into the beam by their
+    back-off log p (the beam search itself cannot reach codes the model never saw as
+    targets); False: the beam search's results alone."""
+    cold_bias: float = 0.0
+    """Added to every cold candidate's back-off log p; fitted on validation requests from
+    `cold_bias_grid` when the stack is trained with them."""
+    cold_bias_grid: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    """Biases `Stack.fit_cold_bias` tries (best NDCG@10 of the slates on validation)."""
+    cold_bias_requests: int | None = 5000
+    """Validation requests the cold bias is fitted on (a seeded sample; None: all): each grid
+    point serves them again, the beam changing with the bias."""
     batch_size: int = 1024
     """Requests per device batch when serving."""
     max_train_windows: int | None = None
@@ -89,3 +110,18 @@ class StackConfig(Config):
 def stack_config(overrides: Mapping[str, Any] | None = None) -> StackConfig:
     """`StackConfig` with `overrides` merged in; unknown keys raise `ConfigError` naming them."""
     return merge(StackConfig(), overrides, "overrides")
+
+
+PRESETS_FILE = CONFIGS_DIR / "stacks.yaml"
+
+
+def stack_preset(name: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The overrides of the named stack preset (`configs/stacks.yaml`) with `overrides` merged
+    over them, checked: a plain dict for `stack_config`, so a run records what it set."""
+    presets = load_yaml(PRESETS_FILE)
+    if name not in presets:
+        raise ConfigError(f"stack preset {name!r}: unknown (expected one of {sorted(presets)}, "
+                          f"from {PRESETS_FILE})")
+    combined = nested_update(presets[name] or {}, overrides or {})
+    stack_config(combined)  # unknown keys or bad values fail here, naming them
+    return combined

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from quasid.core.schedule import lr_factor
 from quasid.stack.config import RankerConfig
 from quasid.stack.retriever import trim_padding
-from quasid.stack.training import train_epochs
+from quasid.stack.training import History, train_epochs
 
 
 class Ranker(nn.Module):
@@ -121,10 +121,10 @@ def train_ranker(
     *,
     seed: int = 0,
     progress=None,
-) -> list[float]:
+) -> History:
     """Train on (history rows (N, H), target row (N,)); negatives drawn uniformly from `negative_pool`.
 
-    Returns the mean loss per epoch; `progress` is an optional callable(epoch, loss).
+    Returns the training `History`; `progress` is an optional callable(epoch, loss).
     """
     cfg = model.cfg
     device = next(model.parameters()).device

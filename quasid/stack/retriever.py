@@ -28,32 +28,79 @@ from torch import nn
 from torch.nn import functional as F
 
 from quasid.core.schedule import lr_factor
+from quasid.data.sequences import sample_windows
 from quasid.stack.config import RetrieverConfig
-from quasid.stack.training import autocast, train_epochs
+from quasid.stack.training import History, autocast, train_epochs
 from quasid.stack.trie import PAD, SidTrie
+
+
+class Attention(nn.Module):
+    """Multi-head attention with its own head width (`heads` x `head_dim` may differ from the
+    model width, as in TIGER's T5: 6 heads of 64 over a 128-wide model), on
+    `scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.q = nn.Linear(d_model, heads * head_dim)
+        self.kv = nn.Linear(d_model, 2 * heads * head_dim)
+        self.out = nn.Linear(heads * head_dim, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x: (B, T, d) queries; context: (B, S, d) keys/values (None: x itself);
+        keep: (B, S) True where a key takes part (None: all); causal: position t sees <= t."""
+        b, t, _ = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None if keep is None else keep[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def feed_forward(d_model: int, d_ff: int, dropout: float) -> nn.Sequential:
+    """The position-wise GELU MLP of every layer."""
+    return nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(d_ff, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm Transformer encoder layer over the history tokens."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.attn = Attention(d_model, heads, head_dim, dropout)
+        self.ff = feed_forward(d_model, d_ff, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, d); keep: (B, S) True for real tokens."""
+        x = x + self.drop(self.attn(self.norm1(x), keep=keep))
+        return x + self.drop(self.ff(self.norm2(x)))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm Transformer decoder layer; its cross-attention serves all beams of a request at once."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, head_dim: int, d_ff: int, dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout),
-                                nn.Linear(d_ff, d_model))
+        self.self_attn = Attention(d_model, heads, head_dim, dropout)
+        self.cross_attn = Attention(d_model, heads, head_dim, dropout)
+        self.ff = feed_forward(d_model, d_ff, dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor,
-                causal: torch.Tensor) -> torch.Tensor:
-        """x: (B, W, t, d) W beams per request; memory: (B, S, d); memory_pad: (B, S) True = pad."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor
+                ) -> torch.Tensor:
+        """x: (B, W, t, d) W beams per request; memory: (B, S, d); memory_keep: (B, S) True = real."""
         b, w, t, d = x.shape
         flat = x.reshape(b * w, t, d)
-        h = self.norm1(flat)
-        flat = flat + self.drop(self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0])
+        flat = flat + self.drop(self.self_attn(self.norm1(flat), causal=True))
         h = self.norm2(flat).reshape(b, w * t, d)
-        cross = self.cross_attn(h, memory, memory, key_padding_mask=memory_pad, need_weights=False)[0]
+        cross = self.cross_attn(h, memory, keep=memory_keep)
         flat = flat + self.drop(cross.reshape(b * w, t, d))
         flat = flat + self.drop(self.ff(self.norm3(flat)))
         return flat.reshape(b, w, t, d)
@@ -83,12 +130,11 @@ class Retriever(nn.Module):
         self.embed = nn.Embedding(self.n_tokens + 3, d, padding_idx=self.pad_token)
         self.enc_pos = nn.Embedding(cfg.max_history * depth + 1, d)
         self.dec_pos = nn.Embedding(depth, d)
-        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, norm=nn.LayerNorm(d),
-                                             enable_nested_tensor=False)
-        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout)
-                                     for _ in range(cfg.n_layers))
+        head_dim = cfg.head_dim or d // cfg.n_heads
+        sizes = (d, cfg.n_heads, head_dim, cfg.d_ff, cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*sizes) for _ in range(cfg.n_layers))
+        self.enc_norm = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(DecoderLayer(*sizes) for _ in range(cfg.n_layers))
         self.dec_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, self.n_tokens)
 
@@ -98,7 +144,8 @@ class Retriever(nn.Module):
         return self.trie.depth
 
     def encode(self, histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(memory (B, S, d), padding mask (B, S)) of item-row histories (B, H), -1 padded."""
+        """(memory (B, S, d), keep mask (B, S): True for real tokens) of item-row histories
+        (B, H), -1 padded."""
         h = trim_padding(histories[:, -self.cfg.max_history:])
         b, n = h.shape
         tokens = torch.where((h >= 0)[..., None], self.item_tokens[h.clamp(min=0)], self.pad_token)
@@ -107,18 +154,19 @@ class Retriever(nn.Module):
         # positions count back from the end token, so the newest item always sits at the same place
         pos = torch.arange(tokens.shape[1] - 1, -1, -1, device=h.device)
         x = self.embed(tokens) + self.enc_pos(pos)[None]
-        pad = tokens == self.pad_token
-        return self.encoder(x, src_key_padding_mask=pad), pad
+        keep = tokens != self.pad_token
+        for layer in self.encoder:
+            x = layer(x, keep)
+        return self.enc_norm(x), keep
 
-    def decode(self, memory: torch.Tensor, memory_pad: torch.Tensor, prefix: torch.Tensor
+    def decode(self, memory: torch.Tensor, memory_keep: torch.Tensor, prefix: torch.Tensor
                ) -> torch.Tensor:
         """Hidden states (B, W, t+1, d) after BOS + `prefix` tokens (B, W, t) (global token ids)."""
         b, w, t = prefix.shape
         tokens = torch.cat([torch.full((b, w, 1), self.bos_token, device=prefix.device), prefix], 2)
         x = self.embed(tokens) + self.dec_pos.weight[: t + 1]
-        causal = torch.ones((t + 1, t + 1), dtype=torch.bool, device=prefix.device).triu(1)
         for layer in self.decoder:
-            x = layer(x, memory, memory_pad, causal)
+            x = layer(x, memory, memory_keep)
         return self.dec_norm(x)
 
     def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
@@ -134,9 +182,9 @@ class Retriever(nn.Module):
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over requests of -log p(target code | history) (summed over levels)."""
-        memory, pad = self.encode(histories)
+        memory, keep = self.encode(histories)
         target = self.item_tokens[targets]  # (B, D)
-        hidden = self.decode(memory, pad, target[:, None, :-1])[:, 0]  # (B, D, d)
+        hidden = self.decode(memory, keep, target[:, None, :-1])[:, 0]  # (B, D, d)
         logits = self.head(hidden).float() + self.level_mask  # (B, D, n_tokens)
         return F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / len(targets)
 
@@ -152,8 +200,8 @@ class Retriever(nn.Module):
 
         `encoded`: the histories' `encode` output, when the caller already has it.
         """
-        memory, pad = encoded if encoded is not None else self.encode(histories)
-        hidden = self.decode(memory, pad, self.item_tokens[rows][..., :-1])  # (B, n, D, d)
+        memory, keep = encoded if encoded is not None else self.encode(histories)
+        hidden = self.decode(memory, keep, self.item_tokens[rows][..., :-1])  # (B, n, D, d)
         codes = self.trie.codes[rows]  # (B, n, D)
         return torch.stack([self.level_log_probs(hidden[..., d, :], d)
                             .gather(-1, codes[..., d, None])[..., 0]
@@ -173,14 +221,14 @@ class Retriever(nn.Module):
         """
         beam = beam or self.cfg.beam
         trie = self.trie
-        memory, pad = encoded if encoded is not None else self.encode(histories)
+        memory, keep = encoded if encoded is not None else self.encode(histories)
         b, dev = histories.shape[0], histories.device
         node = torch.zeros((b, 1), dtype=torch.int64, device=dev)
         score = torch.zeros((b, 1), device=dev)
         prefix = torch.zeros((b, 1, 0), dtype=torch.int64, device=dev)
         for d in range(trie.depth):
             w = node.shape[1]
-            lp = self.level_log_probs(self.decode(memory, pad, prefix)[:, :, -1], d)  # (B, W, V_d)
+            lp = self.level_log_probs(self.decode(memory, keep, prefix)[:, :, -1], d)  # (B, W, V_d)
             tok, nxt = trie.padded(d)
             child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]  # (B, W, F)
             fan = child_tok.shape[2]
@@ -223,12 +271,16 @@ def train_retriever(
     targets: np.ndarray,
     *,
     seed: int = 0,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
     progress=None,
-) -> list[float]:
-    """Train on (history rows (N, H), target row (N,)) windows; returns the mean loss per epoch.
+) -> History:
+    """Train on (history rows (N, H), target row (N,)) windows; returns the training `History`.
 
-    AdamW with linear warm-up then cosine decay; batches in a seeded random order.
-    `progress` is an optional callable(epoch, loss) for reporting.
+    AdamW with linear warm-up then cosine decay over `cfg.epochs`; batches in a seeded random
+    order. With `cfg.patience` set and `valid` = (history rows, target rows) of validation
+    requests, each epoch ends with the beam's HR@10 on them (`beam_hit_rate`) and training
+    stops early, keeping the best epoch's weights (`quasid.stack.training.train_epochs`).
+    `progress` is an optional callable(epoch, loss[, validation score]) for reporting.
     """
     cfg = model.cfg
     device = next(model.parameters()).device
@@ -241,9 +293,33 @@ def train_retriever(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, 0.1))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws
+    validate = None
+    if cfg.patience is not None:
+        if valid is None:
+            raise ValueError("retriever.patience is set: expected validation requests to stop on")
+        v_hist, v_tgt = sample_windows(*valid, cfg.valid_requests, seed)
+        validate = lambda: beam_hit_rate(model, v_hist, v_tgt)  # noqa: E731
     return train_epochs(model, lambda idx, _: model.loss(hist[idx], tgt[idx]), histories,
                         cfg.batch_size, cfg.epochs, opt, sched, gen, grad_clip=cfg.grad_clip,
-                        progress=progress)
+                        progress=progress, validate=validate, patience=cfg.patience)
+
+
+@torch.inference_mode()
+def beam_hit_rate(model: Retriever, histories: np.ndarray, targets: np.ndarray, k: int = 10,
+                  batch_size: int = 1024) -> float:
+    """HR@k of the constrained beam (beam = the model's `cfg.beam`, at least k) over requests
+    given as (history rows (n, H), target rows (n,)): the early-stopping score."""
+    device = next(model.parameters()).device
+    if len(targets) == 0:
+        return float("nan")
+    hits = 0
+    for s in range(0, len(targets), batch_size):
+        hist = torch.as_tensor(histories[s:s + batch_size], dtype=torch.int64, device=device)
+        tgt = torch.as_tensor(targets[s:s + batch_size], dtype=torch.int64, device=device)
+        with autocast(device):
+            rows, _ = model.beam_search(hist, max(k, model.cfg.beam))
+        hits += int((rows[:, :k] == tgt[:, None]).any(dim=1).sum())
+    return hits / len(targets)
 
 
 @torch.inference_mode()

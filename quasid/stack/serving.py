@@ -4,8 +4,12 @@ Built from one tokenizer's SID table. Per batch of requests:
 1. the retriever's constrained beam search proposes `beam` items (cold items included:
    their SIDs come from content);
 2. cold-start quota: items without training interactions that share their first SID
-   level(s) with a beam result join (at most `cold_candidates`): the retriever, trained on
-   warm targets only, gives their unseen full codes almost no probability;
+   level(s) with a beam result join (at most `cold_candidates`). The retriever, trained on
+   warm targets only, gives their unseen full codes almost no probability, so they are
+   scored by back-off: the log p of that prefix spread evenly over the items under it, plus
+   `cold_bias` (fitted on validation requests). The retrieval stage's own top list (the
+   "beam" `slates` returns) is the best `beam` of the beam results and these cold items by
+   that log p, so the retriever alone reaches cold items too (`cold_in_beam`);
 3. the most popular training items not already proposed fill the candidate set up to
    `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
 4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
@@ -100,19 +104,6 @@ class Stack:
         """Rows of item ids (PAD stays PAD); unknown ids raise `ContractError` (a ValueError)."""
         return self._rows_of(item_ids)
 
-    def retrieve(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The retriever's beam alone: (item ids (n, beam), log p) best first; -1 / -inf where short."""
-        rows, scores = [], []
-        for hist in self._batches(histories):
-            with autocast(self.device):
-                r, s = self.retriever.beam_search(hist, self.cfg.retriever.beam)
-            rows.append(r)
-            scores.append(s)
-        if not rows:
-            beam = self.cfg.retriever.beam
-            return np.zeros((0, beam), dtype=np.int64), np.zeros((0, beam), dtype=np.float32)
-        return self._to_ids(rows), torch.cat(scores).float().cpu().numpy()
-
     def recommend(self, histories: np.ndarray, k: int, users: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Slates (item ids (n, k), scores (n, k) float32) for left-padded id histories (n, H)."""
@@ -151,9 +142,22 @@ class Stack:
         log_p = levels.sum(-1)
         if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
             rows = cand.clamp(min=0)
-            region = levels[..., : self.cfg.cold_prefix].sum(-1) - self._region_log_size[rows]
+            region = (levels[..., : self.cfg.cold_prefix].sum(-1) - self._region_log_size[rows]
+                      + self.cfg.cold_bias)
             log_p = torch.where(self.ranker.warm[rows], log_p, region)
+            if self.cfg.cold_in_beam:
+                beam = self._merged_beam(beam, cand, log_p)
         return beam, cand, logit.float(), log_p
+
+    def _merged_beam(self, beam: torch.Tensor, cand: torch.Tensor, log_p: torch.Tensor
+                     ) -> torch.Tensor:
+        """The retrieval stage's top list, as wide as `beam`: the beam's results and the cold
+        quota's items by retriever log p (back-off for cold ones); -1 where short. The
+        popularity fill stays out (the retriever did not find it)."""
+        found = (cand[:, :, None] == beam[:, None, :]).any(-1) | ~self.ranker.warm[cand.clamp(min=0)]
+        score = torch.where((cand >= 0) & found, log_p, -math.inf)
+        top, idx = score.topk(min(beam.shape[1], score.shape[1]), dim=1)
+        return torch.where(torch.isfinite(top), cand.gather(1, idx), PAD)
 
     def _combine(self, cand: torch.Tensor, logit: torch.Tensor, log_p: torch.Tensor,
                  weight: float) -> torch.Tensor:
@@ -195,6 +199,30 @@ class Stack:
             found[w] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
         best = max(self.cfg.weight_grid, key=lambda w: found[w])  # max keeps the first of ties
         self.set_config(retrieval_weight=best)
+        return found
+
+    def fit_cold_bias(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
+                      ) -> dict[float, dict[str, float]]:
+        """Set `cold_bias` to the grid value with the best NDCG@k of the slates on
+        (history, target) requests (validation, never test); returns {bias: {ndcg, cold
+        hr@k of the slates, of the beam}}. Ties go to the value nearest 0 (the back-off
+        unshifted); nothing changes when the cold quota is off."""
+        from quasid.stack.metrics import hit_ndcg
+
+        if self.cfg.cold_candidates <= 0:
+            return {}
+        targets = np.asarray(targets)
+        cold = ~self.ranker.warm.cpu().numpy()[self.rows_of(targets)]
+        found = {}
+        for bias in self.cfg.cold_bias_grid:
+            self.set_config(cold_bias=bias)
+            slate, _, beam = self.slates(histories, k)
+            stack, alone = hit_ndcg(slate, targets, ks=(k,)), hit_ndcg(beam[:, :k], targets, ks=(k,))
+            found[bias] = {f"ndcg@{k}": float(stack[f"ndcg@{k}"].mean()),
+                           f"cold_hr@{k}": float(stack[f"hr@{k}"][cold].mean()) if cold.any() else math.nan,
+                           f"beam_cold_hr@{k}": float(alone[f"hr@{k}"][cold].mean()) if cold.any() else math.nan}
+        best = max(self.cfg.cold_bias_grid, key=lambda b: (found[b][f"ndcg@{k}"], -abs(b)))
+        self.set_config(cold_bias=best)
         return found
 
     def _to_ids(self, rows: list[torch.Tensor]) -> np.ndarray:

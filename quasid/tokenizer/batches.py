@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex, pair_mask
 
 
 @dataclass(frozen=True)
@@ -56,27 +56,31 @@ class Batch:
     rows: torch.Tensor  # (B,) int64 item rows (duplicates possible)
     x: torch.Tensor  # (B, d) standardized content
     unit: torch.Tensor  # (B, d) L2-normalized raw content (for content cosines)
-    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P
+    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P (off the CPU)
     anchor: torch.Tensor  # (A,) contrastive anchor positions in the batch
     target: torch.Tensor  # (A,) their partners' positions
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
+    positive_pairs: torch.Tensor | None = None  # (m, 2) unordered positions i < j with P_ij
+    near_pairs: torch.Tensor | None = None  # (m, 2) i < j, distinct items, content cos > τ_dup
 
 
-def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096,
-                       with_cosine: bool = False):
-    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), CPU;
-    with `with_cosine` also their (N, k) cosines."""
+def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096, above: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, k) rows of each row's k nearest other rows by cosine (`unit` rows L2-normalized), and
+    with `above` the (m, 2) row pairs (a < b) whose cosine exceeds it (else None), CPU."""
     n = unit.shape[0]
     k = max(1, min(k, n - 1))
-    rows, cosines = [], []
+    out, close = [], []
     for start in range(0, n, chunk):
         sims = unit[start:start + chunk].float() @ unit.float().T
         own = torch.arange(start, min(start + chunk, n), device=unit.device)
         sims[own - start, own] = float("-inf")
-        top = sims.topk(k, dim=1)
-        rows.append(top.indices.cpu())
-        cosines.append(top.values.cpu())
-    return (torch.cat(rows), torch.cat(cosines)) if with_cosine else torch.cat(rows)
+        out.append(sims.topk(k, dim=1).indices.cpu())
+        if above is not None:  # the same similarities, so no second N x N pass
+            found = torch.nonzero(sims > above).cpu()
+            found[:, 0] += start
+            close.append(found[found[:, 0] < found[:, 1]])
+    return torch.cat(out), (torch.cat(close) if above is not None else None)
 
 
 def lexicographic_partner(codes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -113,7 +117,7 @@ def conflict_neighbours(codes: torch.Tensor, knn: torch.Tensor, knn_cos: torch.T
         live &= knn_cos <= rule.tau_dup
     if rule.exempt_positives:
         rows = torch.arange(knn.shape[0])[:, None].expand_as(knn)
-        live &= ~pairs.contains(rows.to(pairs.device), knn.to(pairs.device)).cpu()
+        live &= ~pairs.contains(rows, knn.cpu())  # the index keys live on the CPU
     return live
 
 
@@ -122,7 +126,7 @@ class BatchSampler:
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
                  generator: torch.Generator, neighbours: int = 8, need_positive: bool = True,
-                 conflicts: ConflictRule | None = None):
+                 near_duplicate: float | None = None, conflicts: ConflictRule | None = None):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
@@ -132,7 +136,14 @@ class BatchSampler:
         self.pairs, self.generator = pairs, generator
         self.n, self.anchors = n, batch_size // 4
         self.need_positive = need_positive
-        self.knn, self.knn_cos = content_neighbours(self.unit, neighbours, with_cosine=True)
+        # near-duplicates (content cosine > `near_duplicate`, CVPM's τ_dup) depend on the
+        # content only: found once here, then looked up per batch like the positives
+        self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
+        self.near = PairIndex(near.numpy(), n) if near is not None else None
+        # conflict mining: the neighbours' content cosines (for the duplicate rule) and, after
+        # each set_codes, which of them the repulsion acts on
+        knn = self.knn.to(self.unit.device)
+        self.knn_cos = (self.unit[:, None, :] * self.unit[knn]).sum(dim=2).cpu()
         self.rule = conflicts
         self.conflict: torch.Tensor | None = None  # (N, k) bool, with a rule, after set_codes
         self.sid_partner: torch.Tensor | None = None
@@ -173,16 +184,25 @@ class BatchSampler:
         collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
         sid = self.sid_partner[anchors] if self.sid_partner is not None else near
         device = self.x.device
-        rows = torch.cat([anchors, collab, near, sid]).to(device, non_blocking=True)
+        rows = torch.cat([anchors, collab, near, sid])
+        # P as a pair list (the CPU's sparse pair terms), and as a B x B mask where the dense
+        # formulas run (accelerators: a static-shape input for graphs and compile); the lists
+        # come from the CPU rows, so nothing waits for the device
+        pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
+        dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
+        dense = pos is not None and device.type != "cpu"
+        rows = rows.to(device, non_blocking=True)
         index = torch.arange(a, device=device)
         return Batch(
             rows=rows,
             x=self.x[rows],
             unit=self.unit[rows],
-            positive=self.pairs.mask(rows) if self.need_positive else None,
+            positive=pair_mask(pos, rows.numel()) if dense else None,
             anchor=index,
             target=index + a,
             pair_weight=has_pos.float().to(device, non_blocking=True),
+            positive_pairs=pos,
+            near_pairs=dup,
         )
 
     def state(self) -> dict:

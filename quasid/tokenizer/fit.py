@@ -127,7 +127,9 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     n = content.shape[0]
     sampler = BatchSampler(model.standardize(content), content, PairIndex(pairs, n, dev),
                            tc.batch_size, generator, tc.neighbours,
-                           need_positive=cfg.needs_pairs, conflicts=conflict_rule(cfg))
+                           need_positive=cfg.needs_pairs,
+                           near_duplicate=cfg.tau_dup if cfg.hamr else None,
+                           conflicts=conflict_rule(cfg))
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
     params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)

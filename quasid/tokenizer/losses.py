@@ -1,5 +1,8 @@
 """The tokenizers' losses and pair masks, each vectorized over the batch (B x B, no pair loops).
 
+These dense formulas run on accelerators (static shapes); on the CPU `SIDModel.losses` uses
+`quasid.tokenizer.pair_terms`, the same terms on the sparse pairs where they are nonzero.
+
 Notation (one batch of B rows): content x, encoder latent z, unit latent ẑ = z / ‖z‖,
 codes C ∈ {0..K-1}^{B×L}, Hamming distance H_ij = Σ_l [C_il ≠ C_jl], shared share
 s_ij = 1 − H_ij / L, latent distance d_ij = ‖ẑ_i − ẑ_j‖ ∈ [0, 2], and P_ij = 1 when items

@@ -1,8 +1,8 @@
 """Collaborative positives: item pairs co-interacted within a window of the training logs.
 
 `collaborative_pairs` finds them with polars (one shifted column per window offset, no
-per-user loops); `PairIndex` holds them on the training device for two uses: the B × B
-positive mask P of a batch (CVPM's exclusion and the contrastive candidates) and drawing a
+per-user loops); `PairIndex` holds them for two uses: the positive pairs of a batch (CVPM's
+exclusion and the contrastive candidates; a sparse list, or the B × B mask P) and drawing a
 collaborative partner for an anchor item (the batch sampler).
 """
 
@@ -56,8 +56,34 @@ def pairs_to_rows(pairs: pl.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     return rows.select("row_a", "row_b").to_numpy().astype(np.int64).reshape(-1, 2)
 
 
+def ranges(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, offset): entry k of owner's run 0..counts[owner] − 1, all runs concatenated.
+
+    The vectorized form of `for o, c in enumerate(counts): for t in range(c): yield o, t`.
+    """
+    counts = counts.long()
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(owner.numel(), device=counts.device) - starts[owner]
+    return owner, offset
+
+
+def sort_pairs(first: torch.Tensor, second: torch.Tensor, b: int) -> torch.Tensor:
+    """(m, 2) int64 pairs (first, second) of positions < b, sorted by (first, second)."""
+    order = torch.argsort(first * b + second)
+    return torch.stack([first[order], second[order]], dim=1)
+
+
+def pair_mask(pairs: torch.Tensor, b: int) -> torch.Tensor:
+    """(b, b) bool mask, True at every unordered pair of `pairs` (m, 2) in both orders."""
+    mask = torch.zeros((b, b), dtype=torch.bool, device=pairs.device)
+    mask[pairs[:, 0], pairs[:, 1]] = True
+    mask[pairs[:, 1], pairs[:, 0]] = True
+    return mask
+
+
 class PairIndex:
-    """Positive pairs over `n` rows, on one device: a sorted key array and a CSR partner list."""
+    """Positive pairs over `n` rows: a sorted key array and a CSR partner list (CPU)."""
 
     def __init__(self, rows: np.ndarray, n: int, device: str | torch.device = "cpu"):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
@@ -69,9 +95,10 @@ class PairIndex:
         keys = np.unique(lo * n + hi)
         lo, hi = keys // n, keys % n
         self.n = n
-        self.device = torch.device(device)
-        self.keys = torch.from_numpy(keys).to(self.device)
-        # partners in both directions, grouped by row (CSR), for drawing a partner on the CPU
+        self.device = torch.device(device)  # where `mask` puts the dense P
+        self.keys = torch.from_numpy(keys)
+        # partners in both directions, grouped by row (CSR): drawing a partner and listing a
+        # batch's positive pairs both read it on the CPU, where the batch rows are drawn
         src = np.concatenate([lo, hi])
         dst = np.concatenate([hi, lo])
         order = np.lexsort((dst, src))
@@ -86,23 +113,44 @@ class PairIndex:
         """(n,) number of positive partners per row (CPU)."""
         return self.indptr[1:] - self.indptr[:-1]
 
+    def batch_pairs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The positive pairs of a batch: (m, 2) int64 positions (i < j) into `rows` with
+        P_ij = 1, sorted by (i, j) (CPU).
+
+        Walks each row's partner list and finds the partners' copies in the batch through an
+        item -> (first sorted position, copies) table, so the work is the batch's total partner
+        count (gathers), not B² key look-ups; a row present twice pairs with each copy.
+        """
+        rows = rows.cpu()
+        b = rows.numel()
+        order = torch.argsort(rows, stable=True)
+        present, copies = torch.unique_consecutive(rows[order], return_counts=True)
+        first = torch.zeros(self.n, dtype=torch.int64)
+        count = torch.zeros(self.n, dtype=torch.int64)
+        first[present] = torch.cumsum(copies, 0) - copies
+        count[present] = copies
+        start = self.indptr[rows]
+        src, offset = ranges(self.indptr[rows + 1] - start)
+        partner = self.partners[start[src] + offset]
+        hit, copy = ranges(count[partner])
+        one, two = src[hit], order[first[partner[hit]] + copy]
+        keep = one < two  # each pair is met from both ends: keep one
+        return sort_pairs(one[keep], two[keep], b)
+
     def mask(self, rows: torch.Tensor) -> torch.Tensor:
-        """P (B, B) bool: P_ij = 1 when rows[i] and rows[j] are a positive pair."""
-        lo = torch.minimum(rows[:, None], rows[None, :])
-        hi = torch.maximum(rows[:, None], rows[None, :])
-        query = lo * self.n + hi
-        if self.keys.numel() == 0:
-            return torch.zeros_like(query, dtype=torch.bool)
-        pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.numel() - 1)
-        return self.keys[pos] == query
+        """P (B, B) bool on the index's device: P_ij = 1 when rows[i] and rows[j] are a
+        positive pair."""
+        return pair_mask(self.batch_pairs(rows).to(self.device), rows.numel())
 
     def contains(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Whether each (a[t], b[t]) is a positive pair (either order): bool, a's shape."""
+        """Whether each (a[t], b[t]) is a positive pair (either order): bool, a's shape, on a's
+        device (the look-up runs where the keys are, the CPU)."""
         if self.keys.numel() == 0:
             return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-        query = torch.minimum(a, b) * self.n + torch.maximum(a, b)
-        pos = torch.searchsorted(self.keys, query.reshape(-1)).clamp_max(self.keys.numel() - 1)
-        return (self.keys[pos] == query.reshape(-1)).reshape(query.shape)
+        query = (torch.minimum(a, b) * self.n + torch.maximum(a, b)).to(self.keys.device)
+        flat = query.reshape(-1)
+        pos = torch.searchsorted(self.keys, flat).clamp_max(self.keys.numel() - 1)
+        return (self.keys[pos] == flat).reshape(query.shape).to(a.device)
 
     def draw_partner(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One uniformly drawn positive partner per row (CPU int64); -1 where a row has none."""

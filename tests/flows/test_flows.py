@@ -138,7 +138,8 @@ def test_offline_eval_flow_aggregates_its_runs_and_reuses_them(pipeline_run, tmp
 
     out, _ = pipeline_run
     data, eval_dir = out / "data", tmp_path / "eval"
-    kwargs = dict(seeds=2, overrides=STACK | {"weight_grid": [0.0, 1.0]}, tokenizer_epochs=2,
+    kwargs = dict(seeds=2, overrides=STACK | {"weight_grid": [0.0, 1.0], "cold_bias_grid": [0.0, 1.0]},
+                  tokenizer_epochs=2,
                   tokenizer_overrides=TOKENIZER)
     results = offline_eval(data, ["rqvae", "quasid"], eval_dir, **kwargs)
     written = json.loads((eval_dir / "results.json").read_text())

@@ -198,9 +198,11 @@ def test_uniform_tau_dup_exempts_near_duplicate_content_from_uniform_repulsion()
     assert cfg.uniform_tau_dup == 2.0
 
 
-def test_force_attribution_predicts_an_adamw_step(small_world):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_force_attribution_predicts_an_adamw_step(small_world, sparse):
     """The per-term forces sum to the first-order change of the group's mean distance that
-    one AdamW step actually makes (momentum off, so the step is the current gradient's)."""
+    one AdamW step actually makes (momentum off, so the step is the current gradient's), on
+    the dense and the sparse pair-term path."""
     from quasid.tokenizer.batches import BatchSampler
     from quasid.tokenizer.pairs import PairIndex
 
@@ -211,8 +213,10 @@ def test_force_attribution_predicts_an_adamw_step(small_world):
     tok = make_tokenizer("quasid", tiny)
     model = tok._build(x.shape[1])
     model.set_standardization(x)
+    model.sparse_pairs = sparse
     g = torch.Generator().manual_seed(0)
-    sampler = BatchSampler(model.standardize(x), x, PairIndex(pairs, n), 64, g)
+    sampler = BatchSampler(model.standardize(x), x, PairIndex(pairs, n), 64, g,
+                           near_duplicate=tok.config.tau_dup)
     model.quantizer.init_kmeans(model.encoder(sampler.x).detach(), g, 3)
     sampler.new_epoch()
     batch = sampler.batch(0)

@@ -71,6 +71,29 @@ def test_aggregate_means_and_sample_std_over_seeds():
     assert b_all["hr@10_std"] == 0.0 and b_all["seeds"] == 1 and a_all["requests"] == 100
 
 
+def test_welch_tests_of_quasid_against_each_baseline_match_a_hand_computation():
+    from quasid.evaluation.offline import welch_tests
+
+    q, r = [0.10, 0.12, 0.11], [0.08, 0.09, 0.07, 0.085]
+    runs = ([_run("quasid", i, v) for i, v in enumerate(q)] + [_run("rqvae", i, v) for i, v in enumerate(r)]
+            + [_run("one", 0, 0.1)])
+    rows = welch_tests(runs)
+    row = next(w for w in rows if (w["stage"], w["segment"], w["metric"], w["baseline"])
+               == ("stack", "all", "hr@10", "rqvae"))
+    # Welch by hand: t = (m1 - m2) / sqrt(s1^2/n1 + s2^2/n2), Welch-Satterthwaite df
+    v1, v2 = np.var(q, ddof=1) / 3, np.var(r, ddof=1) / 4
+    t = (np.mean(q) - np.mean(r)) / math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 2 + v2 ** 2 / 3)
+    from scipy import stats
+
+    assert math.isclose(row["p"], 2 * stats.t.sf(abs(t), df), rel_tol=1e-9)
+    assert math.isclose(row["relative"], np.mean(q) / np.mean(r) - 1) and row["seeds"] == [3, 4]
+    one = [w for w in rows if w["baseline"] == "one"]
+    assert one and all(math.isnan(w["p"]) for w in one)  # one seed: no test
+    assert len(rows) == 2 * 2 * 2 * 2  # stages x segments x metrics x baselines
+    assert welch_tests([_run("rqvae", 0, 0.1)]) == []
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     from quasid.data.synthetic import WorldConfig, synthesize

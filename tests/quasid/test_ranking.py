@@ -32,7 +32,7 @@ def trained(small_world):
     torch.manual_seed(0)
     model = Ranker(codes[:, :-1], warm, TINY)
     hist, tgt = training_windows(train, rows_of, TINY.max_history)
-    losses = train_ranker(model, hist, tgt, np.flatnonzero(warm), seed=0)
+    losses = train_ranker(model, hist, tgt, np.flatnonzero(warm), seed=0).losses
     return model, rows_of, losses
 
 

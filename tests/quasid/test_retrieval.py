@@ -70,7 +70,7 @@ def test_training_learns_a_deterministic_next_item_rule():
                              "warmup_steps": 10})
     model.cfg = cfg
     model.train()
-    losses = train_retriever(model, hist, nxt[last], seed=0)
+    losses = train_retriever(model, hist, nxt[last], seed=0).losses
     assert losses[-1] < losses[0] / 3
     probe = torch.from_numpy(np.c_[np.full((30, 4), -1), np.arange(30)])
     top1 = model.beam_search(probe, beam=3)[0][:, 0].numpy()
@@ -88,3 +88,82 @@ def test_same_seed_same_model():
         train_retriever(model, hist, tgt, seed=5)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_attention_equals_torch_multihead_attention_with_the_same_weights():
+    from quasid.stack.retriever import Attention
+
+    torch.manual_seed(0)
+    ours = Attention(16, 4, 4, dropout=0.0).eval()
+    ref = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([ours.q.weight, ours.kv.weight]))
+        ref.in_proj_bias.copy_(torch.cat([ours.q.bias, ours.kv.bias]))
+        ref.out_proj.weight.copy_(ours.out.weight)
+        ref.out_proj.bias.copy_(ours.out.bias)
+    x, ctx = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    keep = torch.rand(3, 7) > 0.3
+    keep[:, 0] = True
+    expected = ref(x, ctx, ctx, key_padding_mask=~keep, need_weights=False)[0]
+    assert torch.allclose(ours(x, ctx, keep=keep), expected, atol=1e-5)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    expected = ref(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert torch.allclose(ours(x, causal=True), expected, atol=1e-5)
+
+
+def test_heads_wider_than_the_model_beam_is_still_the_brute_force_ranking():
+    # TIGER's shape: heads x head_dim (3 x 16) wider than the model (32)
+    _, codes = full_codes(random_sid_table(np.arange(30), levels=2, k=4, seed=2))
+    torch.manual_seed(2)
+    cfg = RetrieverConfig(**{**TINY.__dict__, "n_heads": 3, "head_dim": 16, "n_layers": 2})
+    model = Retriever(SidTrie.from_codes(codes), cfg).eval()
+    assert model.encoder[0].attn.q.weight.shape == (48, 32)
+    hist = torch.from_numpy(np.random.default_rng(2).integers(-1, 30, (6, 5)))
+    rows, scores = model.beam_search(hist, beam=30)
+    brute = model.score_items(hist, torch.arange(30).expand(6, -1))
+    assert torch.allclose(scores, brute.sort(dim=1, descending=True).values, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    from quasid.stack.training import train_epochs
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(64, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9, 1.0])  # best at epoch 1, then 2 epochs without gain
+    seen = []
+    history = train_epochs(
+        model, lambda idx, _: model(x[idx]).pow(2).mean(), np.zeros((64, 1)), 16, 10, opt, sched,
+        torch.Generator().manual_seed(0), validate=lambda: next(scores), patience=2,
+        progress=lambda e, loss, s: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
+    assert history.valid == [0.1, 0.3, 0.2, 0.25]
+    assert (history.best_epoch, len(history.losses), history.stopped_early) == (1, 4, True)
+    assert all(torch.equal(model.state_dict()[k], seen[1][k]) for k in seen[1])
+    assert not torch.equal(seen[1]["weight"], seen[3]["weight"])  # it did train past the best
+
+
+def test_early_stopping_on_the_beam_hit_rate_of_validation_requests():
+    model = _model(n_items=30, seed=3)
+    nxt = np.random.default_rng(3).permutation(30)
+    last = np.random.default_rng(4).integers(0, 30, 400)
+    hist = np.c_[np.full((400, 4), -1), last]
+    cfg = RetrieverConfig(**{**TINY.__dict__, "epochs": 6, "batch_size": 64, "lr": 1e-2,
+                             "warmup_steps": 5, "patience": 2, "beam": 10})
+    model.cfg = cfg
+    model.train()
+    probe = np.c_[np.full((30, 4), -1), np.arange(30)]
+    history = train_retriever(model, hist, nxt[last], seed=0, valid=(probe, nxt))
+    assert len(history.valid) == len(history.losses) <= 6
+    assert history.valid[history.best_epoch] == max(history.valid) >= 0.9
+    from quasid.stack.retriever import beam_hit_rate
+
+    assert beam_hit_rate(model, probe, nxt) == max(history.valid)  # the best weights are loaded
+    model.cfg = cfg.model_copy(update={"patience": 1})
+    try:
+        train_retriever(model, hist, nxt[last], seed=0)
+    except ValueError as exc:
+        assert "validation requests" in str(exc)
+    else:
+        raise AssertionError("patience without validation requests must be refused")

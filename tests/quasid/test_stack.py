@@ -187,3 +187,38 @@ def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
             rest_slate.remove(value)
         assert rest_slate == rest_all[: len(rest_slate)]
     assert sum(len(set(r) & set(ids[~warm])) for r in items.tolist()) > 0
+
+
+def test_cold_bias_is_fitted_on_validation_and_cold_items_reach_the_beam(stack, small_world):
+    from quasid.stack.metrics import hit_ndcg
+
+    hist, targets = loo_requests(drop_last(small_world.interactions), 8)
+    hist, targets = hist[:400], targets[:400]
+    saved = stack.cfg.cold_bias
+    try:
+        found = stack.fit_cold_bias(hist, targets)
+        grid = stack.cfg.cold_bias_grid
+        assert set(found) == set(grid)
+        best = max(grid, key=lambda b: (found[b]["ndcg@10"], -abs(b)))
+        assert stack.cfg.cold_bias == best
+        stack.set_config(cold_bias=grid[0])  # one grid point's figure, recomputed directly
+        slate, _, _ = stack.slates(hist, 10)
+        direct = hit_ndcg(slate, targets, ks=(10,))["ndcg@10"].mean()
+        assert found[grid[0]]["ndcg@10"] == pytest.approx(direct)
+
+        warm = stack.ranker.warm.numpy()
+        rows = torch.as_tensor(stack.rows_of(hist[:100]))
+        searched = stack.retriever.beam_search(rows, stack.cfg.retriever.beam)[0].numpy()
+        stack.set_config(cold_in_beam=False)  # the retrieval stage is the beam search itself
+        assert np.array_equal(stack.rows_of(stack.slates(hist[:100], 10)[2]), searched)
+        stack.set_config(cold_in_beam=True, cold_bias=20.0)  # a large bias: mostly cold items
+        beam_rows, cand, _, log_p = stack._score_parts(rows)
+        beam_rows, cand, log_p = beam_rows.numpy(), cand.numpy(), log_p.numpy()
+        assert (~warm[beam_rows[beam_rows >= 0]]).mean() > 0.5
+        for r in range(100):  # the merged list: beam results or cold quota items, by log p
+            got = beam_rows[r][beam_rows[r] >= 0]
+            assert set(got) <= set(searched[r]) | set(cand[r][(cand[r] >= 0) & ~warm[cand[r]]])
+            by_row = dict(zip(cand[r].tolist(), log_p[r].tolist()))
+            assert all(by_row[a] >= by_row[b] - 1e-6 for a, b in zip(got[:-1], got[1:]))
+    finally:
+        stack.set_config(cold_bias=saved, cold_in_beam=True)

@@ -87,7 +87,11 @@ def test_batch_blocks_hold_anchors_and_their_partners(small_world):
     assert batch.pair_weight.tolist() == [1.0] * a
     assert all(near[k] in sampler.knn[anchors[k]] for k in range(a))
     assert torch.equal(batch.rows[3 * a:], near)  # no SID partners yet: content neighbours
-    assert batch.positive[torch.arange(a), torch.arange(a) + a].all()
+    # P as a sorted pair list on the CPU (no B x B mask); every (anchor, partner) is in it
+    assert batch.positive is None
+    assert torch.equal(batch.positive_pairs, PairIndex(pairs, n).batch_pairs(batch.rows))
+    listed = set(map(tuple, batch.positive_pairs.tolist()))
+    assert all((k, k + a) in listed for k in range(a))
     assert torch.equal(batch.target, batch.anchor + a)
     sampler.set_codes(torch.arange(n)[:, None] // 2)
     assert torch.equal(sampler.batch(1).rows[3 * a:], sampler.batch(1).rows[:a] ^ 1)
