@@ -2,7 +2,7 @@
 and what happened to the look-alike pairs during training, per tokenizer, mean ± sd over runs.
 
     python benchmarks/collision_evidence.py new=runs/new old=runs/old new+mining=runs/new_mine \
-        --json benchmarks/results/collisions/summary.json
+        --json benchmarks/results/collisions/summary.json --worlds W0 W1
 
 Each NAME=DIR is one `tokenizer_quality.py --out DIR` folder (its run folders hold
 metrics.json, tokenizer.json and, with --diagnose, history.json). Per tokenizer it prints:
@@ -87,16 +87,59 @@ def summarize(folder: Path) -> dict:
     return out
 
 
+def world_summary(folder: Path) -> dict:
+    """How separable a world's look-alike pairs are from the logs: the correlation over users
+    of the two items' true affinities (median over pairs), and the shares of pairs that are
+    collaborative positives of the tokenizers' rule (window 2, >= 2 users) and that any user
+    touched both of, in the training interactions."""
+    import polars as pl
+
+    from quasid.data.dataset import load_dataset
+    from quasid.data.splits import training_interactions
+    from quasid.tokenizer.pairs import collaborative_pairs
+
+    ds = load_dataset(folder)
+    world = ds.world
+    pairs = world.lookalike_pairs
+    taste = world.item_taste.astype(np.float64)
+    a = world.user_pref.astype(np.float64) @ taste[pairs[:, 0]].T  # (users, pairs); the
+    b = world.user_pref.astype(np.float64) @ taste[pairs[:, 1]].T  # popularity is constant
+    a -= a.mean(0)
+    b -= b.mean(0)
+    corr = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    train = training_interactions(ds)
+    positives = collaborative_pairs(train, window=2, min_count=2)
+    keys = set(map(tuple, positives.select("item_a", "item_b").to_numpy().tolist()))
+    lo, hi = pairs.min(axis=1), pairs.max(axis=1)
+    ui = train.select("user_id", "item_id").unique()
+    frame = pl.DataFrame({"item_id": lo, "b": hi})
+    both = ui.join(frame, on="item_id").join(ui.rename({"item_id": "b"}), on=["user_id", "b"])
+    return {"pairs": int(len(pairs)),
+            "affinity_correlation_median": float(np.median(corr)),
+            "positive_share": float(np.mean([(x, y) in keys for x, y in zip(lo, hi)])),
+            "co_interacted_share": both.select("item_id", "b").unique().height / len(pairs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("groups", nargs="+", help="NAME=DIR (a tokenizer_quality.py --out folder)")
+    parser.add_argument("groups", nargs="*", help="NAME=DIR (a tokenizer_quality.py --out folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument("--worlds", nargs="*", type=Path, default=[],
+                        help="synthetic world folders: print how separable their look-alike "
+                             "pairs are from the logs (world_summary)")
     args = parser.parse_args()
     summary = {}
+    if args.worlds:
+        summary["worlds"] = {}
+        for folder in args.worlds:
+            summary["worlds"][str(folder)] = row = world_summary(folder)
+            print(folder, json.dumps({k: round(v, 4) for k, v in row.items()}))
     for item in args.groups:
         name, _, folder = item.partition("=")
         summary[name] = summarize(Path(folder))
     for name, tokenizers in summary.items():
+        if name == "worlds":
+            continue
         print(f"## {name}")
         keys = sorted(set().union(*(t.keys() for t in tokenizers.values())))
         print("| figure | " + " | ".join(tokenizers) + " |")
