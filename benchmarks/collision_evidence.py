@@ -64,7 +64,7 @@ def run_summary(run: Path) -> tuple[str, dict]:
                 / probes[-1]["reference_distance"],
             })
             for frac in (0.1, 0.5, 1.0):
-                e = probes[max(0, int(round(frac * len(probes))) - 1)]["harmful"]
+                e = probes[max(0, round(frac * len(probes)) - 1)]["harmful"]
                 out[f"fit_rate_at_{int(frac * 100)}pct"] = e["rate_h_le_1"]
     return label, out
 
@@ -114,7 +114,7 @@ def world_summary(folder: Path) -> dict:
     ui = train.select("user_id", "item_id").unique()
     frame = pl.DataFrame({"item_id": lo, "b": hi})
     both = ui.join(frame, on="item_id").join(ui.rename({"item_id": "b"}), on=["user_id", "b"])
-    return {"pairs": int(len(pairs)),
+    return {"pairs": len(pairs),
             "affinity_correlation_median": float(np.median(corr)),
             "positive_share": float(np.mean([(x, y) in keys for x, y in zip(lo, hi)])),
             "co_interacted_share": both.select("item_id", "b").unique().height / len(pairs)}
