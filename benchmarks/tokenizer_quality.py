@@ -84,7 +84,8 @@ def run_one(job: dict) -> tuple[dict, dict | None]:
     print(f"start {job['name']} on {job['data']} seed {job['seed']}", flush=True)
     metrics = train_tokenizer(job["data"], job["name"], job["out"], device=job["device"],
                               epochs=job["epochs"], seed=job["seed"],
-                              overrides=job["overrides"], diagnose=job["diagnose"])
+                              overrides=job["overrides"], diagnose=job["diagnose"],
+                              forces_every=job["forces_every"])
     metrics.update(warm_cold_rates(job["data"], job["out"] / "sids.parquet"),
                    data=str(job["data"]))
     history = json.loads((job["out"] / "history.json").read_text()) if job["diagnose"] else None
@@ -198,6 +199,9 @@ def main() -> None:
                         help="override key=value (repeatable)")
     parser.add_argument("--diagnose", action="store_true",
                         help="record the look-alike / near-duplicate pairs during training")
+    parser.add_argument("--forces-every", type=int, default=0,
+                        help="with --diagnose: attribute the pairs' distance changes to the "
+                             "loss terms at every k-th step (0: off; costs ~5 backward passes)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="with --diagnose: draw the pair diagnostics into this PNG")
     parser.add_argument("--jobs", type=int, default=1,
@@ -211,8 +215,8 @@ def main() -> None:
     if args.paired and len(args.seeds) != len(args.data):
         raise SystemExit(f"--paired needs one seed per --data folder, got {len(args.seeds)} "
                          f"seeds for {len(args.data)} folders")
-    if args.plot is not None and not args.diagnose:
-        raise SystemExit("--plot draws the --diagnose records: pass --diagnose too")
+    if (args.plot is not None or args.forces_every) and not args.diagnose:
+        raise SystemExit("--plot and --forces-every need --diagnose")
     pairs = list(zip(args.data, args.seeds)) if args.paired else \
         [(d, s) for d in args.data for s in args.seeds]
     overrides = parse_sets(args.sets)
@@ -223,7 +227,8 @@ def main() -> None:
             out = args.out / f"{tag}{name.replace('+', '_')}_s{seed}"
             jobs.append({"data": data, "name": name, "out": out, "seed": seed,
                          "device": args.device, "epochs": args.epochs, "overrides": overrides,
-                         "diagnose": args.diagnose, "threads": args.threads})
+                         "diagnose": args.diagnose, "forces_every": args.forces_every,
+                         "threads": args.threads})
     runs, histories = [], {}
     for job, (metrics, history) in zip(jobs, _results(jobs, args.jobs)):
         runs.append(metrics)

@@ -23,12 +23,17 @@ def synth(
     mean_interactions: float = typer.Option(10.0, help="Mean logged interactions per user."),
     days: int = typer.Option(60, help="Days of logged traffic."),
     cutoff_day: int = typer.Option(45, help="Training cutoff day; new items arrive after it."),
+    lookalike_other_leaf: bool = typer.Option(
+        True, "--lookalike-other-leaf/--lookalike-same-leaf",
+        help="Look-alike partners belong to another leaf (disjoint audiences; the default) or "
+             "stay in the anchor's leaf (the worlds before issue 15)."),
 ) -> None:
     """Generate the built-in synthetic world with its ground truth."""
     from quasid.data.synthetic import WorldConfig, synthesize
 
     cfg = WorldConfig(n_items=items, n_users=users, content_dim=dim, seed=seed,
-                      mean_interactions=mean_interactions, days=days, cutoff_day=cutoff_day)
+                      mean_interactions=mean_interactions, days=days, cutoff_day=cutoff_day,
+                      lookalike_other_leaf=lookalike_other_leaf)
     card = synthesize(cfg, out, progress=True)
     console.print(f"wrote {out}: {json.dumps(card['counts'])}")
 

@@ -4,8 +4,10 @@ Built so that SID collisions matter:
 - a 3-level category tree; content = category centroids + a view of the item's taste + noise;
 - benign overlaps: near-duplicate groups (variants of one product): the same taste, content
   cosine ~0.99, browsed together (a user who takes one variant often looks at another);
-- harmful look-alikes: pairs whose content cosine is 0.90-0.97 while their tastes are
-  opposite, so their audiences are disjoint and only the collaborative signal tells them apart;
+- harmful look-alikes: pairs whose content cosine is 0.90-0.97 while their audiences are
+  disjoint, so only the collaborative signal tells them apart: the partner's taste is another
+  leaf's taste centre with the anchor's item-specific taste mirrored, and it is sold (category,
+  price level, the old recommender's favourite-leaf slates) in that leaf;
 - log-normal prices around leaf-category medians; users with a favourite leaf, taste, price
   sensitivity and activity; logged interactions drawn from the true model through an old
   recommender's slates (popularity, favourite-category and random candidates, position bias);
@@ -41,6 +43,11 @@ class WorldConfig(Config):
     duplicate_noise: float = 0.12
     lookalike_share: float = 0.10
     lookalike_cos: tuple[float, float] = (0.90, 0.97)
+    # True: a look-alike partner belongs to another leaf (taste centre, category, price level):
+    # disjoint audiences. False (the worlds before issue 15): it stays in the anchor's leaf with
+    # only the item-specific taste mirrored, and the shared leaf taste dominates both (true
+    # affinities correlate ~ +0.5 over users; ~5% of pairs are co-interacted positives)
+    lookalike_other_leaf: bool = True
     new_item_share: float = 0.10
     mean_interactions: float = 10.0
     days: int = 60
@@ -172,10 +179,24 @@ def _build_catalog(cfg: WorldConfig) -> _Catalog:
     pop = prod_pop[item_prod].copy()
     price = prod_price[item_prod].copy()
 
-    # Look-alike partners: the opposite taste (disjoint audience), content rotated from
-    # the original by an angle with cosine in lookalike_cos, popularity drawn afresh.
+    # Look-alike partners: content rotated from the original by an angle with cosine in
+    # lookalike_cos, the opposite item-specific taste, popularity drawn afresh and, with
+    # lookalike_other_leaf, another leaf's taste centre, category and price level (drawn
+    # from a stream of its own, so the rest of the catalog is the same either way). Mirroring
+    # the item-specific taste alone leaves the shared leaf taste in charge of both items'
+    # appeal: their audiences overlapped almost as much as two items of one leaf.
     partner = slice(n_pairs, 2 * n_pairs)
     specific[partner] = -specific[partner]
+    if cfg.lookalike_other_leaf:
+        own = leaf[partner].copy()  # a slice is a view: keep the anchor leaves
+        # a leaf other than the anchor's, in proportion to the leaves' weights
+        weights = np.broadcast_to(leaf_weight, (n_pairs, n_leaf)).copy()
+        weights[np.arange(n_pairs), own] = 0.0
+        cum = np.cumsum(weights, axis=1)
+        u = _rng(cfg.seed, 5).random(n_pairs) * cum[:, -1]
+        other = np.minimum((cum <= u[:, None]).sum(axis=1), n_leaf - 1)
+        leaf[partner] = other
+        price[partner] *= leaf_price[other] / leaf_price[own]  # same jitter, its leaf's level
     base = content[partner]
     direction = rng.normal(size=base.shape)
     direction -= (direction * base).sum(1, keepdims=True) / (base * base).sum(1, keepdims=True) * base

@@ -10,7 +10,11 @@ per epoch, in a seeded random order) and, for each anchor, three partners:
   cosine 0.90-0.97 in the synthetic world, each other's nearest neighbour) and
   near-duplicates (~0.99) are content neighbours, so they meet in batches: CVPM decides
   which overlaps are conflicts, HaMR repels those, and for the contrastive term they are
-  the hard in-batch negatives of the anchor (an item with a disjoint audience next to it);
+  the hard in-batch negatives of the anchor (an item with a disjoint audience next to it).
+  With a `ConflictRule` (conflict mining) the neighbour is drawn among those the
+  tokenizer's repulsion would act on under the last epoch's codes, when the anchor has any:
+  a drawn partner is otherwise a live conflict only some of the time (a look-alike pair met
+  about once per epoch and HaMR acted on a third of those meetings);
 - the item next to it in the lexicographic order of the current SIDs (refreshed after each
   epoch's evaluation), i.e. the item sharing the longest code prefix: an actual collision
   or near-collision, whatever the content says.
@@ -28,6 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from quasid.tokenizer.pairs import PairIndex, pair_mask
+
+
+@dataclass(frozen=True)
+class ConflictRule:
+    """Which content neighbours are current conflicts of an anchor, for conflict mining.
+
+    A neighbour j of anchor i is one when H(C_i, C_j) <= h_max, its content cosine is at most
+    tau_dup (> 1: no duplicate rule) and, with exempt_positives, the pair is no collaborative
+    positive: HaMR's CVPM mask (`ConflictRule(h_max, tau_dup, True)`) or uniform's
+    (`ConflictRule(h_u)`), evaluated on the codes of the last epoch.
+    """
+
+    h_max: int
+    tau_dup: float = 2.0
+    exempt_positives: bool = False
 
 
 @dataclass
@@ -88,12 +107,26 @@ def lexicographic_partner(codes: torch.Tensor, generator: torch.Generator) -> to
     return partner
 
 
+def conflict_neighbours(codes: torch.Tensor, knn: torch.Tensor, knn_cos: torch.Tensor,
+                        pairs: PairIndex, rule: ConflictRule) -> torch.Tensor:
+    """(N, k) bool: whether each content neighbour knn[i, t] is a conflict of i under `rule`
+    (codes (N, L) of all items, knn_cos the neighbours' content cosines)."""
+    ham = (codes[:, None, :] != codes[knn]).sum(dim=2)
+    live = ham <= rule.h_max
+    if rule.tau_dup <= 1:
+        live &= knn_cos <= rule.tau_dup
+    if rule.exempt_positives:
+        rows = torch.arange(knn.shape[0])[:, None].expand_as(knn)
+        live &= ~pairs.contains(rows, knn.cpu())  # the index keys live on the CPU
+    return live
+
+
 class BatchSampler:
     """Anchors + partners (see the module docstring) over the N fit items, on `device`."""
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
                  generator: torch.Generator, neighbours: int = 8, need_positive: bool = True,
-                 near_duplicate: float | None = None):
+                 near_duplicate: float | None = None, conflicts: ConflictRule | None = None):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
@@ -107,6 +140,12 @@ class BatchSampler:
         # content only: found once here, then looked up per batch like the positives
         self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
         self.near = PairIndex(near.numpy(), n) if near is not None else None
+        # conflict mining: the neighbours' content cosines (for the duplicate rule) and, after
+        # each set_codes, which of them the repulsion acts on
+        knn = self.knn.to(self.unit.device)
+        self.knn_cos = (self.unit[:, None, :] * self.unit[knn]).sum(dim=2).cpu()
+        self.rule = conflicts
+        self.conflict: torch.Tensor | None = None  # (N, k) bool, with a rule, after set_codes
         self.sid_partner: torch.Tensor | None = None
         self._order = torch.arange(n)
 
@@ -122,15 +161,24 @@ class BatchSampler:
         self._order = perm.repeat(math.ceil(size / self.n))[:size]
 
     def set_codes(self, codes: torch.Tensor) -> None:
-        """Refresh the SID partners from the current codes of all N items."""
+        """Refresh the SID partners (and, with a rule, the conflicts) from all N items' codes."""
         self.sid_partner = lexicographic_partner(codes, self.generator)
+        if self.rule is not None:
+            self.conflict = conflict_neighbours(codes.cpu(), self.knn, self.knn_cos,
+                                                self.pairs, self.rule)
 
     def batch(self, step: int) -> Batch:
         """The batch of `step` within the current epoch: [anchors, collab, knn, sid] blocks."""
         a = self.anchors
         anchors = self._order[step * a:(step + 1) * a]
         pick = torch.randint(self.knn.shape[1], (2, a), generator=self.generator)
-        near = self.knn[anchors, pick[0]]
+        if self.conflict is not None:
+            live = self.conflict[anchors]
+            weight = torch.where(live.any(dim=1, keepdim=True), live, torch.ones_like(live))
+            mined = torch.multinomial(weight.float(), 1, generator=self.generator)[:, 0]
+            near = self.knn[anchors, mined]
+        else:
+            near = self.knn[anchors, pick[0]]
         collab = self.pairs.draw_partner(anchors, self.generator)
         has_pos = collab >= 0
         collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
@@ -159,8 +207,9 @@ class BatchSampler:
 
     def state(self) -> dict:
         """What a checkpoint needs to resume the same batch stream (with the generator state)."""
-        return {"sid_partner": self.sid_partner}
+        return {"sid_partner": self.sid_partner, "conflict": self.conflict}
 
     def load_state(self, state: dict) -> None:
         """Restore `state()`."""
         self.sid_partner = state.get("sid_partner")
+        self.conflict = state.get("conflict")

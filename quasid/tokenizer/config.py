@@ -29,6 +29,9 @@ class TrainConfig(Config):
     final_lr_share: float = 0.05
     grad_clip: float = 1.0
     neighbours: int = 8
+    # conflict mining: the content-neighbour partner is drawn among the anchor's neighbours
+    # that the tokenizer's repulsion acts on (HaMR: CVPM-valid; uniform: H <= h_u), if any
+    mine_conflicts: bool = False
     reseed_every: int = 1
     reseed_until: float = 0.8
     eval_every: int = 1

@@ -15,6 +15,14 @@ epoch:
   distance (the loss sums both orders of the pair; HaMR: w = s^γ, m = m₀(1 + s); uniform:
   w = 1, m = m_u);
 - the share of group pairs that met in at least one batch of the epoch, and meetings per pair;
+- with `forces_every` = k > 0, at every k-th step, which loss term moves the groups apart or
+  together (`forces`): for each term T (weighted as in the total loss) its first-order
+  change of the groups' mean latent distance in an AdamW step, Δd_T = −lr · ∇θ d̄ ·
+  (∇θ λ_T T / (√v̂ + ε)) · c, with d̄ the mean unit-latent distance over ALL the group's pairs
+  (every step moves every item: the weights are shared), v̂ Adam's bias-corrected second
+  moment, c the step's clipping factor; plus AdamW's weight decay, −lr · wd · ∇θ d̄ · θ.
+  Summed over the epoch's steps (scaled up from the sampled ones): positive = apart. It
+  leaves out Adam's momentum (it spreads each gradient over later steps, same total);
 - after the epoch, on the codes of all fit items: the Hamming histogram of the group pairs
   (the harmful / benign rate on fit items is the share with H ≤ 1), how many pairs crossed
   that line since the previous epoch (`escaped`: H ≤ 1 -> H ≥ 2, `returned`: back), and
@@ -30,6 +38,11 @@ import torch
 from quasid.tokenizer.batches import Batch
 from quasid.tokenizer.losses import CVPM_REASONS
 from quasid.tokenizer.pairs import PairIndex
+
+TERM_WEIGHTS = {"rec": None, "rq": None, "hamr": "hamr_weight",
+                "contrastive": "contrastive_weight", "adasid": "adasid_weight",
+                "uniform": "uniform_weight"}
+"""Loss term -> the config field weighting it in the total (None: weight 1)."""
 
 PROBE_REASONS = (*CVPM_REASONS, "valid")
 """CVPM's exclusion reasons in attribution order, then `valid` (kept by the mask)."""
@@ -73,15 +86,6 @@ def _occurrences(rows: torch.Tensor, pairs: torch.Tensor
     return k, i, j
 
 
-def _is_pair(index: PairIndex, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Whether each (a[t], b[t]) is one of `index`'s pairs (either order), bool."""
-    if index.keys.numel() == 0:
-        return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-    query = torch.minimum(a, b) * index.n + torch.maximum(a, b)
-    pos = torch.searchsorted(index.keys, query).clamp_max(index.keys.numel() - 1)
-    return index.keys[pos] == query
-
-
 class PairProbe:
     """Per-epoch statistics of named pair groups during `fit_model` (see the module docstring).
 
@@ -92,10 +96,12 @@ class PairProbe:
     """
 
     def __init__(self, groups: dict[str, np.ndarray], positives: np.ndarray, n: int, cfg,
-                 device: str | torch.device = "cpu", reference_pairs: int = 4096, seed: int = 0):
+                 device: str | torch.device = "cpu", reference_pairs: int = 4096, seed: int = 0,
+                 forces_every: int = 0):
         if not groups:
             raise ValueError("PairProbe: no pair groups to watch")
         self.cfg, self.n, self.device = cfg, n, torch.device(device)
+        self.forces_every = forces_every
         self.groups: dict[str, torch.Tensor] = {}
         for name, rows in groups.items():
             rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
@@ -115,7 +121,7 @@ class PairProbe:
     def _share_positive(self, rows: torch.Tensor) -> float:
         if len(rows) == 0:
             return 0.0
-        return float(_is_pair(self.positives, rows[:, 0], rows[:, 1]).float().mean())
+        return float(self.positives.contains(rows[:, 0], rows[:, 1]).float().mean())
 
     def _reset(self) -> None:
         levels = self.cfg.levels
@@ -128,8 +134,10 @@ class PairProbe:
             "planted": torch.zeros(len(PLANTED_BLOCKS), dtype=torch.int64),
             "contrastive_positive": torch.zeros((), dtype=torch.int64),
             "meetings": torch.zeros(len(rows), dtype=torch.int64),
+            "forces": {},
         } for name, rows in self.groups.items()}
         self._steps = 0
+        self._force_steps = 0
 
     def _push(self, d: torch.Tensor, ham: torch.Tensor, valid: torch.Tensor,
               cos: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +164,74 @@ class PairProbe:
             acted |= mask
         return force, acted
 
+    def step(self, model, batch: Batch, optimizer=None, progress: float = 0.0,
+             x: torch.Tensor | None = None) -> None:
+        """Record the batch about to be trained on (call before the optimizer step).
+
+        The force attribution (`forces_every`) needs the `optimizer` (AdamW, with state), the
+        training `progress` and the standardized content `x` of all fit items.
+        """
+        self._record(model, batch)
+        if (self.forces_every and optimizer is not None and x is not None
+                and (self._steps - 1) % self.forces_every == 0):
+            self._forces(model, batch, optimizer, progress, x)
+
+    def _forces(self, model, batch: Batch, optimizer, progress: float, x: torch.Tensor) -> None:
+        """Add this step's first-order Δ(mean group distance) per loss term (module docstring)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.requires_grad]
+        state = [optimizer.state.get(p, {}) for p in params]
+        if not params or any("exp_avg_sq" not in st for st in state):
+            return  # before the first step Adam has no second moment yet
+        opt = optimizer.param_groups[0]
+        lr, wd, eps = opt["lr"], opt["weight_decay"], opt["eps"]
+        beta2 = opt["betas"][1]
+        denom = []
+        for st in state:
+            steps = float(st["step"])
+            denom.append((st["exp_avg_sq"] / (1.0 - beta2 ** steps)).sqrt() + eps)
+        quantizer_mode = model.quantizer.training
+        model.quantizer.train(False)  # no usage counting or EMA update from this forward
+        try:
+            with torch.enable_grad():
+                _, terms = model.losses(batch, progress, keep_graph=True)
+                weighted = {k: v * (1.0 if TERM_WEIGHTS[k] is None
+                                    else getattr(self.cfg, TERM_WEIGHTS[k]))
+                            for k, v in terms.items() if k in TERM_WEIGHTS}
+                grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+                         for k, v in weighted.items()}
+                distance_grads = {}
+                for name, pairs in self.groups.items():
+                    if len(pairs) == 0:
+                        continue
+                    rows, inverse = torch.unique(pairs, return_inverse=True)
+                    unit = torch.nn.functional.normalize(model.encoder(x[rows]).float(), dim=1)
+                    diff = unit[inverse[:, 0]] - unit[inverse[:, 1]]
+                    mean_d = torch.sqrt(diff.pow(2).sum(dim=1) + 1e-8).mean()
+                    distance_grads[name] = torch.autograd.grad(mean_d, params, allow_unused=True)
+        finally:
+            model.quantizer.train(quantizer_mode)
+
+        def zero_if_none(g, p):
+            return torch.zeros_like(p) if g is None else g
+
+        total = [sum(zero_if_none(g[i], p) for g in grads.values()) for i, p in enumerate(params)]
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in total))
+        clip = self.cfg.train.grad_clip
+        scale = float(min(1.0, clip / (float(norm) + 1e-6))) if clip > 0 else 1.0
+        for name, gd in distance_grads.items():
+            gd = [zero_if_none(g, p) for g, p in zip(gd, params)]
+            forces = self._acc[name]["forces"]
+            for term, g in grads.items():
+                step = sum((a * zero_if_none(b, p) / c).sum()
+                           for a, b, p, c in zip(gd, g, params, denom))
+                forces[term] = forces.get(term, 0.0) - lr * scale * float(step)
+            decay = sum((a * p.detach()).sum() for a, p in zip(gd, params))
+            forces["weight_decay"] = forces.get("weight_decay", 0.0) - lr * wd * float(decay)
+        self._force_steps += 1
+
     @torch.no_grad()
-    def step(self, model, batch: Batch) -> None:
-        """Record the batch about to be trained on (call before the optimizer step)."""
+    def _record(self, model, batch: Batch) -> None:
         cfg = self.cfg
         rows = batch.rows
         b, a = rows.shape[0], batch.anchor.shape[0]
@@ -170,7 +243,7 @@ class PairProbe:
             k, i, j = _occurrences(rows, pairs)
             ham = (codes[i] != codes[j]).sum(dim=1)
             cos = (batch.unit[i] * batch.unit[j]).sum(dim=1)
-            positive = _is_pair(self.positives, rows[i], rows[j])
+            positive = self.positives.contains(rows[i], rows[j])
             reason = cvpm_reasons(i == j, rows[i] == rows[j], positive, cos, ham,
                                   cfg.tau_dup, cfg.max_hamming)
             d = torch.sqrt((2.0 - 2.0 * (unit_z[i] * unit_z[j]).sum(dim=1)).clamp_min(0.0)
@@ -228,6 +301,9 @@ class PairProbe:
                 "planted": dict(zip(PLANTED_BLOCKS, acc["planted"].tolist())),
                 "contrastive_positive": int(acc["contrastive_positive"]),
                 "met_share": float((meetings > 0).double().mean()) if len(pairs) else 0.0,
+                # per epoch: scaled from the sampled steps to all of the epoch's steps
+                "forces": {k: v * self._steps / self._force_steps
+                           for k, v in acc["forces"].items()} if self._force_steps else {},
                 "meetings_per_pair": float(meetings.mean()) if len(pairs) else 0.0,
             }
         self._reset()

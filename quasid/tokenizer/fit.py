@@ -19,7 +19,7 @@ import torch
 
 from quasid.core.io import write_atomic
 from quasid.core.schedule import lr_factor, warmup_steps
-from quasid.tokenizer.batches import Batch, BatchSampler
+from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule
 from quasid.tokenizer.config import TrainConfig
 from quasid.tokenizer.pairs import PairIndex
 
@@ -43,6 +43,18 @@ def code_summary(codes: torch.Tensor, codebook_size: int) -> dict:
             for k in range(codes.shape[1])]
     return {"collision_rate": 1.0 - unique / codes.shape[0], "unique_sids": unique,
             "utilization": util}
+
+
+def conflict_rule(cfg: TokenizerConfig) -> ConflictRule | None:
+    """The conflict-mining rule of `cfg` (`train.mine_conflicts`): HaMR's CVPM mask, else
+    uniform's; None without mining or without a repulsion to mine for."""
+    if not cfg.train.mine_conflicts:
+        return None
+    if cfg.hamr:
+        return ConflictRule(cfg.max_hamming, cfg.tau_dup, exempt_positives=True)
+    if cfg.uniform:
+        return ConflictRule(cfg.uniform_h_max, cfg.uniform_tau_dup)
+    return None
 
 
 def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: torch.device
@@ -81,7 +93,14 @@ def _load_checkpoint(path: Path | None, cfg: TokenizerConfig) -> dict | None:
     if path is None or not Path(path).exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != cfg.to_dict():
+    # read through the config class: a checkpoint from before a field existed holds that
+    # field's default, so the same training
+    saved = state.get("config")
+    try:
+        same = type(cfg).from_dict(saved).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):  # unknown or invalid keys: another config
+        same = False
+    if not same:
         log.warning("%s: checkpoint of another config; training from scratch", path)
         return None
     return state
@@ -109,7 +128,8 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     sampler = BatchSampler(model.standardize(content), content, PairIndex(pairs, n, dev),
                            tc.batch_size, generator, tc.neighbours,
                            need_positive=cfg.needs_pairs,
-                           near_duplicate=cfg.tau_dup if cfg.hamr else None)
+                           near_duplicate=cfg.tau_dup if cfg.hamr else None,
+                           conflicts=conflict_rule(cfg))
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
     params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)
@@ -143,7 +163,7 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                 done = (epoch * steps + step) / total_steps
                 batch = sampler.batch(step)
                 if probe is not None:
-                    probe.step(model, batch)
+                    probe.step(model, batch, optimizer, done, sampler.x)
                 terms = train_step(loss_fn, batch, done, params, optimizer, scheduler,
                                    tc.grad_clip, amp)
                 for key, value in terms.items():

@@ -61,7 +61,8 @@ class SIDModel(nn.Module):
         """(n, L) int64 codes of raw content rows (fp32, no usage counting)."""
         return self.quantizer.codes(self.encoder(self.standardize(content)).float())
 
-    def losses(self, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: Batch, progress: float, keep_graph: bool = False
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, {term: detached value, plus pair statistics}) of one batch.
 
         `progress` ∈ [0, 1] is the share of training done (AdaSID's schedule). The pair terms
@@ -69,6 +70,8 @@ class SIDModel(nn.Module):
         dense B × B formulas elsewhere (static shapes for CUDA graphs and `torch.compile`);
         `self.sparse_pairs` (None = by device) overrides the choice. Same values either way,
         up to float summation order.
+        With `keep_graph` the terms keep their graph (the diagnostics take each term's
+        gradient).
         """
         cfg = self.cfg
         z = self.encoder(batch.x)
@@ -97,7 +100,8 @@ class SIDModel(nn.Module):
                                               batch.pair_weight, cfg.tau)
             total = total + cfg.contrastive_weight * terms["contrastive"]
             stats["contrastive_pairs"] = batch.pair_weight.sum()
-        terms = {k: v.detach() for k, v in terms.items()}
+        if not keep_graph:
+            terms = {k: v.detach() for k, v in terms.items()}
         terms["total"] = total.detach()
         return total, {**terms, **stats}
 

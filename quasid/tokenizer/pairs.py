@@ -142,6 +142,16 @@ class PairIndex:
         positive pair."""
         return pair_mask(self.batch_pairs(rows).to(self.device), rows.numel())
 
+    def contains(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Whether each (a[t], b[t]) is a positive pair (either order): bool, a's shape, on a's
+        device (the look-up runs where the keys are, the CPU)."""
+        if self.keys.numel() == 0:
+            return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+        query = (torch.minimum(a, b) * self.n + torch.maximum(a, b)).to(self.keys.device)
+        flat = query.reshape(-1)
+        pos = torch.searchsorted(self.keys, flat).clamp_max(self.keys.numel() - 1)
+        return (self.keys[pos] == flat).reshape(query.shape).to(a.device)
+
     def draw_partner(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One uniformly drawn positive partner per row (CPU int64); -1 where a row has none."""
         start = self.indptr[rows]

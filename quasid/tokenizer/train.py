@@ -33,7 +33,7 @@ from quasid.tokenizer.tokenizer import make_tokenizer
 
 def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: str = "cpu",
                     epochs: int | None = None, seed: int = 0, overrides: dict | None = None,
-                    diagnose: bool = False) -> dict:
+                    diagnose: bool = False, forces_every: int = 0) -> dict:
     """Train `tokenizer` on a dataset folder and write its outputs to `out_dir`.
 
     Fits on the warm items (`is_cold` false) with collaborative positives from the training
@@ -43,7 +43,8 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
     together or not at all (`checkpoint.pt` is kept for resuming). Returns the metrics.
     With `diagnose` on a synthetic world, a `PairProbe` watches the look-alike (`harmful`)
     and near-duplicate (`benign`) pairs whose items are both fit items; its per-epoch
-    statistics land in `history.json` under each epoch's `probe`.
+    statistics land in `history.json` under each epoch's `probe` (with `forces_every` = k,
+    the per-loss-term forces on those pairs at every k-th step).
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train_tokenizer: device {device!r} asked for, but CUDA is not available")
@@ -68,7 +69,8 @@ def train_tokenizer(data_dir: Path, tokenizer: str, out_dir: Path, *, device: st
         fit_ids = item_ids[warm]
         groups = {"harmful": world_pair_rows(ds.world.lookalike_pairs, fit_ids),
                   "benign": world_pair_rows(ds.world.benign_pairs(), fit_ids)}
-        probe = PairProbe(groups, rows, len(fit_ids), tok.config, device, seed=seed)
+        probe = PairProbe(groups, rows, len(fit_ids), tok.config, device, seed=seed,
+                          forces_every=forces_every)
     started = time.perf_counter()
     history = tok.fit(content[warm], rows, device=device, checkpoint=out_dir / CHECKPOINT_FILE,
                       progress=True, probe=probe)

@@ -28,6 +28,20 @@ def test_synth_then_describe(tmp_path):
     assert summary["counts"]["interactions"] == card["counts"]["interactions"]
 
 
+def test_synth_lookalike_leaf_option(tmp_path):
+    cards = {}
+    for flag in ("--lookalike-other-leaf", "--lookalike-same-leaf", None):
+        out = tmp_path / str(flag)
+        args = ["data", "synth", "--out", str(out), "--items", "300", "--users", "400",
+                "--dim", "8"] + ([flag] if flag else [])
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        cards[flag] = json.loads((out / "datacard.json").read_text())["config"]
+    assert cards[None]["lookalike_other_leaf"] is True  # the default: another leaf
+    assert cards["--lookalike-other-leaf"]["lookalike_other_leaf"] is True
+    assert cards["--lookalike-same-leaf"]["lookalike_other_leaf"] is False
+
+
 def test_describe_names_a_missing_folder(tmp_path):
     res = runner.invoke(app, ["data", "describe", str(tmp_path / "nope")])
     assert res.exit_code != 0

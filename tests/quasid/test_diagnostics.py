@@ -196,3 +196,54 @@ def test_uniform_tau_dup_exempts_near_duplicate_content_from_uniform_repulsion()
     # the pair (0, 1) in both orders leaves the mask; nothing else changes
     assert counts[2.0] >= 2 and counts[0.98] == counts[2.0] - 2
     assert cfg.uniform_tau_dup == 2.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_force_attribution_predicts_an_adamw_step(small_world, sparse):
+    """The per-term forces sum to the first-order change of the group's mean distance that
+    one AdamW step actually makes (momentum off, so the step is the current gradient's), on
+    the dense and the sparse pair-term path."""
+    from quasid.tokenizer.batches import BatchSampler
+    from quasid.tokenizer.pairs import PairIndex
+
+    x = torch.tensor(small_world.content()[:300])
+    n = len(x)
+    pairs = np.stack([np.arange(0, 200, 2), np.arange(1, 201, 2)], axis=1)
+    tiny = TINY | {"train": TINY["train"] | {"grad_clip": 0.0}}
+    tok = make_tokenizer("quasid", tiny)
+    model = tok._build(x.shape[1])
+    model.set_standardization(x)
+    model.sparse_pairs = sparse
+    g = torch.Generator().manual_seed(0)
+    sampler = BatchSampler(model.standardize(x), x, PairIndex(pairs, n), 64, g,
+                           near_duplicate=tok.config.tau_dup)
+    model.quantizer.init_kmeans(model.encoder(sampler.x).detach(), g, 3)
+    sampler.new_epoch()
+    batch = sampler.batch(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.0, 0.999), weight_decay=1e-2)
+
+    def step():
+        total, _ = model.losses(batch, 0.0)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+
+    for _ in range(3):  # the same batch: Adam's second moment settles on this gradient
+        step()
+    group = torch.from_numpy(pairs[:30])
+
+    def mean_distance() -> float:
+        with torch.no_grad():
+            unit = torch.nn.functional.normalize(model.encoder(sampler.x), dim=1)
+            return float((unit[group[:, 0]] - unit[group[:, 1]]).norm(dim=1).mean())
+
+    probe = PairProbe({"g": pairs[:30]}, pairs, n, tok.config, forces_every=1)
+    before = mean_distance()
+    probe.step(model, batch, opt, 0.0, sampler.x)
+    step()
+    forces = probe.epoch(model, sampler.x, model.codes(x))["g"]["forces"]
+    assert set(forces) == {"rec", "rq", "hamr", "contrastive", "weight_decay"}
+    moved = mean_distance() - before
+    assert moved != 0.0
+    assert sum(forces.values()) == pytest.approx(moved, rel=0.05)

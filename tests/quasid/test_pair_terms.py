@@ -13,7 +13,7 @@ import torch
 
 from quasid.tokenizer import pair_terms as P
 from quasid.tokenizer.batches import BatchSampler, content_neighbours
-from quasid.tokenizer.fit import all_codes
+from quasid.tokenizer.fit import all_codes, conflict_rule
 from quasid.tokenizer.pairs import PairIndex
 from quasid.tokenizer.tokenizer import make_tokenizer
 
@@ -258,8 +258,11 @@ def test_contrastive_allowed_matches_the_dense_mask():
 
 # ---- the whole loss on both paths ----
 
-@pytest.mark.parametrize("name", ["quasid", "uniform", "adasid", "adasid+hamr", "uniform-dup"])
+@pytest.mark.parametrize("name", ["quasid", "uniform", "adasid", "adasid+hamr", "uniform-dup",
+                                  "quasid-mine", "uniform-mine"])
 def test_model_losses_sparse_and_dense_paths_agree(name):
+    """Both paths, also on a conflict-mined batch (`-mine`: train.mine_conflicts, whose
+    content-neighbour partners are live conflicts, so the repulsion has more pairs)."""
     rng = np.random.default_rng(1)
     n = 400
     content = torch.tensor(rng.normal(size=(n, 8)), dtype=torch.float32)
@@ -268,19 +271,24 @@ def test_model_losses_sparse_and_dense_paths_agree(name):
     content[n // 2:] = content[:n // 2] + 0.1 * torch.tensor(rng.normal(size=(n // 2, 8)),
                                                               dtype=torch.float32)
     extra = {"uniform_tau_dup": 0.98} if name == "uniform-dup" else {}  # near-duplicates exempt
-    tok = make_tokenizer(name.removesuffix("-dup"), {"hidden": [16], "latent": 4, "codebook_size": 4,
-                                                     "tower_dim": 8, "train": {"batch_size": 68},
-                                                     **extra})
+    mine = name.endswith("-mine")
+    tok = make_tokenizer(name.removesuffix("-dup").removesuffix("-mine"),
+                         {"hidden": [16], "latent": 4, "codebook_size": 4, "tower_dim": 8,
+                          "train": {"batch_size": 68, "mine_conflicts": mine}, **extra})
     model = tok._build(8)
     model.set_standardization(content)
     g = torch.Generator().manual_seed(0)
     hamr = tok.config.hamr
     sampler = BatchSampler(model.standardize(content), content,
                            PairIndex(rng.integers(0, n, size=(3 * n, 2)), n), 68, g,
-                           neighbours=2, near_duplicate=tok.config.tau_dup if hamr else None)
+                           neighbours=2, near_duplicate=tok.config.tau_dup if hamr else None,
+                           conflicts=conflict_rule(tok.config))
+    assert (sampler.rule is not None) == mine
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(sampler.x), g, 3)
     sampler.set_codes(all_codes(model, content))
+    if mine:
+        assert sampler.conflict.any()
     sampler.new_epoch()
     batch = sampler.batch(0)
     assert batch.positive is None and len(batch.positive_pairs) > 0  # CPU: the pair list only

@@ -90,6 +90,43 @@ def test_lookalikes_are_close_in_content_with_disjoint_audiences(small_world):
     assert np.median(cos) > np.median(sim.max(1)) - 0.05
 
 
+def _affinity_correlation(world, pairs) -> np.ndarray:
+    """Per pair, the correlation over all users of the two items' true preference logits."""
+    a = world.user_pref @ world.item_taste[pairs[:, 0]].T
+    b = world.user_pref @ world.item_taste[pairs[:, 1]].T
+    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+    return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+
+
+def test_lookalike_partners_belong_to_another_leaf_with_an_opposed_audience():
+    from quasid.data.synthetic import generate
+
+    cfg = {**SMALL_WORLD, "n_users": 300, "mean_interactions": 2.0}
+    items, _, world = generate(WorldConfig(**cfg))
+    _, _, before = generate(WorldConfig(**cfg, lookalike_other_leaf=False))
+    pairs = world.lookalike_pairs
+    assert np.array_equal(pairs, before.lookalike_pairs)
+    # the partner (and only it) moves to another leaf, with that leaf's price level
+    partner = np.flatnonzero(world.item_leaf != before.item_leaf)
+    assert len(partner) == len(pairs)
+    assert np.all(world.item_leaf[pairs[:, 0]] != world.item_leaf[pairs[:, 1]])
+    # one reference price per leaf, the partners' included; the price keeps its jitter around it
+    refs = pl.DataFrame({"leaf": world.item_leaf, "ref": world.price_ref})
+    assert refs.group_by("leaf").agg(pl.col("ref").n_unique())["ref"].max() == 1
+    assert np.allclose(world.price[partner] / world.price_ref[partner],
+                       before.price[partner] / before.price_ref[partner], rtol=1e-2)
+    others = np.setdiff1d(np.arange(world.n_items), partner)
+    assert np.array_equal(world.item_taste[others], before.item_taste[others])
+    assert np.array_equal(world.item_pop, before.item_pop)
+    # content is the same either way (the look-alike is in the content, not the audience)
+    content = np.stack(items["content"].to_numpy())
+    assert _cosine(content, pairs).min() >= 0.90 - 1e-4
+    # mirroring only the item-specific taste kept the leaf taste shared: correlated appeal;
+    # another leaf's taste centre opposes it
+    assert np.median(_affinity_correlation(before, pairs)) > 0.3
+    assert np.median(_affinity_correlation(world, pairs)) < 0.0
+
+
 def test_new_items_have_no_interactions_before_cutoff(small_world):
     w, inter = small_world.world, small_world.interactions
     train, window = time_split(inter, small_world.cutoff_ts)

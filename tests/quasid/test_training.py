@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from quasid.core.schedule import lr_factor, warmup_steps
 from quasid.core.schemas import SID_TABLE, read_parquet
-from quasid.tokenizer.batches import BatchSampler, lexicographic_partner
+from quasid.tokenizer.batches import (
+    BatchSampler,
+    ConflictRule,
+    conflict_neighbours,
+    lexicographic_partner,
+)
 from quasid.tokenizer.metrics import sid_metrics
 from quasid.tokenizer.pairs import PairIndex, collaborative_pairs, pairs_to_rows
 from quasid.tokenizer.tokenizer import Tokenizer, make_tokenizer
@@ -94,6 +99,51 @@ def test_batch_blocks_hold_anchors_and_their_partners(small_world):
     assert set(epoch.tolist()) == set(range(n))
 
 
+def test_conflict_neighbours_follow_the_repulsion_masks():
+    # item 0's neighbours 1, 2, 3; codes: 1 equal to 0 (H = 0), 2 one level off, 3 all off
+    codes = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 9], [7, 8, 9]])
+    knn = torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+    cos = torch.tensor([[0.99, 0.95, 0.9]] * 4)
+    positives = PairIndex(np.array([[0, 2]]), 4)
+    hamr = conflict_neighbours(codes, knn, cos, positives, ConflictRule(1, 0.98, True))
+    # 0-1 is a near-duplicate (0.99 > 0.98), 0-2 a collaborative positive, 0-3 too far
+    assert hamr[0].tolist() == [False, False, False]
+    # 1-0 and 1-2: 0.99 again for the first column, 1-2 (H = 1, 0.95, no positive) is live
+    assert hamr[1].tolist() == [False, True, False]
+    uniform = conflict_neighbours(codes, knn, cos, positives, ConflictRule(0))
+    assert uniform[0].tolist() == [True, False, False]  # full collisions only, no exemption
+    assert uniform[3].tolist() == [False, False, False]
+
+
+def test_conflict_mining_draws_a_live_conflict_when_there_is_one(small_world):
+    x = torch.tensor(small_world.content())
+    n = x.shape[0]
+    pairs = np.zeros((0, 2), dtype=np.int64)
+    sampler = BatchSampler(x, x, PairIndex(pairs, n), 64, torch.Generator().manual_seed(0),
+                           neighbours=4, conflicts=ConflictRule(0))
+    codes = torch.arange(n)[:, None].repeat(1, 3)  # all distinct: no conflict anywhere
+    # some even items collide with their third content neighbour (an odd one, used once)
+    target = sampler.knn[:, 2]
+    chosen = (torch.arange(n) % 2 == 0) & (target % 2 == 1)
+    candidates = np.flatnonzero(chosen.numpy())
+    _, once = np.unique(target.numpy()[candidates], return_index=True)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[candidates[once]] = True
+    codes[target[chosen]] = codes[chosen]
+    sampler.set_codes(codes)
+    live = sampler.conflict
+    assert live[chosen, 2].all()
+    sampler.new_epoch()
+    a = 16
+    for step in range(sampler.steps_per_epoch):
+        batch = sampler.batch(step)
+        anchors, near = batch.rows[:a], batch.rows[2 * a:3 * a]
+        has = live[anchors].any(dim=1)
+        picked = (sampler.knn[anchors] == near[:, None]).float().argmax(dim=1)
+        assert live[anchors[has], picked[has]].all()  # with a conflict: always a conflict
+        assert all(near[k] in sampler.knn[anchors[k]] for k in range(a))
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = [lr_factor(s, 100, warmup_steps(0.1, 100), 0.05) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -123,9 +173,10 @@ def test_a_tiny_cpu_fit_lowers_the_loss_and_the_collision_rate(small_world):
     assert final["collision_rate"] == pytest.approx(last["collision_rate"])
 
 
-def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_path):
+@pytest.mark.parametrize("mine", [False, True])
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_path, mine):
     content, rows = _fit_data(small_world)
-    cfg = tiny(epochs=4, checkpoint_every=1)
+    cfg = tiny(epochs=4, checkpoint_every=1, mine_conflicts=mine)
     straight = make_tokenizer("rqvae+hamr", cfg)
     straight.fit(content, rows)
 
@@ -146,6 +197,24 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(small_world, tmp_
     assert np.array_equal(resumed.encode(content), straight.encode(content))
     for va, vb in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         assert torch.equal(va, vb)
+
+
+def test_a_checkpoint_from_before_a_new_field_still_resumes(tmp_path):
+    from quasid.tokenizer.config import tokenizer_config
+    from quasid.tokenizer.fit import _load_checkpoint
+
+    cfg = tokenizer_config("uniform", {"content_dim": 4})
+    path = tmp_path / "checkpoint.pt"
+
+    def saved(config: dict):
+        torch.save({"config": config, "epoch": 3}, path)
+        return _load_checkpoint(path, cfg)
+
+    older = cfg.to_dict()
+    del older["uniform_tau_dup"]  # written before the field existed: it meant the default
+    assert saved(older)["epoch"] == 3
+    assert saved(cfg.to_dict() | {"uniform_tau_dup": 0.9}) is None  # another training
+    assert saved(cfg.to_dict() | {"no_such_field": 1}) is None
 
 
 def test_train_tokenizer_writes_every_output(small_world_dir, small_world, tmp_path):
