@@ -224,7 +224,8 @@ def test_cold_bias_is_fitted_on_validation_and_cold_items_reach_the_beam(stack, 
         stack.set_config(cold_bias=saved, cold_in_beam=True)
 
 
-@pytest.mark.parametrize("changes", [{}, {"cold_prefix": 2}, {"cold_candidates": 0}])
+@pytest.mark.parametrize("changes", [{"cold_candidates": 8}, {"cold_candidates": 8, "cold_prefix": 2},
+                                     {"cold_candidates": 0}])
 def test_candidate_log_p_is_the_teacher_forced_log_p_of_every_candidate(stack, requests, changes):
     # serving reuses the beam's scores and the first level's distribution and decodes only
     # the other candidates: the numbers must be the full teacher-forced ones
