@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from quasid.core.config import CONFIGS_DIR, Config, ConfigError, load_yaml, merge, nested_update
 
@@ -26,6 +26,10 @@ class RetrieverConfig(Config):
     """Width of one attention head (None: d_model / n_heads); TIGER: 6 heads of 64 at d_model 128."""
     n_layers: int = 2
     """Encoder layers and decoder layers (each)."""
+    history_tokens: Literal["levels", "item"] = "levels"
+    """How the encoder reads the history: "levels", TIGER's, one token per SID level (and
+    the collision rank) of each item; "item", one token per item, the sum of those tokens'
+    embeddings (depth x fewer encoder positions and memory keys: the CPU main job's)."""
     d_ff: int = 512
     dropout: float = 0.1
     max_history: int = 20
@@ -54,6 +58,10 @@ class RankerConfig(Config):
     dropout: float = 0.1
     max_history: int = 20
     negatives: int = 32
+    shared_negatives: bool = False
+    """False: `negatives` uniform warm items drawn per training window; True: drawn once per
+    batch and shared by all its windows (each one's representation computed once: the CPU
+    main job's, with more of them)."""
     id_dropout: float = 0.2
     epochs: int = 10
     batch_size: int = 1024

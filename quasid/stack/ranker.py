@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from quasid.core.schedule import lr_factor
 from quasid.stack.config import RankerConfig
 from quasid.stack.retriever import trim_padding
-from quasid.stack.training import History, train_epochs
+from quasid.stack.training import History, optimizer, train_epochs
 
 
 class Ranker(nn.Module):
@@ -95,10 +95,21 @@ class Ranker(nn.Module):
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
              ) -> torch.Tensor:
-        """Binary cross-entropy: the target (label 1) against sampled negatives (label 0)."""
-        logit = self.logits(histories, torch.cat([targets[:, None], negatives], dim=1))
+        """Binary cross-entropy: the target (label 1) against sampled negatives (label 0).
+
+        negatives: (B, n) rows per request, or (n,) rows shared by the whole batch (each
+        negative's representation computed once, its logits one matrix product)."""
+        if negatives.dim() == 1:
+            user = self.user_repr(histories)
+            pos_vec, pos_bias = self.item_repr(targets)
+            neg_vec, neg_bias = self.item_repr(negatives)
+            positive = (user * pos_vec).sum(-1).float() + pos_bias.float()
+            negative = (user @ neg_vec.T).float() + neg_bias.float()
+        else:
+            logit = self.logits(histories, torch.cat([targets[:, None], negatives], dim=1))
+            positive, negative = logit[:, 0], logit[:, 1:]
         # the positive weighs as much as all negatives together (balanced odds)
-        return (F.softplus(-logit[:, 0]) + F.softplus(logit[:, 1:]).mean(dim=1)).mean()
+        return (F.softplus(-positive) + F.softplus(negative).mean(dim=1)).mean()
 
 
 def gmv_score(logits: torch.Tensor, price: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
@@ -134,13 +145,28 @@ def train_ranker(
     if len(pool) == 0:
         raise ValueError("negative_pool: expected at least one warm item to sample negatives from")
     n = len(tgt)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = max(1, math.ceil(n / cfg.batch_size)) * cfg.epochs
+    opt = optimizer(model, cfg.lr, cfg.weight_decay)
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, 0, 0.0))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and ID dropout draws
-    return train_epochs(
-        model, lambda idx, neg_idx: model.loss(hist[idx], tgt[idx], pool[neg_idx[idx]]),
-        histories, cfg.batch_size, cfg.epochs, opt, sched, gen, progress=progress,
-        epoch_setup=lambda: torch.randint(len(pool), (n, cfg.negatives), generator=gen).to(device))
+    if cfg.shared_negatives:
+        # one row of `negatives` draws per batch (at most `steps` + one short batch per
+        # chunk of `bucketed_batches`), taken in batch order
+        rows = steps + math.ceil(n / (cfg.batch_size * 32))
+
+        def setup():
+            return iter(torch.randint(len(pool), (rows, cfg.negatives), generator=gen).to(device))
+
+        def batch_loss(idx, draws):
+            return model.loss(hist[idx], tgt[idx], pool[next(draws)])
+    else:
+        def setup():
+            return torch.randint(len(pool), (n, cfg.negatives), generator=gen).to(device)
+
+        def batch_loss(idx, neg_idx):
+            return model.loss(hist[idx], tgt[idx], pool[neg_idx[idx]])
+    return train_epochs(model, batch_loss, histories, cfg.batch_size, cfg.epochs, opt, sched, gen,
+                        progress=progress, epoch_setup=setup)

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from quasid.core.schedule import lr_factor
 from quasid.data.sequences import sample_windows
 from quasid.stack.config import RetrieverConfig
-from quasid.stack.training import History, autocast, train_epochs
+from quasid.stack.training import History, autocast, optimizer, train_epochs
 from quasid.stack.trie import PAD, SidTrie
 
 
@@ -128,7 +128,8 @@ class Retriever(nn.Module):
                                                        0.0, -math.inf), persistent=False)
         d = cfg.d_model
         self.embed = nn.Embedding(self.n_tokens + 3, d, padding_idx=self.pad_token)
-        self.enc_pos = nn.Embedding(cfg.max_history * depth + 1, d)
+        per_item = depth if cfg.history_tokens == "levels" else 1
+        self.enc_pos = nn.Embedding(cfg.max_history * per_item + 1, d)
         self.dec_pos = nn.Embedding(depth, d)
         head_dim = cfg.head_dim or d // cfg.n_heads
         sizes = (d, cfg.n_heads, head_dim, cfg.d_ff, cfg.dropout)
@@ -149,12 +150,17 @@ class Retriever(nn.Module):
         h = trim_padding(histories[:, -self.cfg.max_history:])
         b, n = h.shape
         tokens = torch.where((h >= 0)[..., None], self.item_tokens[h.clamp(min=0)], self.pad_token)
-        tokens = torch.cat([tokens.reshape(b, n * self.depth),
-                            torch.full((b, 1), self.end_token, device=h.device)], dim=1)
+        end = torch.full((b, 1), self.end_token, device=h.device)
+        if self.cfg.history_tokens == "levels":
+            tokens = torch.cat([tokens.reshape(b, n * self.depth), end], dim=1)
+            x = self.embed(tokens)
+            keep = tokens != self.pad_token
+        else:  # one token per item: the sum of its code tokens' embeddings (pad rows: zeros)
+            x = torch.cat([self.embed(tokens).sum(2), self.embed(end)], dim=1)
+            keep = torch.cat([h >= 0, torch.ones_like(end, dtype=torch.bool)], dim=1)
         # positions count back from the end token, so the newest item always sits at the same place
-        pos = torch.arange(tokens.shape[1] - 1, -1, -1, device=h.device)
-        x = self.embed(tokens) + self.enc_pos(pos)[None]
-        keep = tokens != self.pad_token
+        pos = torch.arange(x.shape[1] - 1, -1, -1, device=h.device)
+        x = x + self.enc_pos(pos)[None]
         for layer in self.encoder:
             x = layer(x, keep)
         return self.enc_norm(x), keep
@@ -289,7 +295,7 @@ def train_retriever(
     n = len(tgt)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, 0.1))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws

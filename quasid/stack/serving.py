@@ -135,19 +135,65 @@ class Stack:
         """(beam rows, candidate rows, ranker logits, retriever log p) for a batch of row histories."""
         with autocast(self.device):
             encoded = self.retriever.encode(hist)  # shared by the beam and the candidates' scores
-            beam, _ = self.retriever.beam_search(hist, self.cfg.retriever.beam, encoded=encoded)
+            beam, beam_score = self.retriever.beam_search(hist, self.cfg.retriever.beam,
+                                                          encoded=encoded)
             cand = self._candidates(hist, beam)
             logit = self.ranker.logits(hist, cand)
-            levels = self.retriever.level_scores(hist, cand.clamp(min=0), encoded).float()
-        log_p = levels.sum(-1)
+            log_p, prefix = self._retriever_log_p(hist, cand, beam, beam_score, encoded)
         if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
             rows = cand.clamp(min=0)
-            region = (levels[..., : self.cfg.cold_prefix].sum(-1) - self._region_log_size[rows]
-                      + self.cfg.cold_bias)
+            region = prefix - self._region_log_size[rows] + self.cfg.cold_bias
             log_p = torch.where(self.ranker.warm[rows], log_p, region)
             if self.cfg.cold_in_beam:
                 beam = self._merged_beam(beam, cand, log_p)
         return beam, cand, logit.float(), log_p
+
+    def _retriever_log_p(self, hist: torch.Tensor, cand: torch.Tensor, beam: torch.Tensor,
+                         beam_score: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log p(full code) (B, N), log p of the first `cold_prefix` levels (B, N), or None
+        without the cold quota) of candidate rows, teacher-forced only where needed.
+
+        A beam result's log p is its beam score (the same per-level sums the beam search
+        computed); with `cold_prefix` 1 a cold candidate needs only the first level's
+        distribution, which depends on the history alone (one decoder position per
+        request). Only the rest (the popularity fill, deeper cold prefixes) go through the
+        decoder, compacted to the widest row's count: the beam and the cold quota are most
+        of the candidates, and the decoder over every candidate's code was most of serving.
+        """
+        retriever = self.retriever
+        valid = cand >= 0
+        rows = cand.clamp(min=0)
+        warm = self.ranker.warm[rows]
+        match = (cand[:, :, None] == beam[:, None, :]) & valid[:, :, None]
+        in_beam = match.any(-1)
+        log_p = torch.where(match, beam_score[:, None, :].float(), -math.inf).amax(-1)
+        quota = self.cfg.cold_candidates > 0
+        shallow = quota and self.cfg.cold_prefix == 1
+        if not quota:  # every candidate's full code counts
+            need = valid & ~in_beam
+        elif shallow:
+            need = valid & ~in_beam & warm
+        else:  # cold candidates (in the beam too) need their deeper prefix
+            need = valid & ((~in_beam & warm) | ~warm)
+        prefix = None
+        if shallow:
+            memory, keep = encoded
+            start = torch.zeros((len(hist), 1, 0), dtype=torch.int64, device=hist.device)
+            first = retriever.level_log_probs(retriever.decode(memory, keep, start)[:, 0, -1], 0)
+            prefix = first.gather(1, retriever.trie.codes[rows][..., 0])
+        width = int(need.sum(1).max()) if need.numel() else 0
+        if width:
+            order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :width]
+            taken = need.gather(1, order)
+            levels = retriever.level_scores(hist, torch.where(taken, cand.gather(1, order), 0),
+                                            encoded).float()
+            log_p = log_p.scatter(1, order, torch.where(taken, levels.sum(-1),
+                                                        log_p.gather(1, order)))
+            if quota and not shallow:
+                prefix = torch.zeros_like(log_p).scatter(
+                    1, order, levels[..., : self.cfg.cold_prefix].sum(-1))
+        return log_p, prefix
 
     def _merged_beam(self, beam: torch.Tensor, cand: torch.Tensor, log_p: torch.Tensor
                      ) -> torch.Tensor:

@@ -167,3 +167,47 @@ def test_early_stopping_on_the_beam_hit_rate_of_validation_requests():
         assert "validation requests" in str(exc)
     else:
         raise AssertionError("patience without validation requests must be refused")
+
+
+def _item_token_model(n_items: int = 40, seed: int = 0) -> Retriever:
+    _, codes = full_codes(random_sid_table(np.arange(n_items), levels=2, k=4, seed=seed))
+    torch.manual_seed(seed)
+    cfg = RetrieverConfig(**{**TINY.__dict__, "history_tokens": "item"})
+    model = Retriever(SidTrie.from_codes(codes), cfg).eval()
+    with torch.no_grad():
+        nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def test_one_token_per_item_history_reads_items_not_levels():
+    model = _item_token_model()
+    hist = torch.tensor([[-1, -1, 3, 7, 9], [-1, -1, -1, -1, 5]])
+    memory, keep = model.encode(hist)
+    assert memory.shape[:2] == (2, 4) and keep.tolist() == [[True] * 4, [False, False, True, True]]
+    # the same items in another left padding give the same memory (positions count from the end)
+    padded = torch.tensor([[-1, 3, 7, 9], [-1, -1, -1, 5]])
+    model.cfg = RetrieverConfig(**{**model.cfg.__dict__, "max_history": 4})
+    again, _ = model.encode(padded)
+    assert torch.allclose(again, memory, atol=1e-6)
+    # beam search over the whole catalog is still the brute-force ranking
+    n = model.trie.n_items
+    rows, scores = model.beam_search(hist, beam=n)
+    brute = model.score_items(hist, torch.arange(n).expand(len(hist), -1))
+    assert torch.allclose(scores, brute.sort(dim=1, descending=True).values, atol=1e-5)
+
+
+def test_one_token_per_item_history_learns_the_next_item_rule():
+    model = _item_token_model(n_items=30, seed=3)
+    nxt = np.random.default_rng(3).permutation(30)
+    rng = np.random.default_rng(4)
+    last = rng.integers(0, 30, 600)
+    hist = np.full((600, 5), -1)
+    hist[:, -1] = last
+    hist[:, -2] = rng.integers(-1, 30, 600)
+    model.cfg = RetrieverConfig(**{**model.cfg.__dict__, "epochs": 10, "batch_size": 64,
+                                   "lr": 1e-2, "warmup_steps": 10})
+    model.train()
+    losses = train_retriever(model, hist, nxt[last], seed=0).losses
+    assert losses[-1] < losses[0] / 3
+    probe = torch.from_numpy(np.c_[np.full((30, 4), -1), np.arange(30)])
+    assert (model.beam_search(probe, beam=3)[0][:, 0].numpy() == nxt).mean() >= 0.9

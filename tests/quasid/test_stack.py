@@ -222,3 +222,37 @@ def test_cold_bias_is_fitted_on_validation_and_cold_items_reach_the_beam(stack, 
             assert all(by_row[a] >= by_row[b] - 1e-6 for a, b in zip(got[:-1], got[1:]))
     finally:
         stack.set_config(cold_bias=saved, cold_in_beam=True)
+
+
+@pytest.mark.parametrize("changes", [{"cold_candidates": 8}, {"cold_candidates": 8, "cold_prefix": 2},
+                                     {"cold_candidates": 0}])
+def test_candidate_log_p_is_the_teacher_forced_log_p_of_every_candidate(stack, requests, changes):
+    # serving reuses the beam's scores and the first level's distribution and decodes only
+    # the other candidates: the numbers must be the full teacher-forced ones
+    saved = {k: getattr(stack.cfg, k) for k in changes}
+    stack.set_config(**changes)
+    try:
+        hist = torch.as_tensor(stack.rows_of(requests[:120]))
+        with torch.inference_mode():
+            encoded = stack.retriever.encode(hist)
+            beam, beam_score = stack.retriever.beam_search(hist, stack.cfg.retriever.beam,
+                                                           encoded=encoded)
+            cand = stack._candidates(hist, beam)
+            log_p, prefix = stack._retriever_log_p(hist, cand, beam, beam_score, encoded)
+            levels = stack.retriever.level_scores(hist, cand.clamp(min=0), encoded)
+        valid = cand >= 0
+        warm = stack.ranker.warm[cand.clamp(min=0)]
+        quota = stack.cfg.cold_candidates > 0
+        full = valid & (warm | (not quota))
+        assert torch.allclose(log_p[full], levels.sum(-1)[full], atol=1e-5)
+        if quota:
+            cold = valid & ~warm
+            assert cold.any()
+            expected = levels[..., : stack.cfg.cold_prefix].sum(-1)
+            assert torch.allclose(prefix[cold], expected[cold], atol=1e-5)
+        else:
+            assert prefix is None
+        in_beam = (cand[:, :, None] == beam[:, None, :]).any(-1) & valid
+        assert in_beam.any() and (valid & ~in_beam & warm).any()  # both paths were taken
+    finally:
+        stack.set_config(**saved)
