@@ -20,15 +20,21 @@ TINY = RankerConfig(d_model=32, n_heads=2, n_layers=1, epochs=4, batch_size=128,
                     lr=5e-3, max_history=10)
 
 
-@pytest.fixture(scope="module")
-def trained(small_world):
-    """A ranker trained on the small world's leave-one-out train part (cold items dropped)."""
-    ds = small_world
+def _train_part(ds):
+    """(item ids, codes, row mapper, leave-one-out train part without cold items, warm mask)."""
     ids, codes = full_codes(kmeans_sid_table(ds.content(), ds.items["item_id"].to_numpy(), 2, 8))
     rows_of = row_mapper(ids, "test")
     cold = ds.items.filter(pl.col("is_cold"))["item_id"]
     train = leave_one_out(ds.interactions, cold_items=cold).train
     warm = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(ids)) > 0
+    return ids, codes, rows_of, train, warm
+
+
+@pytest.fixture(scope="module")
+def trained(small_world):
+    """A ranker trained on the small world's leave-one-out train part (cold items dropped)."""
+    ds = small_world
+    ids, codes, rows_of, train, warm = _train_part(ds)
     torch.manual_seed(0)
     model = Ranker(codes[:, :-1], warm, TINY)
     hist, tgt = training_windows(train, rows_of, TINY.max_history)
@@ -110,11 +116,7 @@ def test_shared_negatives_loss_is_the_per_request_loss_with_the_same_negatives(t
 
 def test_training_with_shared_negatives_learns_and_repeats_bit_for_bit(small_world):
     ds = small_world
-    ids, codes = full_codes(kmeans_sid_table(ds.content(), ds.items["item_id"].to_numpy(), 2, 8))
-    rows_of = row_mapper(ids, "test")
-    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
-    train = leave_one_out(ds.interactions, cold_items=cold).train
-    warm = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(ids)) > 0
+    ids, codes, rows_of, train, warm = _train_part(ds)
     cfg = RankerConfig(**{**TINY.model_dump(), "shared_negatives": True, "negatives": 64})
     hist, tgt = training_windows(train, rows_of, cfg.max_history)
     runs = []
