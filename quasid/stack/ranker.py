@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from quasid.core.schedule import lr_factor
 from quasid.stack.config import RankerConfig
 from quasid.stack.retriever import trim_padding
-from quasid.stack.training import History, optimizer, train_epochs
+from quasid.stack.training import History, max_batches, optimizer, train_epochs
 
 
 class Ranker(nn.Module):
@@ -146,16 +146,14 @@ def train_ranker(
         raise ValueError("negative_pool: expected at least one warm item to sample negatives from")
     n = len(tgt)
     opt = optimizer(model, cfg.lr, cfg.weight_decay)
-    steps = max(1, math.ceil(n / cfg.batch_size))
-    total = steps * cfg.epochs
+    total = max(1, math.ceil(n / cfg.batch_size)) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, 0, 0.0))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and ID dropout draws
     if cfg.shared_negatives:
-        # one row of `negatives` draws per batch (at most `steps` + one short batch per
-        # chunk of `bucketed_batches`), taken in batch order
-        rows = steps + math.ceil(n / (cfg.batch_size * 32))
+        # one row of `negatives` draws per batch, taken in batch order
+        rows = max_batches(n, cfg.batch_size)
 
         def setup():
             return iter(torch.randint(len(pool), (rows, cfg.negatives), generator=gen).to(device))

@@ -10,29 +10,38 @@ held-out requests (higher is better), keeps the best epoch's weights, stops afte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+BUCKET_CHUNK = 32
+"""Batches per length-sorting chunk of `bucketed_batches`."""
+
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator
                      ) -> list[np.ndarray]:
     """Shuffled batches of indices whose members have similar lengths (less padding to compute).
 
-    Indices are shuffled, cut into chunks of 32 batches, sorted by length within a chunk,
-    batched, and the batches shuffled: random order, similar lengths inside a batch.
+    Indices are shuffled, cut into chunks of `BUCKET_CHUNK` batches, sorted by length within a
+    chunk, batched, and the batches shuffled: random order, similar lengths inside a batch.
     """
     n = len(lengths)
     perm = torch.randperm(n, generator=gen).numpy()
-    chunk = batch_size * 32
+    chunk = batch_size * BUCKET_CHUNK
     batches = []
     for start in range(0, n, chunk):
         idx = perm[start:start + chunk]
         idx = idx[np.argsort(lengths[idx], kind="stable")]
         batches.extend(idx[b:b + batch_size] for b in range(0, len(idx), batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def max_batches(n: int, batch_size: int) -> int:
+    """The most batches `bucketed_batches` cuts `n` indices into (a short one per chunk)."""
+    return math.ceil(n / batch_size) + math.ceil(n / (batch_size * BUCKET_CHUNK))
 
 
 def optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -141,9 +141,11 @@ class BatchSampler:
         self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
         self.near = PairIndex(near.numpy(), n) if near is not None else None
         # conflict mining: the neighbours' content cosines (for the duplicate rule) and, after
-        # each set_codes, which of them the repulsion acts on
-        knn = self.knn.to(self.unit.device)
-        self.knn_cos = (self.unit[:, None, :] * self.unit[knn]).sum(dim=2).cpu()
+        # each set_codes, which of them the repulsion acts on; nothing to keep without a rule
+        self.knn_cos: torch.Tensor | None = None
+        if conflicts is not None:
+            knn = self.knn.to(self.unit.device)
+            self.knn_cos = (self.unit[:, None, :] * self.unit[knn]).sum(dim=2).cpu()
         self.rule = conflicts
         self.conflict: torch.Tensor | None = None  # (N, k) bool, with a rule, after set_codes
         self.sid_partner: torch.Tensor | None = None
