@@ -99,14 +99,14 @@ def main() -> None:
 
 def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     """Run every task in a process pool; stop what is unfinished at the deadline."""
-    from quasid.evaluation.offline import eval_run
+    from quasid.evaluation.offline import eval_run, limit_gpu_memory
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     # each worker gets its share of the GPU's memory: without a cap, the caching allocators
     # of 21 runs kept ~7 GiB each and the last evaluations ran out of memory (Toys, 21 jobs)
     share = 0.95 / max(1, args.jobs) if args.device.startswith("cuda") else None
     pool = mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1,
-                                        initializer=_limit_gpu_memory, initargs=(share,))
+                                        initializer=limit_gpu_memory, initargs=(share,))
     pending = {}
     for name, tok, seed in tasks:
         run_dir = out / name / "runs" / tok / f"seed{seed}"
@@ -131,14 +131,6 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
             break
         time.sleep(1.0)
     pool.join()
-
-
-def _limit_gpu_memory(share: float | None) -> None:
-    """Pool initializer: cap this process's CUDA allocator at `share` of the device memory."""
-    if share is not None:
-        import torch
-
-        torch.cuda.set_per_process_memory_fraction(share)
 
 
 def _export_runs(run_root: Path, target: Path) -> None:

@@ -193,7 +193,7 @@ def main() -> None:
 
 def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Every point's `eval_run` (split="valid"), `args.jobs` at once; (metrics by name, errors)."""
-    from quasid.evaluation.offline import eval_run
+    from quasid.evaluation.offline import eval_run, limit_gpu_memory
 
     done, failed = {}, {}
     jobs = max(1, args.jobs)
@@ -216,8 +216,8 @@ def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], di
         return done, failed
     # each process gets its share of the GPU memory, as benchmarks/offline_eval.py does
     share = 0.95 / jobs if args.device.startswith("cuda") else None
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_limit_gpu,
-                             initargs=(share,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
+                             initializer=limit_gpu_memory, initargs=(share,)) as pool:
         futures = {pool.submit(eval_run, *call, **kw): name for name, (*call, kw) in calls.items()}
         for fut in as_completed(futures):
             name = futures[fut]
@@ -228,14 +228,6 @@ def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], di
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 print(f"{name}: FAILED {failed[name]}", flush=True)
     return done, failed
-
-
-def _limit_gpu(share: float | None) -> None:
-    """Pool initializer: cap this process's CUDA allocator at `share` of the device memory."""
-    if share is not None:
-        import torch
-
-        torch.cuda.set_per_process_memory_fraction(share)
 
 
 def _training(run: dict) -> dict:

@@ -93,6 +93,15 @@ def _metrics(ranked: dict[str, np.ndarray], targets: np.ndarray, cold: np.ndarra
     return out
 
 
+def limit_gpu_memory(share: float | None) -> None:
+    """Process-pool initializer of parallel runs on one GPU: cap this process's CUDA allocator
+    at `share` of the device memory (None: no cap, e.g. on the CPU)."""
+    if share is not None:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(share)
+
+
 def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Path, *,
              device: str = "cpu", overrides: dict | None = None, tokenizer_epochs: int | None = None,
              tokenizer_overrides: dict | None = None, split: str = "test",
