@@ -44,6 +44,7 @@ import os
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from itertools import product
 from pathlib import Path
 
@@ -205,14 +206,18 @@ def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], di
     key = "sasrec_overrides" if args.model == SASREC else "tokenizer_overrides"
     calls = {name: (args.data, args.model, args.seed, out / "runs" / name, kwargs | {key: p})
              for name, p in zip(point_names(points, args.model), points)}
+
+    def collect(name, result) -> None:
+        try:
+            done[name] = result()
+            print(f"{name}: {_brief(done[name])}", flush=True)
+        except Exception as exc:  # one failed point must not sink the grid
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name}: FAILED {failed[name]}", flush=True)
+
     if jobs == 1:
         for name, (*call, kw) in calls.items():
-            try:
-                done[name] = eval_run(*call, **kw)
-                print(f"{name}: {_brief(done[name])}", flush=True)
-            except Exception as exc:  # one failed point must not sink the grid
-                failed[name] = f"{type(exc).__name__}: {exc}"
-                print(f"{name}: FAILED {failed[name]}", flush=True)
+            collect(name, partial(eval_run, *call, **kw))
         return done, failed
     # each process gets its share of the GPU memory, as benchmarks/offline_eval.py does
     share = 0.95 / jobs if args.device.startswith("cuda") else None
@@ -220,13 +225,7 @@ def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], di
                              initializer=limit_gpu_memory, initargs=(share,)) as pool:
         futures = {pool.submit(eval_run, *call, **kw): name for name, (*call, kw) in calls.items()}
         for fut in as_completed(futures):
-            name = futures[fut]
-            try:
-                done[name] = fut.result()
-                print(f"{name}: {_brief(done[name])}", flush=True)
-            except Exception as exc:
-                failed[name] = f"{type(exc).__name__}: {exc}"
-                print(f"{name}: FAILED {failed[name]}", flush=True)
+            collect(futures[fut], fut.result)
     return done, failed
 
 
