@@ -23,6 +23,7 @@ model, its slates fill both the stack and the retrieval entries.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import traceback
@@ -387,6 +388,16 @@ def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[s
     return results
 
 
+def _ratio(relative: float) -> str:
+    """A relative difference for the tables; n/a where the baseline's mean is 0."""
+    return "n/a" if math.isnan(relative) else f"{relative:+.1%}"
+
+
+def _p_value(p: float) -> str:
+    """A p-value for the tables; n/a where both groups are constant (no variance to test)."""
+    return "n/a" if math.isnan(p) else f"{p:.3f}"
+
+
 def results_markdown(results: dict) -> str:
     """`results.md`: the stack and the retriever-alone tables, and the failed runs."""
     md = (f"# Offline evaluation: {results['data']}\n\nLeave-one-out over the full item set, "
@@ -398,8 +409,8 @@ def results_markdown(results: dict) -> str:
                "| stage | segment | metric | baseline | quasid | baseline mean | relative | p | seeds |\n"
                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
         md += "".join(f"| {w['stage']} | {w['segment']} | {w['metric']} | {w['baseline']} "
-                      f"| {w['mean']:.4f} | {w['baseline_mean']:.4f} | {w['relative']:+.1%} "
-                      f"| {w['p']:.3f} | {w['seeds'][0]}, {w['seeds'][1]} |\n"
+                      f"| {w['mean']:.4f} | {w['baseline_mean']:.4f} | {_ratio(w['relative'])} "
+                      f"| {_p_value(w['p'])} | {w['seeds'][0]}, {w['seeds'][1]} |\n"
                       for w in results["welch"])
     if results["failed"]:
         md += "\nFailed runs:\n" + "".join(f"- {k}: {v}\n" for k, v in results["failed"].items())
