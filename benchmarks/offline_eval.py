@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -56,13 +55,12 @@ def main() -> None:
     started = time.perf_counter()
     datasets = dict(d.split("=", 1) for d in args.data)
     tokenizers = [t for t in args.tokenizers.split(",") if t]
-    as_json = lambda text: json.loads(text) if text else None
     from quasid.stack.config import stack_preset
 
-    kwargs = dict(device=args.device, overrides=stack_preset(args.stack_preset, as_json(args.overrides)),
+    kwargs = dict(device=args.device, overrides=stack_preset(args.stack_preset, _as_json(args.overrides)),
                   tokenizer_epochs=args.tokenizer_epochs,
-                  tokenizer_overrides=as_json(args.tokenizer_overrides),
-                  sasrec_overrides=as_json(args.sasrec_overrides))
+                  tokenizer_overrides=_as_json(args.tokenizer_overrides),
+                  sasrec_overrides=_as_json(args.sasrec_overrides))
     out = Path(args.out)
     for spec in args.resume:
         name, path = spec.split("=", 1)
@@ -97,40 +95,33 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f}s", flush=True)
 
 
+def _as_json(text: str):
+    """A JSON option's value (None when empty)."""
+    return json.loads(text) if text else None
+
+
 def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
     """Run every task in a process pool; stop what is unfinished at the deadline."""
-    from quasid.evaluation.offline import eval_run, limit_gpu_memory
+    from quasid.evaluation.offline import eval_run, run_parallel
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    # each worker gets its share of the GPU's memory: without a cap, the caching allocators
-    # of 21 runs kept ~7 GiB each and the last evaluations ran out of memory (Toys, 21 jobs)
-    share = 0.95 / max(1, args.jobs) if args.device.startswith("cuda") else None
-    pool = mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1,
-                                        initializer=limit_gpu_memory, initargs=(share,))
-    pending = {}
-    for name, tok, seed in tasks:
-        run_dir = out / name / "runs" / tok / f"seed{seed}"
-        pending[name, tok, seed] = pool.apply_async(
-            eval_run, (datasets[name], tok, seed, run_dir),
-            dict(threads=threads, progress=args.progress, **kwargs))
-    pool.close()
-    while pending:
-        for key in [k for k, r in pending.items() if r.ready()]:
-            res = pending.pop(key)
-            elapsed = time.perf_counter() - started
-            try:
-                m = res.get()
-                print(f"[{elapsed:5.0f}s] {key}: stack ndcg@10 {m['stack']['all']['ndcg@10']:.4f} "
-                      f"retrieval ndcg@10 {m['retrieval']['all']['ndcg@10']:.4f} "
-                      f"timings {m['timings']} {m['summary']['timings']}", flush=True)
-            except Exception as exc:  # reported; the aggregation lists it as failed
-                print(f"[{elapsed:5.0f}s] {key}: FAILED {type(exc).__name__}: {exc}", flush=True)
-        if args.deadline and time.perf_counter() - started > args.deadline and pending:
-            print(f"deadline: stopping {len(pending)} unfinished runs: {sorted(pending)}", flush=True)
-            pool.terminate()
-            break
-        time.sleep(1.0)
-    pool.join()
+    calls = {(name, tok, seed): ((datasets[name], tok, seed, out / name / "runs" / tok / f"seed{seed}"),
+                                 dict(threads=threads, progress=args.progress, **kwargs))
+             for name, tok, seed in tasks}
+
+    def report(key, get) -> None:
+        elapsed = time.perf_counter() - started
+        try:
+            m = get()
+            print(f"[{elapsed:5.0f}s] {key}: stack ndcg@10 {m['stack']['all']['ndcg@10']:.4f} "
+                  f"retrieval ndcg@10 {m['retrieval']['all']['ndcg@10']:.4f} "
+                  f"timings {m['timings']} {m['summary']['timings']}", flush=True)
+        except Exception as exc:  # reported; the aggregation lists it as failed
+            print(f"[{elapsed:5.0f}s] {key}: FAILED {type(exc).__name__}: {exc}", flush=True)
+
+    stopped = run_parallel(eval_run, calls, args.jobs, args.device, args.deadline, report, started)
+    if stopped:
+        print(f"deadline: stopped {len(stopped)} unfinished runs: {stopped}", flush=True)
 
 
 def _export_runs(run_root: Path, target: Path) -> None:

@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -153,6 +151,12 @@ def main() -> None:
     parser.add_argument("--overrides", default="",
                         help="a tokenizer: stack config overrides (JSON) of every point")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-share", type=float, default=None,
+                        help="each point's cap on the GPU's memory (default 0.95 / jobs; lower it "
+                             "when other jobs share the GPU)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which unfinished points stop (listed as failed); the "
+                             "tables then hold the points that finished")
     parser.add_argument("--base", default="",
                         help="overrides (JSON) laid over every point, so their fields are held "
                              "fixed (SasrecConfig or TokenizerConfig fields)")
@@ -180,7 +184,7 @@ def main() -> None:
     for p in points:
         check(p)  # a bad point fails here, naming the field, before any training
     out = Path(args.out)
-    done, failed = run_points(args, points, out)
+    done, failed = run_points(args, points, out, started)
     results = summarize(args, points, done, failed, time.perf_counter() - started)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuning.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -192,9 +196,11 @@ def main() -> None:
           flush=True)
 
 
-def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """Every point's `eval_run` (split="valid"), `args.jobs` at once; (metrics by name, errors)."""
-    from quasid.evaluation.offline import eval_run, limit_gpu_memory
+def run_points(args, points: list[dict], out: Path, started: float
+               ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every point's `eval_run` (split="valid"), `args.jobs` at once, those unfinished at
+    `args.deadline` seconds after `started` stopped; (metrics by name, errors)."""
+    from quasid.evaluation.offline import eval_run, run_parallel
 
     done, failed = {}, {}
     jobs = max(1, args.jobs)
@@ -215,17 +221,15 @@ def run_points(args, points: list[dict], out: Path) -> tuple[dict[str, dict], di
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name}: FAILED {failed[name]}", flush=True)
 
-    if jobs == 1:
+    if jobs == 1 and not args.deadline:
         for name, (*call, kw) in calls.items():
             collect(name, partial(eval_run, *call, **kw))
         return done, failed
-    # each process gets its share of the GPU memory, as benchmarks/offline_eval.py does
-    share = 0.95 / jobs if args.device.startswith("cuda") else None
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
-                             initializer=limit_gpu_memory, initargs=(share,)) as pool:
-        futures = {pool.submit(eval_run, *call, **kw): name for name, (*call, kw) in calls.items()}
-        for fut in as_completed(futures):
-            collect(futures[fut], fut.result)
+    stopped = run_parallel(eval_run, {n: (tuple(call), kw) for n, (*call, kw) in calls.items()},
+                           jobs, args.device, args.deadline, collect, started, args.gpu_share)
+    for name in stopped:
+        failed[name] = f"stopped at the {args.deadline:.0f} s deadline"
+        print(f"{name}: {failed[name]}", flush=True)
     return done, failed
 
 

@@ -27,7 +27,7 @@ import math
 import os
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,43 @@ def limit_gpu_memory(share: float | None) -> None:
         import torch
 
         torch.cuda.set_per_process_memory_fraction(share)
+
+
+def run_parallel(fn, calls: dict, jobs: int, device: str, deadline: float | None = None,
+                 report=None, started: float | None = None, gpu_share: float | None = None
+                 ) -> list:
+    """Run `fn(*args, **kwargs)` (e.g. `eval_run`) for every `key: (args, kwargs)` of `calls`,
+    `jobs` at once in spawned processes (one task each, every process capped at its share of
+    the GPU's memory on CUDA); returns the keys still unfinished at `deadline` seconds after `started`
+    (`time.perf_counter()`, default now), which are then stopped.
+
+    `report(key, get)` runs in this process as each call finishes: `get()` returns the call's
+    result or raises its error (a failed call never stops the others). `gpu_share`: each
+    process's cap (default 0.95 / jobs; lower when other jobs share the GPU).
+    """
+    import multiprocessing as mp
+
+    started = time.perf_counter() if started is None else started
+    jobs = max(1, jobs)
+    # without a cap the caching allocators of 21 runs kept ~7 GiB each and the last
+    # evaluations ran out of memory (Toys, 21 jobs)
+    share = (gpu_share or 0.95 / jobs) if str(device).startswith("cuda") else None
+    pool = mp.get_context("spawn").Pool(jobs, maxtasksperchild=1,
+                                        initializer=limit_gpu_memory, initargs=(share,))
+    pending = {key: pool.apply_async(fn, args, kwargs)
+               for key, (args, kwargs) in calls.items()}
+    pool.close()
+    while pending:
+        for key in [k for k, r in pending.items() if r.ready()]:
+            result = pending.pop(key)
+            if report is not None:
+                report(key, result.get)
+        if deadline and time.perf_counter() - started > deadline and pending:
+            pool.terminate()
+            break
+        time.sleep(0.5)
+    pool.join()
+    return sorted(pending)
 
 
 def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Path, *,
@@ -309,30 +346,24 @@ def offline_eval(
     failed: dict[str, str] = {}
     log = _logger(progress)
     started = time.perf_counter()
+    def record(key: tuple[str, int], get) -> None:
+        tok, s = key
+        try:
+            done[key] = get()
+            log(f"{tok} seed {s}: {_brief(done[key])} [{time.perf_counter() - started:.0f}s]")
+        except Exception as exc:  # one broken tokenizer must not sink the whole benchmark
+            failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
+            log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}\n{traceback.format_exc()}")
+
     if jobs <= 1:
         for tok, s in tasks:
-            try:
-                done[tok, s] = eval_run(data_dir, tok, s, run_folder(out_dir, tok, s), **kwargs)
-                log(f"{tok} seed {s}: {_brief(done[tok, s])}")
-            except Exception as exc:  # one broken tokenizer must not sink the whole benchmark
-                failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
-                log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}\n{traceback.format_exc()}")
+            record((tok, s), partial(eval_run, data_dir, tok, s, run_folder(out_dir, tok, s),
+                                     **kwargs))
     else:
-        import multiprocessing as mp
-
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(eval_run, str(data_dir), tok, s, run_folder(out_dir, tok, s),
-                                   threads=threads, **kwargs): (tok, s) for tok, s in tasks}
-            for fut in as_completed(futures):
-                tok, s = futures[fut]
-                try:
-                    done[tok, s] = fut.result()
-                    log(f"{tok} seed {s}: {_brief(done[tok, s])} "
-                        f"[{time.perf_counter() - started:.0f}s]")
-                except Exception as exc:
-                    failed[f"{tok}/seed{s}"] = f"{type(exc).__name__}: {exc}"
-                    log(f"{tok} seed {s} FAILED: {failed[f'{tok}/seed{s}']}")
+        calls = {(tok, s): ((str(data_dir), tok, s, run_folder(out_dir, tok, s)),
+                            {"threads": threads, **kwargs}) for tok, s in tasks}
+        run_parallel(eval_run, calls, jobs, device, report=record, started=started)
     settings = eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)
     if SASREC in tokenizers:
         settings["sasrec_overrides"] = sasrec_overrides or {}

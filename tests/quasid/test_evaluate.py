@@ -219,3 +219,26 @@ def test_tokenizer_tuning_scores_every_point_on_the_validation_split(tiny_world,
     assert json.loads((out / "best_overrides.json").read_text()) == tuning["best"]["overrides"]
     md = (out / "tuning.md").read_text()
     assert "**best**" in md and "- p01: `" in md and "best overrides" in printed
+
+
+def test_run_parallel_reports_finished_calls_and_stops_the_rest_at_the_deadline():
+    """Calls run in spawned processes: a quick one is reported with its result, a failing
+    one with its error, and one still running at the deadline is stopped and returned."""
+    import time
+
+    from quasid.evaluation.offline import run_parallel
+
+    got = {}
+
+    def report(key, get):
+        try:
+            got[key] = ("ok", get())
+        except Exception as exc:  # noqa: BLE001 - the error is what the test looks at
+            got[key] = ("error", type(exc).__name__)
+
+    started = time.perf_counter()
+    calls = {"quick": ((0.0,), {}), "bad": ((-1.0,), {}), "slow": ((120.0,), {})}
+    stopped = run_parallel(time.sleep, calls, 3, "cpu", deadline=10, report=report)
+    assert got == {"quick": ("ok", None), "bad": ("error", "ValueError")}
+    assert stopped == ["slow"]
+    assert time.perf_counter() - started < 60  # the 120 s call did not run to its end
