@@ -38,6 +38,9 @@ def main() -> None:
                         help="copy <name>.json, <name>.md, throughput.json here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--gpu-share", type=float, default=None,
+                        help="each run's cap on the GPU's memory (default 0.95 / jobs; lower it "
+                             "when other jobs share the GPU)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds before unfinished runs stop")
     parser.add_argument("--stack-preset", default="default",
@@ -119,7 +122,8 @@ def _run_all(tasks, datasets, out, args, kwargs, started) -> None:
         except Exception as exc:  # reported; the aggregation lists it as failed
             print(f"[{elapsed:5.0f}s] {key}: FAILED {type(exc).__name__}: {exc}", flush=True)
 
-    stopped = run_parallel(eval_run, calls, args.jobs, args.device, args.deadline, report, started)
+    stopped = run_parallel(eval_run, calls, args.jobs, args.device, args.deadline, report, started,
+                           args.gpu_share)
     if stopped:
         print(f"deadline: stopped {len(stopped)} unfinished runs: {stopped}", flush=True)
 
