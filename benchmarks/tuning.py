@@ -27,7 +27,11 @@ Grids:
     python benchmarks/tuning.py --model sasrec --data /path/beauty --out /tmp/tune/sasrec \
         --device cuda --jobs 9 --grid small
     python benchmarks/tuning.py --model quasid --data /path/beauty --out /tmp/tune/quasid \
-        --device cuda --jobs 8 --grid random --points 8
+        --device cuda --jobs 6 --grid random --points 6 --gpu-share 0.05 --deadline 515
+
+`--deadline` stops the points still running after that many seconds (listed as failed; the
+tables hold those that finished); `--gpu-share` caps each point's share of the GPU's memory
+when other jobs share it (default 0.95 / jobs).
 
 Writes OUT/tuning.json (every point: overrides, validation HR/NDCG@5/10 of the stack (the
 model's top-10 for SASRec) and of the beam, cold HR@10, epochs run, best epoch, seconds; the
