@@ -128,7 +128,7 @@ def test_cuda_graph_with_compile_is_refused_naming_both():
     assert tokenizer_config("quasid", {"train": {"cuda_graph": True}}).train.cuda_graph
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_the_scheduler_fills_a_tensor_lr_in_place():
     # what the graph relies on: replays read the lr through the tensor the scheduler fills
     content, pairs = _world()
