@@ -225,6 +225,9 @@ class GraphedStep:
                                  "(build_optimizer(..., capturable=True))")
             self._lrs = tensor_lr(optimizer)
             self._stream = torch.cuda.Stream(device)
+            # the warm-up steps run uncaptured on purpose: no "capturable=True can impair
+            # performance" warning for them
+            optimizer._warned_capturable_if_run_uncaptured = True
         fields = {name: (None if value is None else torch.empty_like(value))
                   for name, value in zip(_BATCH_FIELDS, self._fields(batch))}
         self.static = Batch(**fields)  # positive_pairs, near_pairs: None (dense path)
