@@ -7,7 +7,11 @@ content with random collaborative pairs, averaged over timed steps after warm-up
 with its overhead over `rqvae` at the same batch size, and its floor: the step's arithmetic
 (`step_flops`) / the fp32 GEMM rate measured here on the same threads (`gemm_rate`).
 `--pairs` picks the pair-term path (`SIDModel.sparse_pairs`: auto = sparse on the CPU, dense
-B x B formulas elsewhere).
+B x B formulas elsewhere). `--compile` also times the step with `torch.compile`'d losses
+(keys "B compiled"), `--graphs` the whole step as one CUDA graph (`fit.GraphedStep`, keys
+"B graphed"; CUDA only), each row with its overhead over rqvae in the same row and over the
+eager rqvae step; a tokenizer whose compile or capture fails is reported under `errors` and
+the others are still timed.
 
 SID assignment: encode + residual quantization + collision ranks of N items already on the
 device, against the bandwidth floor = bytes of input read once (N × d × 4) / the device
@@ -17,6 +21,8 @@ bandwidth measured here (a large device-to-device copy, bytes read + written / t
     python benchmarks/tokenizer_speed.py --device cpu --batches 256 1024 --assign 0 --threads 2
     python benchmarks/tokenizer_speed.py --device cuda --batches 1024 --tokenizers rqvae quasid \
         --compile --assign 0
+    python benchmarks/tokenizer_speed.py --device cuda --batches 1024 --tokenizers rqvae quasid \
+        rqvae+hamr uniform adasid --graphs --compile --steps 30 --rounds 3 --assign 0
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import inspect
 import json
 import subprocess
 import time
+import traceback
 from itertools import pairwise
 from pathlib import Path
 
@@ -36,6 +43,11 @@ import quasid
 from quasid.tokenizer.batches import BatchSampler
 from quasid.tokenizer.config import TokenizerConfig, tokenizer_config
 from quasid.tokenizer.fit import all_codes, build_optimizer, train_step
+
+try:
+    from quasid.tokenizer.fit import GraphedStep
+except ImportError:  # an older commit (PYTHONPATH at another worktree): no --graphs
+    GraphedStep = None
 from quasid.tokenizer.pairs import PairIndex
 from quasid.tokenizer.sids import collision_ranks
 from quasid.tokenizer.tokenizer import make_tokenizer
@@ -90,9 +102,10 @@ def gemm_rate(device: torch.device, n: int = 2048, reps: int = 5) -> float:
 
 
 def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
-            compile_: bool = False, pair_path: str = "auto"):
+            compile_: bool = False, pair_path: str = "auto", graphs: bool = False):
     """A function running one real training step of tokenizer `name` at batch size `batch`
-    (model, sampler and optimizer built once, batches drawn in epoch order)."""
+    (model, sampler and optimizer built once, batches drawn in epoch order); with `graphs`
+    the step is a `GraphedStep` (eager warm-up steps, then capture and replays)."""
     device = content.device
     tok = make_tokenizer(name, {"train": {"batch_size": batch, "compile": compile_}})
     model = tok._build(content.shape[1]).to(device)
@@ -108,40 +121,71 @@ def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(sampler.x[:65_536]).float(), g, 5)
     sampler.set_codes(all_codes(model, content))
-    params, opt, sched = build_optimizer(model, tok.config.train, 10 ** 6, device)
+    # capturable only when graphed (older commits' build_optimizer has no such argument)
+    params, opt, sched = build_optimizer(model, tok.config.train, 10 ** 6, device,
+                                         **({"capturable": True} if graphs else {}))
     amp = device.type == "cuda"
     loss_fn = torch.compile(model.losses) if compile_ else model.losses
+    run = GraphedStep() if graphs else train_step
     model.train()
     sampler.new_epoch()
     done = [0]
 
     def step() -> None:
-        train_step(loss_fn, sampler.batch(done[0] % sampler.steps_per_epoch), 0.5, params, opt,
-                   sched, 1.0, amp)
+        run(loss_fn, sampler.batch(done[0] % sampler.steps_per_epoch), 0.5, params, opt, sched,
+            1.0, amp)
         done[0] += 1
 
     return step
 
 
-def step_times(steps_of: dict, steps: int, warmup: int, rounds: int, device: torch.device
-               ) -> dict[str, float]:
+def _failure(name: str, key: str, exc: BaseException) -> str:
+    """Print a tokenizer's failed build, compile or capture and return its one-line message."""
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    print(f"batch {key}: {name} FAILED ({message}); timing the others", flush=True)
+    traceback.print_exc()
+    return message
+
+
+def step_times(steps_of: dict, steps: int, warmup: int, rounds: int, device: torch.device,
+               errors: dict | None = None, key: str = "") -> dict[str, float]:
     """Median over `rounds` of the mean seconds per step of each stepper, the tokenizers timed
     in turn (a block of `steps` steps each, the order rotated every round), so load that
-    drifts during the run falls on all of them alike."""
-    for step in steps_of.values():
-        for _ in range(warmup):
-            step()
+    drifts during the run falls on all of them alike.
+
+    With `errors`, a stepper whose warm-up fails (a compile or a graph capture) is left out
+    and its message put under errors[name]; without, the failure propagates.
+    """
+    for name, step in list(steps_of.items()):
+        try:
+            for _ in range(warmup):
+                step()
+            _sync(device)
+        except Exception as exc:  # noqa: BLE001 (one tokenizer's failure must not lose the run)
+            if errors is None:
+                raise
+            errors[name] = _failure(name, key, exc)
+            del steps_of[name]
     names = list(steps_of)
     per: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                steps_of[name]()
-            _sync(device)
+            if name not in steps_of:  # failed in an earlier round
+                continue
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    steps_of[name]()
+                _sync(device)
+            except Exception as exc:  # noqa: BLE001
+                if errors is None:
+                    raise
+                errors[name] = _failure(name, key, exc)
+                del steps_of[name]
+                continue
             per[name].append((time.perf_counter() - start) / steps)
-    return {n: float(np.median(per[n])) for n in names}
+    return {n: float(np.median(per[n])) for n in names if n in steps_of}
 
 
 def code_version() -> dict:
@@ -200,6 +244,12 @@ def assign_time(n: int, dim: int, device: torch.device, amp: bool, chunk: int = 
     return out
 
 
+def _write(out: Path | None, result: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,6 +262,8 @@ def main() -> None:
                         help="blocks per tokenizer, in turn (the median block is reported)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd losses")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time the whole step as one CUDA graph (fit.GraphedStep; CUDA)")
     parser.add_argument("--assign", type=int, nargs="*", default=[1_000_000, 10_000_000],
                         help="catalog sizes for SID assignment throughput (0 = skip)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -234,24 +286,51 @@ def main() -> None:
     content = torch.tensor(rng.normal(size=(args.items, args.dim)), dtype=torch.float32,
                            device=device)
     pairs = rng.integers(0, args.items, size=(10 * args.items, 2))
-    for variant in ([False, True] if args.compile else [False]):
+    # (key suffix, compile, graphs); graphed before compiled: compiling takes the longest, so
+    # a run cut short by a time limit still has the graphed row (the JSON is written per row)
+    variants = [("", False, False)]
+    if args.graphs:
+        if device.type != "cuda" or GraphedStep is None:
+            print("--graphs: skipped (needs CUDA and a package with fit.GraphedStep)", flush=True)
+        else:
+            variants.append((" graphed", False, True))
+    if args.compile:
+        variants.append((" compiled", True, False))
+    # graphed: the capture (after GraphedStep's 3 eager warm-up steps) falls in the warm-up
+    warmup = max(args.warmup, 5) if args.graphs else args.warmup
+    for suffix, compile_, graphs in variants:
         for batch in args.batches:
-            row = step_times({n: stepper(n, content, pairs, batch, variant, args.pairs)
-                              for n in args.tokenizers},
-                             args.steps, args.warmup, args.rounds, device)
+            key = f"{batch}{suffix}"
+            errors: dict[str, str] = {}
+            steps_of = {}
+            for n in args.tokenizers:
+                try:
+                    steps_of[n] = stepper(n, content, pairs, batch, compile_, args.pairs, graphs)
+                except Exception as exc:  # noqa: BLE001 (report it, time the others)
+                    errors[n] = _failure(n, key, exc)
+            row = step_times(steps_of, args.steps, warmup, args.rounds, device, errors, key)
+            del steps_of  # frees the models, optimizers and graphs (their memory pools)
             flops = {n: step_flops(tokenizer_config(n).model_copy(
-                update={"content_dim": args.dim}), batch) for n in args.tokenizers}
+                update={"content_dim": args.dim}), batch) for n in row}
             base = row.get("rqvae")
-            key = f"{batch}{' compiled' if variant else ''}"
+            eager = result["steps"].get(str(batch), {}).get("rqvae", {}).get("ms")
             floors = {n: sum(v for k, v in f.items() if k != "dense_pairs") / rate
                       for n, f in flops.items()}
             result["steps"][key] = {n: {"ms": 1e3 * t,
                                         "overhead_vs_rqvae": (t / base - 1) if base else None,
+                                        "overhead_vs_eager_rqvae":
+                                            (1e3 * t / eager - 1) if eager else None,
                                         "floor_ms": 1e3 * floors[n], "flops": flops[n]}
                                     for n, t in row.items()}
+            if errors:
+                result.setdefault("errors", {})[key] = errors
             print(f"batch {key}: " + ", ".join(
                 f"{n} {1e3 * t:.2f} ms" + (f" ({100 * (t / base - 1):+.0f}%)" if base else "")
-                + f" [floor {1e3 * floors[n]:.2f}]" for n, t in row.items()), flush=True)
+                + (f" ({100 * (1e3 * t / eager - 1):+.0f}% vs eager rqvae)"
+                   if suffix and eager else "")
+                + f" [floor {1e3 * floors[n]:.2f}]" for n, t in row.items())
+                + (f"; failed: {', '.join(errors)}" if errors else ""), flush=True)
+            _write(args.out, result)  # after every row: a later crash keeps what was measured
     sizes = [n for n in (args.assign or []) if n > 0]
     if sizes:
         bw = bandwidth(device)
@@ -268,9 +347,7 @@ def main() -> None:
                       f"floor {row['floor_seconds'] * 1e3:.2f} ms ({row['times_floor']:.0f}x)"
                       + (f", codes equal to fp32 {row['codes_equal_to_fp32']:.4f}" if amp else ""),
                       flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _write(args.out, result)
 
 
 if __name__ == "__main__":

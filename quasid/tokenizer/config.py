@@ -19,7 +19,14 @@ PRESETS_FILE = CONFIGS_DIR / "tokenizers.yaml"
 
 
 class TrainConfig(Config):
-    """How a neural tokenizer trains (shared by all of them)."""
+    """How a neural tokenizer trains (shared by all of them).
+
+    `compile` runs the losses through `torch.compile`. `cuda_graph` captures the whole
+    training step (forward, losses, backward, clipping, AdamW; `fit.GraphedStep`) as one CUDA
+    graph after a few eager warm-up steps and replays it, so the launch-bound GPU step costs
+    one launch: used on CUDA with the dense pair path only (ignored on the CPU), not with EMA
+    codebooks, and not together with `compile` (refused: one owns the step's kernels).
+    """
 
     epochs: int = 75
     batch_size: int = 1024
@@ -38,6 +45,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 10
     amp: bool = True
     compile: bool = False
+    cuda_graph: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -51,6 +59,9 @@ class TrainConfig(Config):
         }.items() if not ok}
         if bad:
             raise ValueError(f"TrainConfig: invalid value(s) {bad}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("TrainConfig: cuda_graph and compile cannot both be on (capture the "
+                             "eager step with cuda_graph, or compile the losses with compile)")
         return self
 
 

@@ -184,7 +184,8 @@ class PairProbe:
         if not params or any("exp_avg_sq" not in st for st in state):
             return  # before the first step Adam has no second moment yet
         opt = optimizer.param_groups[0]
-        lr, wd, eps = opt["lr"], opt["weight_decay"], opt["eps"]
+        # float(): a tensor lr with CUDA graphs
+        lr, wd, eps = float(opt["lr"]), opt["weight_decay"], opt["eps"]
         beta2 = opt["betas"][1]
         denom = []
         for st in state:

@@ -2,7 +2,8 @@
 
 `fit_model`: k-means codebook init, AdamW with linear warm-up and cosine decay, bf16 autocast
 on CUDA (the quantizer and the losses stay in fp32), gradient clipping, dead-code re-seeding
-after each epoch, per-epoch losses and SID metrics, a rich progress bar, and a checkpoint
+after each epoch, optionally the whole step as one CUDA graph (`train.cuda_graph`,
+`GraphedStep`), per-epoch losses and SID metrics, a rich progress bar, and a checkpoint
 that a rerun with the same config resumes from (same seed, same result as an uninterrupted
 run, on the CPU).
 """
@@ -21,7 +22,7 @@ from quasid.core.io import write_atomic
 from quasid.core.schedule import lr_factor, warmup_steps
 from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule
 from quasid.tokenizer.config import TrainConfig
-from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex, pair_mask
 
 if TYPE_CHECKING:
     from quasid.tokenizer.config import TokenizerConfig
@@ -57,17 +58,69 @@ def conflict_rule(cfg: TokenizerConfig) -> ConflictRule | None:
     return None
 
 
-def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: torch.device
+def build_optimizer(model: SIDModel, tc: TrainConfig, total_steps: int, device: torch.device,
+                    capturable: bool = False
                     ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer,
                                torch.optim.lr_scheduler.LRScheduler]:
-    """(trainable params, AdamW (fused on CUDA), warm-up + cosine LR schedule per step)."""
+    """(trainable params, AdamW (fused on CUDA), warm-up + cosine LR schedule per step).
+
+    With `capturable` (CUDA only, for `GraphedStep`) AdamW may be captured in a CUDA graph and
+    its lr is a 0-d device tensor (`tensor_lr`) that the scheduler fills in place.
+    """
+    device = torch.device(device)
+    if capturable and device.type != "cuda":
+        raise ValueError(f"build_optimizer: capturable=True needs CUDA, got device {device}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=capturable)
     warm = warmup_steps(tc.warmup_share, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warm, tc.final_lr_share))
+    if capturable:
+        # after the scheduler: its base lrs stay floats, so its step computes a float and
+        # fills the tensor (a tensor base lr would cost a kernel per step and a tensor lr log)
+        tensor_lr(optimizer)
     return params, optimizer, scheduler
+
+
+def tensor_lr(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Make each param group's lr a 0-d float32 tensor on its parameters' device (kept when it
+    is one already) and return them.
+
+    A CUDA graph bakes a float lr into its AdamW kernel; it reads a tensor lr from memory, so
+    the scheduler's in-place `fill_` (`LRScheduler.step` on a tensor lr) reaches the replays.
+    """
+    out = []
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        lr = group["lr"]
+        if not (isinstance(lr, torch.Tensor) and lr.device == device and lr.dim() == 0
+                and lr.dtype == torch.float32):
+            # a float, or a tensor loaded from a checkpoint onto the CPU
+            lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+            group["lr"] = lr
+        out.append(lr)
+    return out
+
+
+def _step(loss_fn, batch: Batch, progress, params: list[torch.nn.Parameter],
+          optimizer: torch.optim.Optimizer, grad_clip: float, amp: bool,
+          cache: bool | None = None) -> dict[str, torch.Tensor]:
+    """Forward, backward, clipping and AdamW (no LR schedule): the part a CUDA graph holds.
+
+    `cache=False` turns autocast's weight-cast cache off (required under graph capture; the
+    values are the same).
+    """
+    with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp,
+                        cache_enabled=cache):
+        total, terms = loss_fn(batch, progress)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        # the pre-clip norm shows how often clipping rescales (and so re-weights) the step
+        terms = {**terms, "grad_norm": torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()}
+    optimizer.step()
+    return terms
 
 
 def train_step(loss_fn, batch: Batch, progress: float, params: list[torch.nn.Parameter],
@@ -77,16 +130,151 @@ def train_step(loss_fn, batch: Batch, progress: float, params: list[torch.nn.Par
 
     Nothing in it waits for the device, so steps queue up on a GPU.
     """
-    with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp):
-        total, terms = loss_fn(batch, progress)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if grad_clip > 0:
-        # the pre-clip norm shows how often clipping rescales (and so re-weights) the step
-        terms = {**terms, "grad_norm": torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()}
-    optimizer.step()
+    terms = _step(loss_fn, batch, progress, params, optimizer, grad_clip, amp)
     scheduler.step()
     return terms
+
+
+_BATCH_FIELDS = ("rows", "x", "unit", "positive", "anchor", "target", "pair_weight")
+"""The `Batch` fields the dense pair path reads (`positive_pairs` and `near_pairs` are read by
+the CPU's sparse path only)."""
+
+
+class GraphedStep:
+    """`train_step` as one CUDA graph replay: forward, losses, backward, clipping and AdamW.
+
+    Called like `train_step` (same arguments, one optimization step per call, the LR schedule
+    stepped after it outside the graph), so a loop of calls trains exactly as a loop of
+    `train_step` calls. The first `warmup` calls are ordinary eager steps on a side stream
+    (they create AdamW's state and the libraries' workspaces before capture); the next call
+    captures the step on that stream and replays it; every call copies the sampler's batch
+    into static input buffers first (the graph reads their memory). The terms it returns
+    are the graph's static outputs, overwritten by the next call: read, clone or add them
+    before it.
+
+    Needs the dense pair path (the B × B positive mask: the sparse pair lists have
+    data-dependent shapes), an AdamW with `capturable=True` (`build_optimizer(...,
+    capturable=True)`; its lr becomes a device tensor, `tensor_lr`), no EMA codebooks
+    (their update syncs with the host), and the same loss function, parameters, optimizer,
+    clipping and amp on every call: they are baked into the graph at capture.
+
+    With `capture=False` every call runs the same static-buffer step eagerly, on any device:
+    the CPU tests exercise the copies and the step through it.
+    """
+
+    def __init__(self, capture: bool = True, warmup: int = 3):
+        if warmup < 1:
+            # AdamW creates its state on its first step: inside a capture every replay would
+            # re-zero the moments
+            raise ValueError(f"GraphedStep: warmup must be >= 1, got {warmup}")
+        self.capture, self.warmup = capture, warmup
+        self.calls = 0
+        self.graph = None
+        self.static: Batch | None = None
+        self.progress: torch.Tensor | None = None
+        self.terms: dict[str, torch.Tensor] | None = None
+        self._lrs: list[torch.Tensor] | None = None
+        self._stream = None
+
+    def __call__(self, loss_fn, batch: Batch, progress: float,
+                 params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
+                 grad_clip: float, amp: bool) -> dict[str, torch.Tensor]:
+        """One optimization step on `batch` (see the class docstring); the detached terms."""
+        if self.static is None:
+            self._setup(loss_fn, batch, optimizer)
+        self._load(batch, progress)
+        args = (loss_fn, self.static, self.progress, params, optimizer, grad_clip, amp)
+        if self.graph is not None:
+            self.graph.replay()
+            terms = dict(self.terms)
+        elif not self.capture:
+            terms = _step(*args, cache=False)
+        elif self.calls < self.warmup:
+            # the whole-network recipe: warm-up steps on the stream that will capture
+            current = torch.cuda.current_stream()
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                terms = _step(*args, cache=False)
+            current.wait_stream(self._stream)
+        else:
+            terms = self._capture(args, optimizer)
+        scheduler.step()
+        if self._lrs is not None:
+            self._repin_lr(optimizer)
+        self.calls += 1
+        return terms
+
+    def _setup(self, loss_fn, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+        device = batch.x.device
+        owner = getattr(loss_fn, "__self__", None)  # the SIDModel of a bound `model.losses`
+        if owner is not None and hasattr(owner, "sparse_pairs"):
+            sparse = owner.sparse_pairs if owner.sparse_pairs is not None \
+                else device.type == "cpu"
+            if sparse:
+                raise ValueError("GraphedStep: needs the dense pair path (model.sparse_pairs = "
+                                 "False; the sparse pair lists have data-dependent shapes)")
+            if getattr(owner.quantizer, "ema", False) and self.capture:
+                raise ValueError("GraphedStep: EMA codebooks (ema: true) cannot be captured "
+                                 "(their update syncs with the host)")
+        if self.capture:
+            if device.type != "cuda":
+                raise ValueError(f"GraphedStep: capture needs a CUDA batch, got {device} "
+                                 "(capture=False runs the same step eagerly)")
+            if not all(group.get("capturable") for group in optimizer.param_groups):
+                raise ValueError("GraphedStep: AdamW needs capturable=True "
+                                 "(build_optimizer(..., capturable=True))")
+            self._lrs = tensor_lr(optimizer)
+            self._stream = torch.cuda.Stream(device)
+            # the warm-up steps run uncaptured on purpose: no "capturable=True can impair
+            # performance" warning for them
+            optimizer._warned_capturable_if_run_uncaptured = True
+        fields = {name: (None if value is None else torch.empty_like(value))
+                  for name, value in zip(_BATCH_FIELDS, self._fields(batch))}
+        self.static = Batch(**fields)  # positive_pairs, near_pairs: None (dense path)
+        # float64, as the Python float `train_step` passes: AdaSID's ρ(t) rounds the same
+        self.progress = torch.zeros((), dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _fields(batch: Batch) -> list[torch.Tensor | None]:
+        positive = batch.positive
+        if positive is None and batch.positive_pairs is not None:  # CPU batches carry pairs
+            positive = pair_mask(batch.positive_pairs, batch.rows.shape[0])
+        return [positive if name == "positive" else getattr(batch, name)
+                for name in _BATCH_FIELDS]
+
+    def _load(self, batch: Batch, progress: float) -> None:
+        for name, value in zip(_BATCH_FIELDS, self._fields(batch)):
+            static = getattr(self.static, name)
+            if (value is None) != (static is None) or (
+                    value is not None and value.shape != static.shape):
+                # copy_ would broadcast a smaller tensor silently
+                raise ValueError(f"GraphedStep: batch field {name!r} changed shape or presence "
+                                 f"({None if static is None else tuple(static.shape)} -> "
+                                 f"{None if value is None else tuple(value.shape)})")
+            if value is not None:
+                static.copy_(value)
+        self.progress.fill_(progress)
+
+    def _capture(self, args: tuple, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        # grads None before capture: backward then allocates them in the graph's pool and
+        # every replay overwrites them (no zeroing needed between replays)
+        optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._stream):
+            terms = _step(*args, cache=False)
+        # capture records the kernels without running them: this call's step is the replay
+        graph.replay()
+        self.graph, self.terms = graph, terms
+        return dict(terms)
+
+    def _repin_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        # the scheduler fills tensor lrs in place (torch >= 2.x); should one assign a new
+        # value instead, copy it into the tensor the graph reads and put that back
+        for group, lr in zip(optimizer.param_groups, self._lrs):
+            value = group["lr"]
+            if value is not lr:
+                lr.fill_(float(value))
+                group["lr"] = lr
 
 
 def _load_checkpoint(path: Path | None, cfg: TokenizerConfig) -> dict | None:
@@ -132,7 +320,10 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                            conflicts=conflict_rule(cfg))
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
-    params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev)
+    # CUDA graphs only where there is CUDA (the flag is ignored on the CPU)
+    graphed = tc.cuda_graph and dev.type == "cuda"
+    params, optimizer, scheduler = build_optimizer(model, tc, total_steps, dev,
+                                                   capturable=graphed)
     history: dict = {"epochs": [], "train_seconds": 0.0}
     start = 0
     state = _load_checkpoint(checkpoint, cfg)
@@ -152,6 +343,10 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
         sampler.set_codes(codes)
     amp = tc.amp and dev.type == "cuda"
     loss_fn = torch.compile(model.losses) if tc.compile else model.losses
+    # one graph for the whole fit: captured on the first steps after the warm-up (which are
+    # real steps), replayed on every later one; the terms it returns are added up below
+    # (a new tensor each step) before the next replay overwrites them
+    step_fn = GraphedStep() if graphed else train_step
     bar = _Bar(progress, total_steps, start * steps)
     began = time.perf_counter() - history["train_seconds"]
     with bar:
@@ -164,12 +359,13 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                 batch = sampler.batch(step)
                 if probe is not None:
                     probe.step(model, batch, optimizer, done, sampler.x)
-                terms = train_step(loss_fn, batch, done, params, optimizer, scheduler,
-                                   tc.grad_clip, amp)
+                terms = step_fn(loss_fn, batch, done, params, optimizer, scheduler,
+                                tc.grad_clip, amp)
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 bar.advance()
-            record: dict = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
+            # float(): with a tensor lr (CUDA graphs) the scheduler reports tensors
+            record: dict = {"epoch": epoch + 1, "lr": float(scheduler.get_last_lr()[0])}
             for key, value in sums.items():
                 if key == "cvpm_excluded":
                     record[key] = dict(zip(CVPM_REASONS, (int(v) for v in value.tolist())))

@@ -183,13 +183,17 @@ def adasid_schedule(progress, rho_end: float = 0.1):
     return rho_end + (1.0 - rho_end) * (1.0 - progress)
 
 
-def adasid_loss(z: torch.Tensor, weights: torch.Tensor, rho: float, margin: float = 1.0
+def adasid_loss(z: torch.Tensor, weights: torch.Tensor, rho, margin: float = 1.0
                 ) -> torch.Tensor:
     """AdaSID regulation = ρ(t) · Σ_ij W_ij · max(0, m − d_ij)² / max(ε, Σ_ij W_ij).
 
-    A W-weighted mean of the squared hinge, so crowded, incompatible overlaps dominate.
+    A W-weighted mean of the squared hinge, so crowded, incompatible overlaps dominate. `rho`
+    may be a 0-d tensor (a CUDA graph's float64 progress): it is rounded to the hinge's dtype
+    as a Python float is, so the term stays fp32 and equal to the float's.
     """
     hinge = F.relu(margin - unit_distances(z))
+    if isinstance(rho, torch.Tensor):  # a 0-d float64 would promote the 0-d sums to float64
+        rho = rho.to(hinge.dtype)
     return rho * (weights * hinge.pow(2)).sum() / weights.sum().clamp_min(_EPS)
 
 
