@@ -164,9 +164,9 @@ def test_cuda_graph_is_ignored_on_the_cpu():
 # Measured on an H200 (2026-12-01): in fp32 the graphed steps equal the eager ones bitwise
 # (adasid, quasid: every term of 10 steps and the state after them); under bf16 autocast
 # quasid's are bitwise too, while adasid's drift from the second step on (1.6e-3, then
-# code flips) although two eager runs agree bitwise: the graph's autocast runs with
-# cache_enabled=False (capture requires it), so a weight cast once and shared in the eager
-# step is cast per use, and its gradient is summed in fp32 rather than bf16.
+# code flips) although two eager runs agree bitwise. The one difference of the two paths
+# under autocast is the graph's cache_enabled=False (capture requires it: a weight cast once
+# and shared in the eager step is cast per use); that this is the cause was not isolated.
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name, amp", [("rqvae", False), ("quasid", False), ("adasid", False),
                                        ("uniform", False), ("rqvae", True), ("quasid", True),
