@@ -59,9 +59,34 @@ class Attention(nn.Module):
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = None if keep is None else keep[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim) queries and (B, heads, S,
+    head_dim) keys/values; mask: broadcastable to (B, heads, T, S), True = attend; causal:
+    query t sees keys <= t (T = S). Every query row must keep at least one key.
+
+    `scaled_dot_product_attention` off the CPU. On the CPU the sequences here (at most ~40
+    positions, heads of 16-64) are too short for its flash kernel: two batched matmuls and a
+    softmax took a third to a half of its time, forward and backward (benchmarks/README.md).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=dropout)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1),
+                                    -math.inf)
+    weights = torch.softmax(scores, dim=-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
 
 
 def feed_forward(d_model: int, d_ff: int, dropout: float) -> nn.Sequential:
@@ -141,7 +166,7 @@ class DecoderLayer(nn.Module):
         x = x + sa.out(y.reshape(b, w, -1))
         ca = self.cross_attn
         qc = ca.q(self.norm2(x)).view(b, w, ca.heads, ca.head_dim).transpose(1, 2)
-        yc = F.scaled_dot_product_attention(qc, *cross, attn_mask=memory_keep[:, None, None, :])
+        yc = attend(qc, *cross, memory_keep[:, None, None, :])
         x = x + ca.out(yc.transpose(1, 2).reshape(b, w, -1))
         return x + self.ff(self.norm3(x)), k, v
 
@@ -175,12 +200,6 @@ class Retriever(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets[:-1]), persistent=False)
         self.level_offsets = tuple(int(o) for o in offsets[:-1])  # host ints: no device syncs
         self.register_buffer("item_tokens", trie.codes + self.offsets, persistent=False)
-        level = torch.full((self.n_tokens,), -1, dtype=torch.int64)
-        for d in range(depth):
-            level[offsets[d]:offsets[d + 1]] = d
-        # additive mask restricting the output softmax at level d to level d's tokens
-        self.register_buffer("level_mask", torch.where(level[None, :] == torch.arange(depth)[:, None],
-                                                       0.0, -math.inf), persistent=False)
         d = cfg.d_model
         self.embed = nn.Embedding(self.n_tokens + 3, d, padding_idx=self.pad_token)
         per_item = depth if cfg.history_tokens == "levels" else 1
@@ -272,18 +291,24 @@ class Retriever(nn.Module):
         Only that level's slice of the output layer is computed (the softmax the model was
         trained with, masked to the level, gives the same numbers at depth x the cost).
         """
+        return torch.log_softmax(self._level_logits(hidden, level).float(), dim=-1)
+
+    def _level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         lo = self.level_offsets[level]
-        hi = lo + self.trie.vocab[level]
-        logits = F.linear(hidden, self.head.weight[lo:hi], self.head.bias[lo:hi])
-        return torch.log_softmax(logits.float(), dim=-1)
+        return F.linear(hidden, self.head.weight[lo:lo + self.trie.vocab[level]],
+                        self.head.bias[lo:lo + self.trie.vocab[level]])
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over requests of -log p(target code | history) (summed over levels)."""
         memory, keep = self.encode(histories)
-        target = self.item_tokens[targets]  # (B, D)
-        hidden = self.decode(memory, keep, target[:, None, :-1])[:, 0]  # (B, D, d)
-        logits = self.head(hidden).float() + self.level_mask  # (B, D, n_tokens)
-        return F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / len(targets)
+        hidden = self.decode(memory, keep, self.item_tokens[targets][:, None, :-1])[:, 0]  # (B, D, d)
+        codes = self.trie.codes[targets]  # (B, D), by level
+        # level by level over that level's slice of the output layer: the same softmax as the
+        # full vocabulary masked to the level (the masked logits add exp(-inf) = 0), at 1/depth
+        # of the output layer's work and without the (B, D, n_tokens) logits
+        total = sum(F.cross_entropy(self._level_logits(hidden[:, d], d).float(), codes[:, d],
+                                    reduction="sum") for d in range(self.depth))
+        return total / len(targets)
 
     @torch.inference_mode()
     def score_items(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
