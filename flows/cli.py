@@ -103,6 +103,10 @@ def run(
         from flows.pipeline import ab_pipeline
 
         if server is not None:
+            if run_config.trainings:
+                # torch.optim imports torch._dynamo at its first step (~2.5 s on the 2-core
+                # box): here it overlaps the server's start instead of delaying the training
+                import torch._dynamo  # noqa: F401
             server.wait()
         summary = ab_pipeline(run_config)
     console.print(f"[bold green]done[/]: report {summary['report']}\n"
