@@ -93,13 +93,21 @@ def run(
             console.print(f"took over the lock of a run that died ({describe(lock.took_over)})")
         for path in remove_stale_staging(out):
             console.print(f"removed {path} (staging left by a killed run)")
-        if not _debug():
-            quiet_tracebacks()
         console.print(f"[bold]quasid run[/]: {run_config.experiment.experiment_id} -> {out} "
                       f"(seed {seed}, {device}); starting Prefect (local, no server needed)")
-        start_local_server()
+        # before anything imports prefect (its settings must see the server's URL); returns
+        # at once: the server starts while this process imports the pipeline
+        server = start_local_server()
+        if not _debug():
+            quiet_tracebacks()
         from flows.pipeline import ab_pipeline
 
+        if server is not None:
+            if run_config.trainings:
+                # torch.optim imports torch._dynamo at its first step (~2.5 s on the 2-core
+                # box): here it overlaps the server's start instead of delaying the training
+                import torch._dynamo  # noqa: F401
+            server.wait()
         summary = ab_pipeline(run_config)
     console.print(f"[bold green]done[/]: report {summary['report']}\n"
                   f"      html   {summary['html']}\n      results {summary['results']}")

@@ -42,16 +42,78 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def start_local_server() -> str | None:
-    """Start Prefect's temporary local server now, bound to this process's life.
+class LocalServer:
+    """Prefect's temporary local server, started by `start_local_server` (the handle to wait on)."""
 
-    Prefect starts it on first use as a plain child process, stopped by `atexit`: a
-    SIGKILL (or a SIGTERM, which skips `atexit`) of the parent left it running. Started
-    here, from the main thread (the death signal follows the thread that forked), it gets
-    `PR_SET_PDEATHSIG` = SIGTERM, so it exits when its parent dies however that happens;
-    Prefect then reuses it. Nothing happens when `PREFECT_API_URL` names a server, or off
-    Linux. Returns the API URL of the started server (None otherwise).
+    def __init__(self, process, api_url: str):
+        self.process, self.api_url = process, api_url
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the server answers its health check; returns the API URL.
+
+        Raises `RuntimeError` when the server exits first or `timeout` seconds pass
+        (default: `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`).
+        """
+        import time
+        import urllib.error
+        import urllib.request
+
+        limit = float(timeout if timeout is not None else
+                      os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Prefect's local server exited with code {self.process.returncode} "
+                                   f"before answering (expected it to serve {self.api_url})")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.api_url
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Prefect's local server did not answer within {limit:.0f} s "
+                           f"({self.api_url}/health)")
+
+    def stop(self) -> None:
+        """Terminate the server (at exit; a second call does nothing)."""
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_server() -> LocalServer | None:
+    """Start Prefect's temporary local server now, bound to this process's life; don't wait.
+
+    Prefect would start the same server (uvicorn on `prefect.server.api.server:create_app`,
+    UI off) on first use, from inside the flow call, and wait for it: its imports and
+    database set-up took ~10 s of the main job on a 2-core box, with the main process
+    idle, after ~5 s of importing the server's modules in the main process only to launch
+    it. Started here, the main process points `PREFECT_API_URL` at it (Prefect then never
+    imports its server modules) and goes on with its own imports and checks while the
+    server starts; `LocalServer.wait()` before the first flow call.
+
+    The child gets `PR_SET_PDEATHSIG` = SIGTERM (call from the main thread: the death
+    signal follows the thread that forked), so it exits when its parent dies however that
+    happens (a SIGKILL skips `atexit`), and an `atexit` handler stops it on a normal exit.
+    Nothing happens (None) when `PREFECT_API_URL` already names a server, off Linux, off
+    the main thread, or once `prefect` is imported (call it first).
     """
+    import atexit
     import subprocess
     import sys
     import threading
@@ -60,35 +122,25 @@ def start_local_server() -> str | None:
         return None
     if threading.current_thread() is not threading.main_thread():
         return None
-    from prefect.server.api import server as prefect_server
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
+    if "prefect" in sys.modules:  # its settings are read: Prefect starts its own server on first use
         return None
+    from importlib.util import find_spec
 
-    class _Popen(subprocess.Popen):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("preexec_fn", _die_with_parent)
-            super().__init__(*args, **kwargs)
-
-    class _Subprocess:
-        """`subprocess` as Prefect's server module sees it, with the death signal."""
-
-        Popen = _Popen
-
-        def __getattr__(self, name):
-            return getattr(subprocess, name)
-
-    server = prefect_server.SubprocessASGIServer()
-    if server.running:
-        return server.api_url
-    saved = prefect_server.subprocess
-    prefect_server.subprocess = _Subprocess()
-    try:
-        server.start()
-    finally:
-        prefect_server.subprocess = saved
-    return server.api_url
+    # where prefect is installed, without importing it: its settings must see PREFECT_API_URL
+    site = Path(find_spec("prefect").submodule_search_locations[0]).parent
+    port = _free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    # the same command line as Prefect's own SubprocessASGIServer
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(site),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, preexec_fn=_die_with_parent)
+    server = LocalServer(process, f"http://127.0.0.1:{port}/api")
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server
 
 
 def quiet_tracebacks() -> None:

@@ -10,17 +10,21 @@ output layers are shared while levels never mix.
 Decoding is beam search constrained by the `SidTrie`: at each level a beam may only extend
 its prefix with a token that leads to an existing item, so every result is a real item.
 Beams of one request share the encoder memory: the decoder folds the beams into the
-cross-attention's query axis instead of copying the memory once per beam.
+cross-attention's query axis instead of copying the memory once per beam. Decoding is
+incremental (`DecoderState`): each level runs the decoder on the new token alone, against
+the cached self-attention keys/values of the prefix and the memory's cross-attention
+keys/values projected once, instead of re-running the whole prefix at every level.
 The item score is log p(code) = the sum of the per-level log-probabilities (softmax over
 the level's full vocabulary, as the model was trained; invalid tokens are then excluded).
 `score_items` computes the same number by teacher forcing for any items, the brute-force
-reference the beam search is tested against.
+reference the beam search (and the incremental `candidate_scores`) is tested against.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,9 +59,34 @@ class Attention(nn.Module):
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = None if keep is None else keep[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim) queries and (B, heads, S,
+    head_dim) keys/values; mask: broadcastable to (B, heads, T, S), True = attend; causal:
+    query t sees keys <= t (T = S). Every query row must keep at least one key.
+
+    `scaled_dot_product_attention` off the CPU. On the CPU the sequences here (at most ~40
+    positions, heads of 16-64) are too short for its flash kernel: two batched matmuls and a
+    softmax took a third to a half of its time, forward and backward (benchmarks/README.md).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=dropout)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1),
+                                    -math.inf)
+    weights = torch.softmax(scores, dim=-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
 
 
 def feed_forward(d_model: int, d_ff: int, dropout: float) -> nn.Sequential:
@@ -105,6 +134,57 @@ class DecoderLayer(nn.Module):
         flat = flat + self.drop(self.ff(self.norm3(flat)))
         return flat.reshape(b, w, t, d)
 
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values of the memory (B, S, d): each (B, heads, S, head_dim)."""
+        attn = self.cross_attn
+        b = memory.shape[0]
+        k, v = attn.kv(memory).view(b, -1, 2, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def step(self, x: torch.Tensor, past_k: torch.Tensor | None, past_v: torch.Tensor | None,
+             cross: tuple[torch.Tensor, torch.Tensor], memory_keep: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position per sequence, the same numbers as `forward`'s last position.
+
+        x: (B, W, d) the new positions' inputs; past_k / past_v: (B, W, t, heads, head_dim)
+        the self-attention keys/values of each sequence's earlier positions (None at t = 0);
+        cross: `memory_kv` of the memory. Returns (output (B, W, d), keys, values with this
+        position appended). Causal attention over the prefix needs nothing else: earlier
+        positions never attend to later ones, so their cached states stay valid.
+        """
+        b, w, d = x.shape
+        sa = self.self_attn
+        h = self.norm1(x)
+        q = sa.q(h).view(b, w, sa.heads, sa.head_dim)
+        k_new, v_new = sa.kv(h).view(b, w, 2, sa.heads, sa.head_dim).unbind(2)
+        k = k_new[:, :, None] if past_k is None else torch.cat([past_k, k_new[:, :, None]], 2)
+        v = v_new[:, :, None] if past_v is None else torch.cat([past_v, v_new[:, :, None]], 2)
+        # one query over at most depth keys: products and sums (a GEMM of 1 x head_dim rows
+        # per (request, beam, head) is all overhead); softmax in fp32 as SDPA does
+        att = torch.softmax((q[:, :, None] * k).sum(-1).float() / math.sqrt(sa.head_dim), dim=2)
+        y = (att.to(v.dtype)[..., None] * v).sum(2)  # (B, W, heads, head_dim)
+        x = x + sa.out(y.reshape(b, w, -1))
+        ca = self.cross_attn
+        qc = ca.q(self.norm2(x)).view(b, w, ca.heads, ca.head_dim).transpose(1, 2)
+        yc = attend(qc, *cross, memory_keep[:, None, None, :])
+        x = x + ca.out(yc.transpose(1, 2).reshape(b, w, -1))
+        return x + self.ff(self.norm3(x)), k, v
+
+
+class DecoderState(NamedTuple):
+    """The incremental decoder after `t` + 1 positions (BOS + t tokens) of W sequences per request.
+
+    hidden: (B, W, d) the last position's normalized output (what the next level's
+    distribution is read from); keys / values: per layer (B, W, t + 1, heads, head_dim);
+    cross: per layer the memory's cross-attention keys and values; memory_keep: (B, S).
+    """
+
+    hidden: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    cross: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    memory_keep: torch.Tensor
+
 
 class Retriever(nn.Module):
     """Encoder-decoder over SID tokens, tied to one SID table through its trie."""
@@ -120,12 +200,6 @@ class Retriever(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets[:-1]), persistent=False)
         self.level_offsets = tuple(int(o) for o in offsets[:-1])  # host ints: no device syncs
         self.register_buffer("item_tokens", trie.codes + self.offsets, persistent=False)
-        level = torch.full((self.n_tokens,), -1, dtype=torch.int64)
-        for d in range(depth):
-            level[offsets[d]:offsets[d + 1]] = d
-        # additive mask restricting the output softmax at level d to level d's tokens
-        self.register_buffer("level_mask", torch.where(level[None, :] == torch.arange(depth)[:, None],
-                                                       0.0, -math.inf), persistent=False)
         d = cfg.d_model
         self.embed = nn.Embedding(self.n_tokens + 3, d, padding_idx=self.pad_token)
         per_item = depth if cfg.history_tokens == "levels" else 1
@@ -175,24 +249,66 @@ class Retriever(nn.Module):
             x = layer(x, memory, memory_keep)
         return self.dec_norm(x)
 
+    def decoder_start(self, memory: torch.Tensor, memory_keep: torch.Tensor) -> DecoderState:
+        """The incremental decoder after BOS (one sequence per request): its `hidden` gives
+        the first level's distribution."""
+        b = memory.shape[0]
+        cross = tuple(layer.memory_kv(memory) for layer in self.decoder)
+        x = (self.embed.weight[self.bos_token] + self.dec_pos.weight[0]).expand(b, 1, -1)
+        return self._run_step(x, None, None, cross, memory_keep)
+
+    def decoder_step(self, state: DecoderState, tokens: torch.Tensor,
+                     parent: torch.Tensor | None = None) -> DecoderState:
+        """Extend sequences by one token: tokens (B, W') global token ids, sequence w' of the
+        new state = sequence `parent[:, w']` (B, W') of `state` followed by `tokens[:, w']`
+        (parent None: sequence w' itself; a state of one sequence per request: that one)."""
+        b, w = tokens.shape
+        t = state.keys[0].shape[2]  # positions so far: the new one is at position t
+        x = self.embed(tokens) + self.dec_pos.weight[t]
+        if state.keys[0].shape[1] == 1:  # one parent per request: broadcast, no copies
+            past = [(k.expand(-1, w, -1, -1, -1), v.expand(-1, w, -1, -1, -1))
+                    for k, v in zip(state.keys, state.values)]
+        elif parent is None:
+            past = list(zip(state.keys, state.values))
+        else:
+            idx = torch.arange(b, device=tokens.device)[:, None]
+            past = [(k[idx, parent], v[idx, parent]) for k, v in zip(state.keys, state.values)]
+        return self._run_step(x, [p[0] for p in past], [p[1] for p in past], state.cross,
+                              state.memory_keep)
+
+    def _run_step(self, x: torch.Tensor, past_k, past_v, cross, memory_keep) -> DecoderState:
+        keys, values = [], []
+        for i, layer in enumerate(self.decoder):
+            x, k, v = layer.step(x, None if past_k is None else past_k[i],
+                                 None if past_v is None else past_v[i], cross[i], memory_keep)
+            keys.append(k)
+            values.append(v)
+        return DecoderState(self.dec_norm(x), tuple(keys), tuple(values), cross, memory_keep)
+
     def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """Log-softmax over level `level`'s vocabulary: (..., vocab of that level), by code.
 
         Only that level's slice of the output layer is computed (the softmax the model was
         trained with, masked to the level, gives the same numbers at depth x the cost).
         """
+        return torch.log_softmax(self._level_logits(hidden, level).float(), dim=-1)
+
+    def _level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         lo = self.level_offsets[level]
-        hi = lo + self.trie.vocab[level]
-        logits = F.linear(hidden, self.head.weight[lo:hi], self.head.bias[lo:hi])
-        return torch.log_softmax(logits.float(), dim=-1)
+        return F.linear(hidden, self.head.weight[lo:lo + self.trie.vocab[level]],
+                        self.head.bias[lo:lo + self.trie.vocab[level]])
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over requests of -log p(target code | history) (summed over levels)."""
         memory, keep = self.encode(histories)
-        target = self.item_tokens[targets]  # (B, D)
-        hidden = self.decode(memory, keep, target[:, None, :-1])[:, 0]  # (B, D, d)
-        logits = self.head(hidden).float() + self.level_mask  # (B, D, n_tokens)
-        return F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / len(targets)
+        hidden = self.decode(memory, keep, self.item_tokens[targets][:, None, :-1])[:, 0]  # (B, D, d)
+        codes = self.trie.codes[targets]  # (B, D), by level
+        # level by level over that level's slice of the output layer: the same softmax as the
+        # full vocabulary masked to the level (the masked logits add exp(-inf) = 0), at 1/depth
+        # of the output layer's work and without the (B, D, n_tokens) logits
+        total = sum(F.cross_entropy(self._level_logits(hidden[:, d], d).float(), codes[:, d],
+                                    reduction="sum") for d in range(self.depth))
+        return total / len(targets)
 
     @torch.inference_mode()
     def score_items(self, histories: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -214,27 +330,50 @@ class Retriever(nn.Module):
                             for d in range(self.depth)], dim=-1)
 
     @torch.inference_mode()
+    def candidate_scores(self, start: DecoderState, rows: torch.Tensor) -> torch.Tensor:
+        """`level_scores` of candidate rows (B, n) from the requests' `decoder_start` state,
+        incrementally: the BOS position once per request, then depth - 1 positions per
+        candidate (teacher forcing runs depth per candidate)."""
+        tokens = self.item_tokens[rows]  # (B, n, D)
+        codes = self.trie.codes[rows]
+        state, levels = start, []
+        for d in range(self.depth):
+            if d:  # candidate j's prefix grows by its own next token
+                state = self.decoder_step(state, tokens[..., d - 1])
+            lp = self.level_log_probs(state.hidden, d)
+            if lp.shape[1] == 1:
+                lp = lp.expand(-1, rows.shape[1], -1)
+            levels.append(lp.gather(-1, codes[..., d, None])[..., 0])
+        return torch.stack(levels, dim=-1)
+
+    @torch.inference_mode()
     def beam_search(self, histories: torch.Tensor, beam: int | None = None,
                     return_codes: bool = False,
-                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, ...]:
+                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    start: DecoderState | None = None) -> tuple[torch.Tensor, ...]:
         """Top items by log p(code), constrained to the trie: (rows (B, beam), scores (B, beam)).
 
         Sorted best first; where fewer than `beam` items exist, the tail is row -1 with
         score -inf. `return_codes` adds the generated codes (B, beam, D) (-1 in the tail),
         which must be the returned rows' codes (what the tests check). `encoded`: the
-        histories' `encode` output, when the caller already has it.
+        histories' `encode` output, when the caller already has it; `start`: their
+        `decoder_start` state (shared with `candidate_scores`).
         """
         beam = beam or self.cfg.beam
         trie = self.trie
-        memory, keep = encoded if encoded is not None else self.encode(histories)
+        if start is None:
+            start = self.decoder_start(*(encoded if encoded is not None else self.encode(histories)))
+        state = start
         b, dev = histories.shape[0], histories.device
         node = torch.zeros((b, 1), dtype=torch.int64, device=dev)
         score = torch.zeros((b, 1), device=dev)
         prefix = torch.zeros((b, 1, 0), dtype=torch.int64, device=dev)
+        parent = None
         for d in range(trie.depth):
             w = node.shape[1]
-            lp = self.level_log_probs(self.decode(memory, keep, prefix)[:, :, -1], d)  # (B, W, V_d)
+            if d:  # the beams' new tokens, each after its parent's cached prefix
+                state = self.decoder_step(state, prefix[:, :, -1], parent)
+            lp = self.level_log_probs(state.hidden, d)  # (B, W, V_d)
             tok, nxt = trie.padded(d)
             child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]  # (B, W, F)
             fan = child_tok.shape[2]

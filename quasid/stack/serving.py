@@ -41,7 +41,7 @@ from quasid.stack.config import (
     StackConfig,
 )
 from quasid.stack.ranker import Ranker, log_gmv_score
-from quasid.stack.retriever import Retriever
+from quasid.stack.retriever import DecoderState, Retriever
 from quasid.stack.training import autocast
 from quasid.stack.trie import SidTrie
 
@@ -134,12 +134,13 @@ class Stack:
     def _score_parts(self, hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(beam rows, candidate rows, ranker logits, retriever log p) for a batch of row histories."""
         with autocast(self.device):
-            encoded = self.retriever.encode(hist)  # shared by the beam and the candidates' scores
+            # the decoder after BOS, shared by the beam and the candidates' scores
+            start = self.retriever.decoder_start(*self.retriever.encode(hist))
             beam, beam_score = self.retriever.beam_search(hist, self.cfg.retriever.beam,
-                                                          encoded=encoded)
+                                                          start=start)
             cand = self._candidates(hist, beam)
             logit = self.ranker.logits(hist, cand)
-            log_p, prefix = self._retriever_log_p(hist, cand, beam, beam_score, encoded)
+            log_p, prefix = self._retriever_log_p(cand, beam, beam_score, start)
         if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
             rows = cand.clamp(min=0)
             region = prefix - self._region_log_size[rows] + self.cfg.cold_bias
@@ -148,18 +149,18 @@ class Stack:
                 beam = self._merged_beam(beam, cand, log_p)
         return beam, cand, logit.float(), log_p
 
-    def _retriever_log_p(self, hist: torch.Tensor, cand: torch.Tensor, beam: torch.Tensor,
-                         beam_score: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _retriever_log_p(self, cand: torch.Tensor, beam: torch.Tensor, beam_score: torch.Tensor,
+                         start: DecoderState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log p(full code) (B, N), log p of the first `cold_prefix` levels (B, N), or None
         without the cold quota) of candidate rows, teacher-forced only where needed.
 
         A beam result's log p is its beam score (the same per-level sums the beam search
         computed); with `cold_prefix` 1 a cold candidate needs only the first level's
         distribution, which depends on the history alone (one decoder position per
-        request). Only the rest (the popularity fill, deeper cold prefixes) go through the
-        decoder, compacted to the widest row's count: the beam and the cold quota are most
-        of the candidates, and the decoder over every candidate's code was most of serving.
+        request, `start`'s). Only the rest (the popularity fill, deeper cold prefixes) go
+        through the decoder, compacted to the widest row's count, incrementally from `start`
+        (`Retriever.candidate_scores`): the beam and the cold quota are most of the
+        candidates, and the decoder over every candidate's code was most of serving.
         """
         retriever = self.retriever
         valid = cand >= 0
@@ -178,16 +179,14 @@ class Stack:
             need = valid & ((~in_beam & warm) | ~warm)
         prefix = None
         if shallow:
-            memory, keep = encoded
-            start = torch.zeros((len(hist), 1, 0), dtype=torch.int64, device=hist.device)
-            first = retriever.level_log_probs(retriever.decode(memory, keep, start)[:, 0, -1], 0)
+            first = retriever.level_log_probs(start.hidden[:, 0], 0)
             prefix = first.gather(1, retriever.trie.codes[rows][..., 0])
         width = int(need.sum(1).max()) if need.numel() else 0
         if width:
             order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :width]
             taken = need.gather(1, order)
-            levels = retriever.level_scores(hist, torch.where(taken, cand.gather(1, order), 0),
-                                            encoded).float()
+            levels = retriever.candidate_scores(start, torch.where(taken, cand.gather(1, order),
+                                                                   0)).float()
             log_p = log_p.scatter(1, order, torch.where(taken, levels.sum(-1),
                                                         log_p.gather(1, order)))
             if quota and not shallow:
@@ -264,9 +263,9 @@ class Stack:
             self.set_config(cold_bias=bias)
             slate, _, beam = self.slates(histories, k)
             stack, alone = hit_ndcg(slate, targets, ks=(k,)), hit_ndcg(beam[:, :k], targets, ks=(k,))
-            found[bias] = {f"ndcg@{k}": float(stack[f"ndcg@{k}"].mean()),
-                           f"cold_hr@{k}": float(stack[f"hr@{k}"][cold].mean()) if cold.any() else math.nan,
-                           f"beam_cold_hr@{k}": float(alone[f"hr@{k}"][cold].mean()) if cold.any() else math.nan}
+            cold_hr = {name: float(per[f"hr@{k}"][cold].mean()) if cold.any() else math.nan
+                       for name, per in ((f"cold_hr@{k}", stack), (f"beam_cold_hr@{k}", alone))}
+            found[bias] = {f"ndcg@{k}": float(stack[f"ndcg@{k}"].mean()), **cold_hr}
         best = max(self.cfg.cold_bias_grid, key=lambda b: (found[b][f"ndcg@{k}"], -abs(b)))
         self.set_config(cold_bias=best)
         return found

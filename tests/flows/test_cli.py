@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY_WORLD = dict(n_items=300, n_users=1_500, content_dim=16, taste_dim=8, mean_interactions=8.0)
 
@@ -204,3 +203,32 @@ def test_sigkill_of_a_run_leaves_no_prefect_server(tmp_path):
     result = _quasid("run", "--config", str(_config(tmp_path)), "--out", str(out), timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "report.md").exists()
+
+
+def test_local_server_is_left_to_prefect_when_a_url_is_set_or_prefect_is_imported(monkeypatch):
+    from flows import runtime
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    assert runtime.start_local_server() is None  # the user's server
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setitem(sys.modules, "prefect", sys.modules.get("prefect", object()))
+    assert runtime.start_local_server() is None  # settings already read: Prefect's own
+    assert "PREFECT_API_URL" not in os.environ
+
+
+def test_waiting_on_a_local_server_that_dies_or_never_answers_raises_at_once():
+    from flows.runtime import LocalServer, _free_port
+
+    url = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    dead = LocalServer(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]), url)
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        dead.wait(timeout=30)
+    silent = LocalServer(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]), url)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not answer within"):
+            silent.wait(timeout=0.5)
+        assert time.monotonic() - start < 10
+    finally:
+        silent.stop()
+    assert silent.process.poll() is not None  # stopped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -211,3 +212,63 @@ def test_one_token_per_item_history_learns_the_next_item_rule():
     assert losses[-1] < losses[0] / 3
     probe = torch.from_numpy(np.c_[np.full((30, 4), -1), np.arange(30)])
     assert (model.beam_search(probe, beam=3)[0][:, 0].numpy() == nxt).mean() >= 0.9
+
+
+def _full_prefix_beam_search(model: Retriever, hist: torch.Tensor, beam: int):
+    """The beam search as it was before the decoder cache: the whole prefix re-decoded at
+    every level (`Retriever.decode`), the reference the incremental one must match."""
+    trie = model.trie
+    memory, keep = model.encode(hist)
+    b = hist.shape[0]
+    node, score = torch.zeros((b, 1), dtype=torch.int64), torch.zeros((b, 1))
+    prefix = torch.zeros((b, 1, 0), dtype=torch.int64)
+    for d in range(trie.depth):
+        w = node.shape[1]
+        lp = model.level_log_probs(model.decode(memory, keep, prefix)[:, :, -1], d)
+        tok, nxt = trie.padded(d)
+        child_tok, child_node = tok[node.clamp(min=0)], nxt[node.clamp(min=0)]
+        fan = child_tok.shape[2]
+        cand = torch.where(child_tok >= 0, lp.gather(2, child_tok.clamp(min=0)) + score[..., None],
+                           -torch.inf)
+        score, idx = cand.reshape(b, w * fan).topk(min(beam, w * fan), dim=1)
+        parent = idx // fan
+        node = child_node.reshape(b, w * fan).gather(1, idx)
+        new_tok = child_tok.reshape(b, w * fan).gather(1, idx) + model.offsets[d]
+        prefix = torch.cat([prefix.gather(1, parent[..., None].expand(-1, -1, d)),
+                            new_tok[..., None]], dim=2)
+    return torch.where(torch.isfinite(score), node, -1), score
+
+
+@pytest.mark.parametrize("history_tokens", ["levels", "item"])
+def test_incremental_beam_search_returns_what_redecoding_the_whole_prefix_returns(history_tokens):
+    # 3 SID levels + the collision rank, 2 decoder layers: the cache is extended and
+    # reordered (beams change parents) at every level
+    _, codes = full_codes(random_sid_table(np.arange(300), levels=3, k=8, seed=3))
+    torch.manual_seed(3)
+    cfg = RetrieverConfig(**{**TINY.__dict__, "n_layers": 2, "history_tokens": history_tokens})
+    model = Retriever(SidTrie.from_codes(codes), cfg).eval()
+    with torch.no_grad():
+        nn.init.normal_(model.head.weight, std=0.5)
+    hist = torch.from_numpy(np.random.default_rng(3).integers(-1, 300, (32, 5)))
+    for beam in (1, 7, 40):
+        rows, scores = model.beam_search(hist, beam)
+        expected_rows, expected_scores = _full_prefix_beam_search(model, hist, beam)
+        assert torch.equal(rows, expected_rows)
+        assert torch.allclose(scores, expected_scores, atol=1e-5)
+    assert torch.allclose(scores, model.score_items(hist, rows), atol=1e-5)
+
+
+def test_incremental_candidate_scores_are_the_teacher_forced_level_scores():
+    _, codes = full_codes(random_sid_table(np.arange(300), levels=3, k=8, seed=4))
+    torch.manual_seed(4)
+    model = Retriever(SidTrie.from_codes(codes), RetrieverConfig(**{**TINY.__dict__,
+                                                                   "n_layers": 2})).eval()
+    hist = torch.from_numpy(np.random.default_rng(4).integers(-1, 300, (16, 5)))
+    rows = torch.from_numpy(np.random.default_rng(5).integers(0, 300, (16, 25)))
+    encoded = model.encode(hist)
+    got = model.candidate_scores(model.decoder_start(*encoded), rows)
+    assert got.shape == (16, 25, model.depth)
+    assert torch.allclose(got, model.level_scores(hist, rows, encoded), atol=1e-5)
+    # the first level depends on the history alone: one BOS state per request
+    assert torch.allclose(got[:, :, 0], model.level_log_probs(
+        model.decoder_start(*encoded).hidden[:, 0], 0).gather(1, model.trie.codes[rows][..., 0]))

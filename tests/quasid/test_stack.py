@@ -235,10 +235,11 @@ def test_candidate_log_p_is_the_teacher_forced_log_p_of_every_candidate(stack, r
         hist = torch.as_tensor(stack.rows_of(requests[:120]))
         with torch.inference_mode():
             encoded = stack.retriever.encode(hist)
+            start = stack.retriever.decoder_start(*encoded)
             beam, beam_score = stack.retriever.beam_search(hist, stack.cfg.retriever.beam,
-                                                           encoded=encoded)
+                                                           start=start)
             cand = stack._candidates(hist, beam)
-            log_p, prefix = stack._retriever_log_p(hist, cand, beam, beam_score, encoded)
+            log_p, prefix = stack._retriever_log_p(cand, beam, beam_score, start)
             levels = stack.retriever.level_scores(hist, cand.clamp(min=0), encoded)
         valid = cand >= 0
         warm = stack.ranker.warm[cand.clamp(min=0)]
