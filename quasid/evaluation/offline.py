@@ -47,7 +47,8 @@ SASREC = "sasrec"
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
                    ) -> dict:
-    """Leave-one-out metrics of a `quasid.stack.serving.Stack`: {stage: {segment: {metric: mean}}, "n": {...}}.
+    """Leave-one-out metrics of a `quasid.stack.serving.Stack`: {stage: {segment: {metric:
+    mean}}, "n": {...}}.
 
     split="test" scores each user's last item; "valid" the second-to-last (for tuning).
     """
@@ -289,7 +290,8 @@ def welch_tests(runs: list[dict], reference: str = "quasid") -> list[dict]:
                     rows.append({"stage": stage, "segment": seg, "metric": m,
                                  "tokenizer": reference, "baseline": tok,
                                  "mean": float(ref.mean()), "baseline_mean": float(base.mean()),
-                                 "relative": float(ref.mean() / base.mean() - 1) if base.mean() else float("nan"),
+                                 "relative": (float(ref.mean() / base.mean() - 1) if base.mean()
+                                              else float("nan")),
                                  "p": p, "seeds": [len(ref), len(base)]})
     return rows
 
