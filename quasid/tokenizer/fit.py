@@ -108,8 +108,9 @@ def _step(loss_fn, batch: Batch, progress, params: list[torch.nn.Parameter],
           cache: bool | None = None) -> dict[str, torch.Tensor]:
     """Forward, backward, clipping and AdamW (no LR schedule): the part a CUDA graph holds.
 
-    `cache=False` turns autocast's weight-cast cache off (required under graph capture; the
-    values are the same).
+    `cache=False` turns autocast's weight-cast cache off (required under graph capture).
+    Measured on an H200 under bf16: the same values for rqvae, quasid and uniform, while
+    AdaSID's steps drift from eager ones (tests/quasid/test_graphed_step.py); fp32 is bitwise.
     """
     with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp,
                         cache_enabled=cache):
