@@ -115,6 +115,8 @@ def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
     extra = {}
     if "near_duplicate" in inspect.signature(BatchSampler).parameters:  # older commits lack it
         extra["near_duplicate"] = tok.config.tau_dup if tok.config.hamr else None
+    if "sparse" in inspect.signature(BatchSampler).parameters:  # the batches for that path
+        extra["sparse"] = PAIR_PATHS[pair_path]
     sampler = BatchSampler(model.standardize(content), content,
                            PairIndex(pairs, content.shape[0], device), batch, g,
                            need_positive=tok.config.needs_pairs, **extra)
@@ -296,6 +298,8 @@ def main() -> None:
             variants.append((" graphed", False, True))
     if args.compile:
         variants.append((" compiled", True, False))
+        if (" graphed", False, True) in variants:  # the compiled losses captured in the graph
+            variants.append((" compiled+graphed", True, True))
     # graphed: the capture (after GraphedStep's 3 eager warm-up steps) falls in the warm-up
     warmup = max(args.warmup, 5) if args.graphs else args.warmup
     for suffix, compile_, graphs in variants:

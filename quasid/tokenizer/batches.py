@@ -117,8 +117,17 @@ def conflict_neighbours(codes: torch.Tensor, knn: torch.Tensor, knn_cos: torch.T
         live &= knn_cos <= rule.tau_dup
     if rule.exempt_positives:
         rows = torch.arange(knn.shape[0])[:, None].expand_as(knn)
-        live &= ~pairs.contains(rows, knn.cpu())  # the index keys live on the CPU
+        live &= ~pairs.contains(rows, knn.cpu())  # on the CPU, where the codes are
     return live
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` (CPU) on `device`; to CUDA through pinned memory, so the copy is asynchronous
+    and the host can draw the next batch while the device still runs the last step (torch's
+    caching host allocator keeps a pinned block until its copy is done)."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 class BatchSampler:
@@ -126,7 +135,8 @@ class BatchSampler:
 
     def __init__(self, x: torch.Tensor, content: torch.Tensor, pairs: PairIndex, batch_size: int,
                  generator: torch.Generator, neighbours: int = 8, need_positive: bool = True,
-                 near_duplicate: float | None = None, conflicts: ConflictRule | None = None):
+                 near_duplicate: float | None = None, conflicts: ConflictRule | None = None,
+                 sparse: bool | None = None):
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"BatchSampler: need at least 2 items to train on, got {n}")
@@ -136,6 +146,9 @@ class BatchSampler:
         self.pairs, self.generator = pairs, generator
         self.n, self.anchors = n, batch_size // 4
         self.need_positive = need_positive
+        # which pair path the batches feed (`SIDModel.sparse_pairs`; None: sparse on the CPU):
+        # the sparse one reads the pair lists, the dense one the B x B mask only
+        self.sparse = x.device.type == "cpu" if sparse is None else sparse
         # near-duplicates (content cosine > `near_duplicate`, CVPM's τ_dup) depend on the
         # content only: found once here, then looked up per batch like the positives
         self.knn, near = content_neighbours(self.unit, neighbours, above=near_duplicate)
@@ -187,22 +200,25 @@ class BatchSampler:
         sid = self.sid_partner[anchors] if self.sid_partner is not None else near
         device = self.x.device
         rows = torch.cat([anchors, collab, near, sid])
-        # P as a pair list (the CPU's sparse pair terms), and as a B x B mask where the dense
-        # formulas run (accelerators: a static-shape input for graphs and compile); the lists
-        # come from the CPU rows, so nothing waits for the device
-        pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
-        dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
-        dense = pos is not None and device.type != "cpu"
-        rows = rows.to(device, non_blocking=True)
+        pos = dup = positive = None
+        if self.sparse:  # pair lists from the CPU rows (the near-duplicates only CVPM's)
+            pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
+            dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
+        moved = _to_device(torch.cat([rows, has_pos.long()]), device)  # one copy, not two
+        rows, pair_weight = moved[:rows.numel()], moved[rows.numel():].float()
+        if not self.sparse and self.need_positive:
+            # built on the device from the rows: the per-step host work of a graphed GPU
+            # step is then the row draws alone (the partner-list walk cost ~1.5 ms a step)
+            positive = self.pairs.dense_mask(rows)
         index = torch.arange(a, device=device)
         return Batch(
             rows=rows,
             x=self.x[rows],
             unit=self.unit[rows],
-            positive=pair_mask(pos, rows.numel()) if dense else None,
+            positive=positive,
             anchor=index,
             target=index + a,
-            pair_weight=has_pos.float().to(device, non_blocking=True),
+            pair_weight=pair_weight,
             positive_pairs=pos,
             near_pairs=dup,
         )

@@ -318,7 +318,7 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
                            tc.batch_size, generator, tc.neighbours,
                            need_positive=cfg.needs_pairs,
                            near_duplicate=cfg.tau_dup if cfg.hamr else None,
-                           conflicts=conflict_rule(cfg))
+                           conflicts=conflict_rule(cfg), sparse=model.sparse_pairs)
     steps = sampler.steps_per_epoch
     total_steps = tc.epochs * steps
     # CUDA graphs only where there is CUDA (the flag is ignored on the CPU)

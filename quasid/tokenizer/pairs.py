@@ -83,7 +83,8 @@ def pair_mask(pairs: torch.Tensor, b: int) -> torch.Tensor:
 
 
 class PairIndex:
-    """Positive pairs over `n` rows: a sorted key array and a CSR partner list (CPU)."""
+    """Positive pairs over `n` rows: a sorted key array and a CSR partner list (CPU; the keys
+    are also copied to the device of a `contains` query)."""
 
     def __init__(self, rows: np.ndarray, n: int, device: str | torch.device = "cpu"):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
@@ -97,6 +98,7 @@ class PairIndex:
         self.n = n
         self.device = torch.device(device)  # where `mask` puts the dense P
         self.keys = torch.from_numpy(keys)
+        self._device_keys: torch.Tensor | None = None  # the keys' copy on an accelerator
         # partners in both directions, grouped by row (CSR): drawing a partner and listing a
         # batch's positive pairs both read it on the CPU, where the batch rows are drawn
         src = np.concatenate([lo, hi])
@@ -143,14 +145,29 @@ class PairIndex:
         return pair_mask(self.batch_pairs(rows).to(self.device), rows.numel())
 
     def contains(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Whether each (a[t], b[t]) is a positive pair (either order): bool, a's shape, on a's
-        device (the look-up runs where the keys are, the CPU)."""
+        """Whether each (a[t], b[t]) is a positive pair (either order): bool, the broadcast
+        shape of a and b, on a's device; the sorted-key look-up runs there too (the keys are
+        copied to a device once), so an accelerator's batch mask needs no host work."""
+        query = torch.minimum(a, b) * self.n + torch.maximum(a, b)
         if self.keys.numel() == 0:
-            return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-        query = (torch.minimum(a, b) * self.n + torch.maximum(a, b)).to(self.keys.device)
+            return torch.zeros(query.shape, dtype=torch.bool, device=a.device)
+        keys = self._keys_on(query.device)
         flat = query.reshape(-1)
-        pos = torch.searchsorted(self.keys, flat).clamp_max(self.keys.numel() - 1)
-        return (self.keys[pos] == flat).reshape(query.shape).to(a.device)
+        pos = torch.searchsorted(keys, flat).clamp_max(keys.numel() - 1)
+        return (keys[pos] == flat).reshape(query.shape)
+
+    def dense_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """P (B, B) bool where `rows` live: P_ij = 1 when rows[i] and rows[j] are a positive
+        pair. The same mask as `mask`, built as B² look-ups on the rows' device: a few kernels
+        and no host round trip, where `mask` walks the partner lists on the CPU."""
+        return self.contains(rows[:, None], rows[None, :])
+
+    def _keys_on(self, device: torch.device) -> torch.Tensor:
+        if device == self.keys.device:
+            return self.keys
+        if self._device_keys is None or self._device_keys.device != device:
+            self._device_keys = self.keys.to(device)
+        return self._device_keys
 
     def draw_partner(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One uniformly drawn positive partner per row (CPU int64); -1 where a row has none."""

@@ -19,7 +19,7 @@ from quasid.tokenizer.batches import (
     lexicographic_partner,
 )
 from quasid.tokenizer.metrics import sid_metrics
-from quasid.tokenizer.pairs import PairIndex, collaborative_pairs, pairs_to_rows
+from quasid.tokenizer.pairs import PairIndex, collaborative_pairs, pair_mask, pairs_to_rows
 from quasid.tokenizer.tokenizer import Tokenizer, make_tokenizer
 from quasid.tokenizer.train import train_tokenizer
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
@@ -60,6 +60,9 @@ def test_pair_index_mask_and_partners():
     for i, j in [(0, 1), (0, 2), (1, 3), (2, 3)]:
         expected[i, j] = expected[j, i] = True
     assert torch.equal(mask, expected)
+    # the device-side look-up builds the same mask (a repeated row pairs with each copy)
+    assert torch.equal(index.dense_mask(torch.tensor([1, 0, 2, 1, 3])), expected)
+    assert not PairIndex(np.zeros((0, 2)), n=4).dense_mask(torch.tensor([0, 1])).any()
     g = torch.Generator().manual_seed(0)
     drawn = index.draw_partner(torch.tensor([0, 3, 1, 1, 1, 1, 1, 1]), g)
     assert drawn[0] == 1 and drawn[1] == -1
@@ -97,6 +100,26 @@ def test_batch_blocks_hold_anchors_and_their_partners(small_world):
     assert torch.equal(sampler.batch(1).rows[3 * a:], sampler.batch(1).rows[:a] ^ 1)
     epoch = torch.cat([sampler._order[s * a:(s + 1) * a] for s in range(sampler.steps_per_epoch)])
     assert set(epoch.tolist()) == set(range(n))
+
+
+def test_dense_batches_carry_the_mask_the_pair_lists_give(small_world):
+    """The dense path's batches (the accelerators' default) hold P as a B x B mask built from
+    the rows, equal to the sparse path's pair list as a mask, from the same draws."""
+    x = torch.tensor(small_world.content())
+    n = x.shape[0]
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, n, size=(4 * n, 2))
+    batches = {}
+    for sparse in (True, False):
+        sampler = BatchSampler(x, x, PairIndex(pairs, n), 64, torch.Generator().manual_seed(3),
+                               neighbours=3, near_duplicate=0.9, sparse=sparse)
+        sampler.new_epoch()
+        batches[sparse] = [sampler.batch(s) for s in range(3)]
+    for lists, dense in zip(batches[True], batches[False]):
+        assert torch.equal(lists.rows, dense.rows)
+        assert dense.positive_pairs is None and dense.near_pairs is None  # the sparse path's
+        assert lists.positive_pairs.shape[0] > 0
+        assert torch.equal(dense.positive, pair_mask(lists.positive_pairs, 64))
 
 
 def test_conflict_neighbours_follow_the_repulsion_masks():
