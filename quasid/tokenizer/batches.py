@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.tokenizer.pairs import PairIndex, pair_mask
+from quasid.tokenizer.pairs import PairIndex
 
 
 @dataclass(frozen=True)
