@@ -11,7 +11,8 @@ B x B formulas elsewhere). `--compile` also times the step with `torch.compile`'
 (keys "B compiled"), `--graphs` the whole step as one CUDA graph (`fit.GraphedStep`, keys
 "B graphed"; CUDA only), each row with its overhead over rqvae in the same row and over the
 eager rqvae step; a tokenizer whose compile or capture fails is reported under `errors` and
-the others are still timed.
+the others are still timed. Each batch size also reports `batch_ms`: one
+`BatchSampler.batch` call alone per tokenizer (the host's share of the step).
 
 SID assignment: encode + residual quantization + collision ranks of N items already on the
 device, against the bandwidth floor = bytes of input read once (N × d × 4) / the device
@@ -138,6 +139,7 @@ def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
             1.0, amp)
         done[0] += 1
 
+    step.sampler = sampler  # for `batch_times`
     return step
 
 
@@ -188,6 +190,21 @@ def step_times(steps_of: dict, steps: int, warmup: int, rounds: int, device: tor
                 continue
             per[name].append((time.perf_counter() - start) / steps)
     return {n: float(np.median(per[n])) for n in names if n in steps_of}
+
+
+def batch_times(steps_of: dict, reps: int, device: torch.device) -> dict[str, float]:
+    """Mean seconds of one `BatchSampler.batch` call per stepper (the host's share of a step:
+    row draws, pair look-ups, copies; on an accelerator until the device has the batch)."""
+    out = {}
+    for name, step in steps_of.items():
+        sampler = step.sampler
+        _sync(device)
+        start = time.perf_counter()
+        for k in range(reps):
+            sampler.batch(k % sampler.steps_per_epoch)
+        _sync(device)
+        out[name] = (time.perf_counter() - start) / reps
+    return out
 
 
 def code_version() -> dict:
@@ -275,6 +292,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        # every tokenizer's `SIDModel.losses` is one code object: with the default limit of 8
+        # compiled variants the later tokenizers would silently run eager
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") \
+            else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)
     device = torch.device(args.device)
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else f"cpu ({torch.get_num_threads()} threads)", "dim": args.dim,
@@ -313,6 +336,12 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 (report it, time the others)
                     errors[n] = _failure(n, key, exc)
             row = step_times(steps_of, args.steps, warmup, args.rounds, device, errors, key)
+            if not suffix:  # the batches are the same in every variant: timed once
+                host = batch_times(steps_of, args.steps * args.rounds, device)
+                result.setdefault("batch_ms", {})[str(batch)] = {
+                    n: 1e3 * t for n, t in host.items()}
+                print(f"batch {batch}: BatchSampler.batch alone " + ", ".join(
+                    f"{n} {1e3 * t:.3f} ms" for n, t in host.items()), flush=True)
             del steps_of  # frees the models, optimizers and graphs (their memory pools)
             flops = {n: step_flops(tokenizer_config(n).model_copy(
                 update={"content_dim": args.dim}), batch) for n in row}
