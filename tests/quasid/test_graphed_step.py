@@ -202,16 +202,22 @@ def test_cuda_graph_replays_match_eager_steps(name, amp, compiled):
     assert float(graphed[3].param_groups[0]["lr"]) == float(eager[3].param_groups[0]["lr"])
 
 
+# Measured on an H200 (2026-12-01, this test's world): under bf16 autocast compiled quasid
+# losses train differently from eager ones (epoch totals 52.27, 10.49, 4.51 against 67.08,
+# 11.83, 4.33; fp32 43.94, 7.38, 3.87 either way): inductor keeps fp32 inside its fused
+# kernels where eager rounds to bf16. The graph adds no difference of its own (compiled +
+# graphed steps equal compiled ones to 1e-7), so a graphed fit is compared with an ungraphed
+# fit of the same `compile` setting.
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("graph_train", [{"cuda_graph": True},
-                                         {"cuda_graph": True, "compile": True}])
-def test_a_cuda_graph_fit_matches_the_eager_fit(graph_train):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_cuda_graph_fit_matches_the_eager_fit(compiled):
     content, pairs = _world("cpu", n=600, dim=16)
-    cfg = TINY | {"train": TINY["train"] | {"epochs": 3}}
+    cfg = TINY | {"train": TINY["train"] | {"epochs": 3, "compile": compiled}}
+    torch._dynamo.reset()
     eager = make_tokenizer("quasid", cfg)
     h_eager = eager.fit(content.numpy(), pairs, device="cuda")
     torch._dynamo.reset()
-    graphed = make_tokenizer("quasid", cfg | {"train": cfg["train"] | graph_train})
+    graphed = make_tokenizer("quasid", cfg | {"train": cfg["train"] | {"cuda_graph": True}})
     h_graph = graphed.fit(content.numpy(), pairs, device="cuda")
     # the eager fit's AdamW takes a float lr, the graphed one a float32 tensor: not bitwise,
     # so a loose bound (a graph replaying stale inputs misses it by far; the step test above
