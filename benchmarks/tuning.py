@@ -19,7 +19,10 @@ Grids:
   search space (`SPACES`: RQ-VAE's beta, codebook size, learning rate and batch size under
   every gradient-trained tokenizer; HaMR's weight, margin and gamma, CVPM's near-duplicate
   threshold and co-interaction count, the contrastive weight and temperature for QuaSID; the
-  repulsion's weight and margin for uniform; AdaSID's weight, margin and end ratio). Every
+  repulsion's weight and margin for uniform; AdaSID's weight, margin and end ratio; batch
+  composition, i.e. the content neighbours a partner is drawn from and conflict mining, for
+  the tokenizers that repel collisions). `--space rqvae` searches QuaSID (or any tokenizer
+  holding RQ-VAE's fields) at exactly the points RQ-VAE's search draws. Every
   model gets the same number of points, tokenizer epochs and stack settings, so the budgets
   are equal. `--tokenizer-epochs` and `--overrides` (stack) apply to every point; `--base`
   (JSON) is laid over every point of either kind, so the fields it names are held fixed.
@@ -62,16 +65,19 @@ _HAMR = {"hamr_weight": ("log", 5.0, 80.0), "hamr_margin": ("lin", 0.3, 1.0),
          "hamr_gamma": [0.5, 1.0, 2.0], "tau_dup": [0.95, 0.98, 0.99], "pair_min_count": [1, 2, 3]}
 _ADASID = {"adasid_weight": ("log", 1.0, 20.0), "adasid_margin": ("lin", 0.5, 1.5),
            "rho_end": ("lin", 0.05, 0.3)}
+# batch composition, for the tokenizers that repel collisions: how many content neighbours
+# an anchor's partner is drawn from, and whether it is drawn among the live conflicts
+_BATCH = {"train.neighbours": [4, 8, 16], "train.mine_conflicts": [False, True]}
 SPACES = {
     "rqvae": _RQVAE,
     "rqkmeans": {"codebook_size": [128, 256, 512], "kmeans_iters": [10, 25, 50]},
-    "quasid": _RQVAE | _HAMR | {"contrastive_weight": ("log", 0.05, 1.0),
-                                "tau": [0.05, 0.1, 0.2]},
-    "uniform": _RQVAE | {"uniform_weight": ("log", 5.0, 80.0),
-                         "uniform_margin": ("lin", 0.6, 1.6)},
+    "quasid": _RQVAE | _HAMR | _BATCH | {"contrastive_weight": ("log", 0.05, 1.0),
+                                         "tau": [0.05, 0.1, 0.2]},
+    "uniform": _RQVAE | _BATCH | {"uniform_weight": ("log", 5.0, 80.0),
+                                  "uniform_margin": ("lin", 0.6, 1.6)},
     "adasid": _RQVAE | _ADASID,
-    "rqvae+hamr": _RQVAE | _HAMR,
-    "adasid+hamr": _RQVAE | _ADASID | _HAMR,
+    "rqvae+hamr": _RQVAE | _HAMR | _BATCH,
+    "adasid+hamr": _RQVAE | _ADASID | _HAMR | _BATCH,
 }
 """Each SID tokenizer's search space (TokenizerConfig fields; "train.x" = TrainConfig's x)."""
 
@@ -91,20 +97,27 @@ def sasrec_grid(name: str) -> list[dict]:
     raise SystemExit(f"--grid {name!r} for sasrec: expected 'small' or 'tiny'")
 
 
-def random_points(model: str, n: int, seed: int) -> list[dict]:
-    """The defaults ({}) and `n - 1` points drawn from `SPACES[model]`, as nested overrides.
+def random_points(model: str, n: int, seed: int, space: str | None = None) -> list[dict]:
+    """The defaults ({}) and `n - 1` points drawn from `SPACES[space or model]`, as nested
+    overrides.
 
-    Seeded by (seed, the model's name): the same call gives the same points on any machine.
+    Seeded by (seed, the space's name): the same call gives the same points on any machine,
+    and a model searched in another model's space (QuaSID in RQ-VAE's: `space="rqvae"`) gets
+    exactly that model's points, a paired comparison at equal settings.
     """
     if model not in SPACES:
         raise SystemExit(f"--model {model!r}: expected {SASREC!r} or one of {sorted(SPACES)}")
+    space = space or model
+    if space not in SPACES or not set(SPACES[space]) <= set(SPACES[model]):
+        raise SystemExit(f"--space {space!r}: expected a space whose fields {model} has, one of "
+                         f"{sorted(k for k, v in SPACES.items() if set(v) <= set(SPACES[model]))}")
     if n < 1:
         raise SystemExit(f"--points {n}: expected at least 1 (the defaults)")
-    rng = np.random.default_rng([seed, zlib.crc32(model.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(space.encode())])
     points = [{}]
     for _ in range(n - 1):
         point: dict = {}
-        for key, dim in SPACES[model].items():
+        for key, dim in SPACES[space].items():
             if isinstance(dim, list):
                 value = dim[int(rng.integers(len(dim)))]
             else:
@@ -161,6 +174,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which unfinished points stop (listed as failed); the "
                              "tables then hold the points that finished")
+    parser.add_argument("--space", default=None,
+                        help="a tokenizer: draw from another tokenizer's space (its points "
+                             "exactly), e.g. --model quasid --space rqvae; default: its own")
     parser.add_argument("--base", default="",
                         help="overrides (JSON) laid over every point, so their fields are held "
                              "fixed (SasrecConfig or TokenizerConfig fields)")
@@ -181,7 +197,7 @@ def main() -> None:
         from quasid.tokenizer.config import tokenizer_config
 
         points = [nested_update(p, base) for p in random_points(args.model, args.points,
-                                                                  args.seed)]
+                                                                  args.seed, args.space)]
 
         def check(p):
             return tokenizer_config(args.model, p)
@@ -266,7 +282,8 @@ def summarize(args, points: list[dict], done: dict, failed: dict, seconds: float
                      "seconds": run["timings"]["total_s"], "requests": run["n"]["all"]})
     best = max(rows, key=lambda r: (r["hr@10"], r["ndcg@10"]), default=None)
     return {"model": args.model, "data": str(args.data), "device": args.device,
-            "grid": args.grid, "seed": args.seed, "split": "valid",
+            "grid": args.grid, "space": getattr(args, "space", None) or args.model,
+            "seed": args.seed, "split": "valid",
             "selected_by": "validation hr@10, then ndcg@10", "points": rows, "best": best,
             "failed": failed, "total_s": round(seconds, 1)}
 

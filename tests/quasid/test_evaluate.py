@@ -183,7 +183,12 @@ def test_tuning_draws_the_same_points_inside_each_tokenizers_space():
                     assert dim[1] * 0.999 <= value <= dim[2] * 1.001, (model, key, value)
     # QuaSID searches its own terms on top of RQ-VAE's; the baselines get as many points
     assert set(spaces["rqvae"]) < set(spaces["quasid"])
-    assert {"hamr_weight", "contrastive_weight", "tau_dup"} <= set(spaces["quasid"])
+    assert {"hamr_weight", "contrastive_weight", "tau_dup", "train.neighbours",
+            "train.mine_conflicts"} <= set(spaces["quasid"])
+    # in another tokenizer's space: exactly that tokenizer's points (a paired search)
+    assert draw("quasid", 6, seed=1, space="rqvae") == draw("rqvae", 6, seed=1)
+    with pytest.raises(SystemExit, match="--space 'quasid'"):
+        draw("rqvae", 3, seed=0, space="quasid")  # rqvae has no HaMR fields
     with pytest.raises(SystemExit, match="--model 'nope'"):
         draw("nope", 3, seed=0)
 
