@@ -201,12 +201,15 @@ class BatchSampler:
         device = self.x.device
         rows = torch.cat([anchors, collab, near, sid])
         pos = dup = positive = None
-        if self.sparse:  # pair lists from the CPU rows (the near-duplicates only CVPM's)
+        # pair lists from the CPU rows for the sparse path (the near-duplicates are CVPM's
+        # there), and on the CPU for the dense one too: the mask is built from them there
+        lists = self.sparse or device.type == "cpu"
+        if lists:
             pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
             dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
         moved = _to_device(torch.cat([rows, has_pos.long()]), device)  # one copy, not two
         rows, pair_weight = moved[:rows.numel()], moved[rows.numel():].float()
-        if not self.sparse and self.need_positive:
+        if not lists and self.need_positive:
             # built on the device from the rows: the per-step host work of a graphed GPU
             # step is then the row draws alone (the partner-list walk cost ~1.5 ms a step)
             positive = self.pairs.dense_mask(rows)

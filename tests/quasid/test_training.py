@@ -102,24 +102,40 @@ def test_batch_blocks_hold_anchors_and_their_partners(small_world):
     assert set(epoch.tolist()) == set(range(n))
 
 
-def test_dense_batches_carry_the_mask_the_pair_lists_give(small_world):
-    """The dense path's batches (the accelerators' default) hold P as a B x B mask built from
-    the rows, equal to the sparse path's pair list as a mask, from the same draws."""
-    x = torch.tensor(small_world.content())
+def _dense_and_sparse_batches(x: torch.Tensor, pairs: np.ndarray, device: str = "cpu"):
     n = x.shape[0]
-    rng = np.random.default_rng(0)
-    pairs = rng.integers(0, n, size=(4 * n, 2))
-    batches = {}
+    out = {}
     for sparse in (True, False):
-        sampler = BatchSampler(x, x, PairIndex(pairs, n), 64, torch.Generator().manual_seed(3),
-                               neighbours=3, near_duplicate=0.9, sparse=sparse)
+        sampler = BatchSampler(x.to(device), x.to(device), PairIndex(pairs, n, device), 64,
+                               torch.Generator().manual_seed(3), neighbours=3,
+                               near_duplicate=0.9, sparse=sparse)
         sampler.new_epoch()
-        batches[sparse] = [sampler.batch(s) for s in range(3)]
-    for lists, dense in zip(batches[True], batches[False]):
-        assert torch.equal(lists.rows, dense.rows)
-        assert dense.positive_pairs is None and dense.near_pairs is None  # the sparse path's
+        out[sparse] = [sampler.batch(s) for s in range(3)]
+    return out
+
+
+def test_dense_batches_carry_the_mask_the_pair_lists_give(small_world):
+    """Off the CPU the dense path's batches (the accelerators' default) hold P as a B x B mask
+    built on the device from the rows: equal to the sparse path's pair list as a mask, from
+    the same draws. On the CPU both paths carry the lists (the dense formulas build the mask
+    from them)."""
+    x = torch.tensor(small_world.content())
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, x.shape[0], size=(4 * x.shape[0], 2))
+    on_cpu = _dense_and_sparse_batches(x, pairs)
+    for lists, dense in zip(on_cpu[True], on_cpu[False]):
+        assert torch.equal(lists.rows, dense.rows) and dense.positive is None
+        assert torch.equal(lists.positive_pairs, dense.positive_pairs)
         assert lists.positive_pairs.shape[0] > 0
-        assert torch.equal(dense.positive, pair_mask(lists.positive_pairs, 64))
+        # the device-side look-up the accelerators use gives the lists' mask
+        index = PairIndex(pairs, x.shape[0])
+        assert torch.equal(index.dense_mask(lists.rows), pair_mask(lists.positive_pairs, 64))
+    if torch.cuda.is_available():
+        on_gpu = _dense_and_sparse_batches(x, pairs, "cuda")
+        for lists, dense in zip(on_gpu[True], on_gpu[False]):
+            assert torch.equal(lists.rows, dense.rows)
+            assert dense.positive_pairs is None and dense.near_pairs is None  # sparse path's
+            assert torch.equal(dense.positive, pair_mask(lists.positive_pairs, 64))
 
 
 def test_conflict_neighbours_follow_the_repulsion_masks():
