@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quasid.tokenizer.pairs import PairIndex
+from quasid.tokenizer.pairs import PairIndex, pair_mask
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ class Batch:
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
     positive_pairs: torch.Tensor | None = None  # (m, 2) unordered positions i < j with P_ij
     near_pairs: torch.Tensor | None = None  # (m, 2) i < j, distinct items, content cos > τ_dup
+
+    def positive_mask(self) -> torch.Tensor | None:
+        """P as the (B, B) bool mask the dense formulas read: `positive` when the batch carries
+        it (accelerators), else built from `positive_pairs` (CPU); None without either."""
+        if self.positive is not None or self.positive_pairs is None:
+            return self.positive
+        return pair_mask(self.positive_pairs, self.rows.shape[0])
 
 
 def content_neighbours(unit: torch.Tensor, k: int, chunk: int = 4096, above: float | None = None

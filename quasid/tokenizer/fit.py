@@ -22,7 +22,7 @@ from quasid.core.io import write_atomic
 from quasid.core.schedule import lr_factor, warmup_steps
 from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule
 from quasid.tokenizer.config import TrainConfig
-from quasid.tokenizer.pairs import PairIndex, pair_mask
+from quasid.tokenizer.pairs import PairIndex
 
 if TYPE_CHECKING:
     from quasid.tokenizer.config import TokenizerConfig
@@ -237,10 +237,7 @@ class GraphedStep:
 
     @staticmethod
     def _fields(batch: Batch) -> list[torch.Tensor | None]:
-        positive = batch.positive
-        if positive is None and batch.positive_pairs is not None:  # CPU batches carry pairs
-            positive = pair_mask(batch.positive_pairs, batch.rows.shape[0])
-        return [positive if name == "positive" else getattr(batch, name)
+        return [batch.positive_mask() if name == "positive" else getattr(batch, name)
                 for name in _BATCH_FIELDS]
 
     def _load(self, batch: Batch, progress: float) -> None:

@@ -15,7 +15,6 @@ from quasid.tokenizer import pair_terms as P
 from quasid.tokenizer.batches import Batch
 from quasid.tokenizer.config import TokenizerConfig
 from quasid.tokenizer.encoder import Decoder, Encoder, mlp
-from quasid.tokenizer.pairs import pair_mask
 from quasid.tokenizer.quantizer import ResidualQuantizer
 
 
@@ -95,7 +94,7 @@ class SIDModel(nn.Module):
             else:
                 anchor_rows = batch.rows[batch.anchor]
                 allowed = (anchor_rows[:, None] != batch.rows[None, :]) \
-                    & ~_dense_positive(batch)[batch.anchor]
+                    & ~batch.positive_mask()[batch.anchor]
             terms["contrastive"] = L.info_nce(f, g, batch.anchor, batch.target, allowed,
                                               batch.pair_weight, cfg.tau)
             total = total + cfg.contrastive_weight * terms["contrastive"]
@@ -115,7 +114,7 @@ class SIDModel(nn.Module):
             ham = L.hamming(codes)
         if cfg.hamr or cfg.adasid or (cfg.uniform and cfg.uniform_tau_dup <= 1):
             cos = batch.unit @ batch.unit.T
-            positive = _dense_positive(batch)
+            positive = batch.positive_mask()
         if cfg.hamr:
             cv = L.cvpm_mask(rows, ham, cos, positive, cfg.tau_dup, cfg.max_hamming)
             terms["hamr"] = L.hamr_loss(z, ham, cfg.levels, cv.mask, cfg.hamr_margin,
@@ -170,10 +169,3 @@ class SIDModel(nn.Module):
             rho = L.adasid_schedule(progress, cfg.rho_end)
             terms["adasid"] = P.adasid_loss(unit, pairs, weights, rho, cfg.adasid_margin)
         return stats
-
-
-def _dense_positive(batch: Batch) -> torch.Tensor:
-    """The batch's B × B positive mask P (built from its pair list when not given)."""
-    if batch.positive is not None:
-        return batch.positive
-    return pair_mask(batch.positive_pairs, batch.rows.shape[0])
