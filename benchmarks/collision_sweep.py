@@ -31,10 +31,13 @@ SHORT = {"harmful_collision_rate": "harmful (H<=1)", "harmful_full_collision_rat
 
 
 def world_key(run: dict) -> tuple:
+    """What identifies a run's world: its seed and the world statistics it recorded."""
     return (run["seed"], run["fit_items"], run["cold_items"], run["positive_pairs"])
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
+    """Every run of the folders' quality.json (folders without one are skipped), each with its
+    overrides and folder."""
     runs = []
     for d in dirs:
         q = d / "quality.json"
@@ -46,6 +49,7 @@ def load_runs(dirs: list[Path]) -> list[dict]:
 
 
 def mean_sd(values: list[float]) -> dict:
+    """Mean, sample sd (0 for one value) and count."""
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
             "n": len(a)}

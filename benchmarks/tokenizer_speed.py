@@ -9,7 +9,8 @@ with its overhead over `rqvae` at the same batch size, and its floor: the step's
 `--pairs` picks the pair-term path (`SIDModel.sparse_pairs`: auto = sparse on the CPU, dense
 B x B formulas elsewhere). `--compile` also times the step with `torch.compile`'d losses
 (keys "B compiled"), `--graphs` the whole step as one CUDA graph (`fit.GraphedStep`, keys
-"B graphed"; CUDA only), each row with its overhead over rqvae in the same row and over the
+"B graphed"; CUDA only), both together the compiled losses inside the graph (keys "B
+compiled+graphed"), each row with its overhead over rqvae in the same row and over the
 eager rqvae step; a tokenizer whose compile or capture fails is reported under `errors` and
 the others are still timed. Each batch size also reports `batch_ms`: one
 `BatchSampler.batch` call alone per tokenizer (the host's share of the step).
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 import quasid
+from quasid.core.io import write_text_atomic
 from quasid.tokenizer.batches import BatchSampler
 from quasid.tokenizer.config import TokenizerConfig, tokenizer_config
 from quasid.tokenizer.fit import all_codes, build_optimizer, train_step
@@ -264,9 +266,9 @@ def assign_time(n: int, dim: int, device: torch.device, amp: bool, chunk: int = 
 
 
 def _write(out: Path | None, result: dict) -> None:
+    """The results JSON, rewritten after every row (atomically: never a half-written file)."""
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(json.dumps(result, indent=2) + "\n", out)
 
 
 def main() -> None:
