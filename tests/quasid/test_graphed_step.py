@@ -180,10 +180,11 @@ def test_cuda_graph_replays_match_eager_steps(name, amp, compiled):
     step = GraphedStep(warmup=3)
     if compiled:
         torch._dynamo.reset()  # each test compiles its own models: no cache limit reached
-    loss = {k: torch.compile(t[0].losses) if compiled else None
-            for k, t in (("eager", eager), ("graphed", graphed))}
-    a = _run(eager, train_step, 10, amp=amp, loss_fn=loss["eager"])
-    b = _run(graphed, step, 10, amp=amp, loss_fn=loss["graphed"])
+    def losses(trainer):  # None: the model's own losses
+        return torch.compile(trainer[0].losses) if compiled else None
+
+    a = _run(eager, train_step, 10, amp=amp, loss_fn=losses(eager))
+    b = _run(graphed, step, 10, amp=amp, loss_fn=losses(graphed))
     assert step.graph is not None and step.calls == 10  # 3 warm-up, capture + replay, 6 replays
     # the replays trained on their own batches: the terms change from step to step
     assert not torch.equal(b[-1]["rec"], b[-2]["rec"])
