@@ -13,7 +13,8 @@ B x B formulas elsewhere). `--compile` also times the step with `torch.compile`'
 compiled+graphed"), each row with its overhead over rqvae in the same row and over the
 eager rqvae step; a tokenizer whose compile or capture fails is reported under `errors` and
 the others are still timed. Each batch size also reports `batch_ms`: one
-`BatchSampler.batch` call alone per tokenizer (the host's share of the step).
+`BatchSampler.batch` call alone per tokenizer (the host's share of an eager step), and
+`draw_ms`: one `BatchSampler.draw` (a graphed step's share: the graph assembles the batch).
 
 SID assignment: encode + residual quantization + collision ranks of N items already on the
 device, against the bandwidth floor = bytes of input read once (N × d × 4) / the device
@@ -131,13 +132,17 @@ def stepper(name: str, content: torch.Tensor, pairs: np.ndarray, batch: int,
                                          **({"capturable": True} if graphs else {}))
     amp = device.type == "cuda"
     loss_fn = torch.compile(model.losses) if compile_ else model.losses
-    run = GraphedStep() if graphs else train_step
+    # a graph that assembles the batch from the sampler's draw (older commits' graph copies a
+    # finished batch)
+    drawn = graphs and "assemble" in inspect.signature(GraphedStep).parameters
+    run = (GraphedStep(sampler.assemble) if drawn else GraphedStep()) if graphs else train_step
+    next_batch = sampler.draw if drawn else sampler.batch
     model.train()
     sampler.new_epoch()
     done = [0]
 
     def step() -> None:
-        run(loss_fn, sampler.batch(done[0] % sampler.steps_per_epoch), 0.5, params, opt, sched,
+        run(loss_fn, next_batch(done[0] % sampler.steps_per_epoch), 0.5, params, opt, sched,
             1.0, amp)
         done[0] += 1
 
@@ -194,16 +199,19 @@ def step_times(steps_of: dict, steps: int, warmup: int, rounds: int, device: tor
     return {n: float(np.median(per[n])) for n in names if n in steps_of}
 
 
-def batch_times(steps_of: dict, reps: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds of one `BatchSampler.batch` call per stepper (the host's share of a step:
-    row draws, pair look-ups, copies; on an accelerator until the device has the batch)."""
+def batch_times(steps_of: dict, reps: int, device: torch.device, method: str = "batch"
+                ) -> dict[str, float]:
+    """Mean seconds of one `BatchSampler.batch` call per stepper (the host's share of an
+    ungraphed step: row draws, pair look-ups, copies; on an accelerator until the device has
+    the batch), or with `method="draw"` of one `BatchSampler.draw` (a graphed step's share)."""
     out = {}
     for name, step in steps_of.items():
         sampler = step.sampler
+        call = getattr(sampler, method)
         _sync(device)
         start = time.perf_counter()
         for k in range(reps):
-            sampler.batch(k % sampler.steps_per_epoch)
+            call(k % sampler.steps_per_epoch)
         _sync(device)
         out[name] = (time.perf_counter() - start) / reps
     return out
@@ -339,11 +347,13 @@ def main() -> None:
                     errors[n] = _failure(n, key, exc)
             row = step_times(steps_of, args.steps, warmup, args.rounds, device, errors, key)
             if not suffix:  # the batches are the same in every variant: timed once
-                host = batch_times(steps_of, args.steps * args.rounds, device)
-                result.setdefault("batch_ms", {})[str(batch)] = {
-                    n: 1e3 * t for n, t in host.items()}
-                print(f"batch {batch}: BatchSampler.batch alone " + ", ".join(
-                    f"{n} {1e3 * t:.3f} ms" for n, t in host.items()), flush=True)
+                methods = ["batch"] + (["draw"] if hasattr(BatchSampler, "draw") else [])
+                for method in methods:
+                    host = batch_times(steps_of, args.steps * args.rounds, device, method)
+                    result.setdefault(f"{method}_ms", {})[str(batch)] = {
+                        n: 1e3 * t for n, t in host.items()}
+                    print(f"batch {batch}: BatchSampler.{method} alone " + ", ".join(
+                        f"{n} {1e3 * t:.3f} ms" for n, t in host.items()), flush=True)
             del steps_of  # frees the models, optimizers and graphs (their memory pools)
             flops = {n: step_flops(tokenizer_config(n).model_copy(
                 update={"content_dim": args.dim}), batch) for n in row}

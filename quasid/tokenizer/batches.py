@@ -56,7 +56,7 @@ class Batch:
     rows: torch.Tensor  # (B,) int64 item rows (duplicates possible)
     x: torch.Tensor  # (B, d) standardized content
     unit: torch.Tensor  # (B, d) L2-normalized raw content (for content cosines)
-    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P (off the CPU)
+    positive: torch.Tensor | None  # (B, B) bool collaborative-positive mask P (dense path)
     anchor: torch.Tensor  # (A,) contrastive anchor positions in the batch
     target: torch.Tensor  # (A,) their partners' positions
     pair_weight: torch.Tensor  # (A,) 1.0 where the partner is a collaborative positive
@@ -189,8 +189,10 @@ class BatchSampler:
             self.conflict = conflict_neighbours(codes.cpu(), self.knn, self.knn_cos,
                                                 self.pairs, self.rule)
 
-    def batch(self, step: int) -> Batch:
-        """The batch of `step` within the current epoch: [anchors, collab, knn, sid] blocks."""
+    def draw(self, step: int) -> torch.Tensor:
+        """The draws of batch `step` within the current epoch, on the CPU: (B + A,) int64, the
+        B rows in [anchors, collab, knn, sid] blocks, then A 0/1 flags (1 where the anchor's
+        collab partner is a collaborative positive). All of a batch's randomness is here."""
         a = self.anchors
         anchors = self._order[step * a:(step + 1) * a]
         pick = torch.randint(self.knn.shape[1], (2, a), generator=self.generator)
@@ -205,32 +207,49 @@ class BatchSampler:
         has_pos = collab >= 0
         collab = torch.where(has_pos, collab, self.knn[anchors, pick[1]])
         sid = self.sid_partner[anchors] if self.sid_partner is not None else near
+        return torch.cat([anchors, collab, near, sid, has_pos.long()])
+
+    def assemble(self, drawn: torch.Tensor) -> Batch:
+        """The dense-path batch of `drawn` (a `draw`, already where the content lives): the
+        content gathered and P built there, by device operations alone (no host work, no
+        data-dependent shapes), so a CUDA graph can hold them (`fit.GraphedStep`)."""
+        return self._assemble(drawn, dense=self.need_positive)
+
+    def batch(self, step: int) -> Batch:
+        """The batch of `step` within the current epoch: `draw`, then `to_batch`."""
+        return self.to_batch(self.draw(step))
+
+    def to_batch(self, drawn: torch.Tensor) -> Batch:
+        """The batch of a CPU `draw` on the sampler's device: one copy to the device, then
+        `assemble`, or, where the pair lists are read, the lists instead of the dense P."""
         device = self.x.device
-        rows = torch.cat([anchors, collab, near, sid])
-        pos = dup = positive = None
+        moved = _to_device(drawn, device)
         # pair lists from the CPU rows for the sparse path (the near-duplicates are CVPM's
         # there), and on the CPU for the dense one too: the mask is built from them there
-        lists = self.sparse or device.type == "cpu"
-        if lists:
-            pos = self.pairs.batch_pairs(rows).to(device) if self.need_positive else None
-            dup = self.near.batch_pairs(rows).to(device) if self.near is not None else None
-        moved = _to_device(torch.cat([rows, has_pos.long()]), device)  # one copy, not two
-        rows, pair_weight = moved[:rows.numel()], moved[rows.numel():].float()
-        if not lists and self.need_positive:
-            # built on the device from the rows: the per-step host work of a graphed GPU
-            # step is then the row draws alone (the partner-list walk cost ~1.5 ms a step)
-            positive = self.pairs.dense_mask(rows)
-        index = torch.arange(a, device=device)
+        if not (self.sparse or device.type == "cpu"):
+            # the dense P built on the device from the rows: the partner-list walk cost
+            # ~1.5 ms a step on the GPU's host
+            return self.assemble(moved)
+        batch = self._assemble(moved, dense=False)
+        rows = drawn[:batch.rows.numel()]
+        if self.need_positive:
+            batch.positive_pairs = self.pairs.batch_pairs(rows).to(device)
+        if self.near is not None:
+            batch.near_pairs = self.near.batch_pairs(rows).to(device)
+        return batch
+
+    def _assemble(self, drawn: torch.Tensor, dense: bool) -> Batch:
+        a = self.anchors
+        rows, pair_weight = drawn[:4 * a], drawn[4 * a:].float()
+        index = torch.arange(a, device=drawn.device)
         return Batch(
             rows=rows,
             x=self.x[rows],
             unit=self.unit[rows],
-            positive=positive,
+            positive=self.pairs.dense_mask(rows) if dense else None,
             anchor=index,
             target=index + a,
             pair_weight=pair_weight,
-            positive_pairs=pos,
-            near_pairs=dup,
         )
 
     def state(self) -> dict:

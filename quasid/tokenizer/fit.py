@@ -136,22 +136,20 @@ def train_step(loss_fn, batch: Batch, progress: float, params: list[torch.nn.Par
     return terms
 
 
-_BATCH_FIELDS = ("rows", "x", "unit", "positive", "anchor", "target", "pair_weight")
-"""The `Batch` fields the dense pair path reads (`positive_pairs` and `near_pairs` are read by
-the CPU's sparse path only)."""
-
-
 class GraphedStep:
-    """`train_step` as one CUDA graph replay: forward, losses, backward, clipping and AdamW.
+    """`train_step` as one CUDA graph replay: the batch's assembly on the device, forward,
+    losses, backward, clipping and AdamW.
 
-    Called like `train_step` (same arguments, one optimization step per call, the LR schedule
-    stepped after it outside the graph), so a loop of calls trains exactly as a loop of
-    `train_step` calls. The first `warmup` calls are ordinary eager steps on a side stream
-    (they create AdamW's state and the libraries' workspaces before capture); the next call
-    captures the step on that stream and replays it; every call copies the sampler's batch
-    into static input buffers first (the graph reads their memory). The terms it returns
-    are the graph's static outputs, overwritten by the next call: read, clone or add them
-    before it.
+    Called like `train_step`, but with the sampler's CPU draw (`BatchSampler.draw`) where
+    `train_step` takes a batch: one optimization step per call, the LR schedule stepped after
+    it outside the graph, so a loop of calls trains exactly as a loop of `train_step` calls on
+    `sampler.batch`. Each call copies the draw into a static device buffer (one copy); the
+    graph reads it, gathers the content and builds P (`assemble`, `BatchSampler.assemble`),
+    so the host's share of a step is the draw, the copy and the replay. The first `warmup`
+    calls are ordinary eager steps on a side stream (they create AdamW's state and the
+    libraries' workspaces before capture); the next call captures the step on that stream and
+    replays it. The terms it returns are the graph's static outputs, overwritten by the next
+    call: read, clone or add them before it; `batch` is the last step's batch, likewise.
 
     Needs the dense pair path (the B × B positive mask: the sparse pair lists have
     data-dependent shapes), an AdamW with `capturable=True` (`build_optimizer(...,
@@ -163,39 +161,41 @@ class GraphedStep:
     the CPU tests exercise the copies and the step through it.
     """
 
-    def __init__(self, capture: bool = True, warmup: int = 3):
+    def __init__(self, assemble, capture: bool = True, warmup: int = 3):
         if warmup < 1:
             # AdamW creates its state on its first step: inside a capture every replay would
             # re-zero the moments
             raise ValueError(f"GraphedStep: warmup must be >= 1, got {warmup}")
-        self.capture, self.warmup = capture, warmup
+        self.assemble, self.capture, self.warmup = assemble, capture, warmup
         self.calls = 0
         self.graph = None
-        self.static: Batch | None = None
+        self.drawn: torch.Tensor | None = None  # the static input: the draw on the device
+        self.batch: Batch | None = None
         self.progress: torch.Tensor | None = None
         self.terms: dict[str, torch.Tensor] | None = None
         self._lrs: list[torch.Tensor] | None = None
         self._stream = None
 
-    def __call__(self, loss_fn, batch: Batch, progress: float,
+    def __call__(self, loss_fn, drawn: torch.Tensor, progress: float,
                  params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
                  grad_clip: float, amp: bool) -> dict[str, torch.Tensor]:
-        """One optimization step on `batch` (see the class docstring); the detached terms."""
-        if self.static is None:
-            self._setup(loss_fn, batch, optimizer)
-        self._load(batch, progress)
-        args = (loss_fn, self.static, self.progress, params, optimizer, grad_clip, amp)
+        """One optimization step on the batch of `drawn` (see the class docstring); the
+        detached terms."""
+        if self.drawn is None:
+            self._setup(loss_fn, drawn, params[0].device, optimizer)
+        self._load(drawn, progress)
+        args = (loss_fn, self.progress, params, optimizer, grad_clip, amp)
         if self.graph is not None:
             self.graph.replay()
             terms = dict(self.terms)
         elif not self.capture:
-            terms = _step(*args, cache=False)
+            terms = self._step(*args)
         elif self.calls < self.warmup:
             # the whole-network recipe: warm-up steps on the stream that will capture
             current = torch.cuda.current_stream()
             self._stream.wait_stream(current)
             with torch.cuda.stream(self._stream):
-                terms = _step(*args, cache=False)
+                terms = self._step(*args)
             current.wait_stream(self._stream)
         else:
             terms = self._capture(args, optimizer)
@@ -205,8 +205,14 @@ class GraphedStep:
         self.calls += 1
         return terms
 
-    def _setup(self, loss_fn, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
-        device = batch.x.device
+    def _step(self, loss_fn, progress, params, optimizer, grad_clip, amp
+              ) -> dict[str, torch.Tensor]:
+        self.batch = self.assemble(self.drawn)
+        return _step(loss_fn, self.batch, progress, params, optimizer, grad_clip, amp,
+                     cache=False)
+
+    def _setup(self, loss_fn, drawn: torch.Tensor, device: torch.device,
+               optimizer: torch.optim.Optimizer) -> None:
         owner = getattr(loss_fn, "__self__", None)  # the SIDModel of a bound `model.losses`
         if owner is not None and hasattr(owner, "sparse_pairs"):
             sparse = owner.sparse_pairs if owner.sparse_pairs is not None \
@@ -219,7 +225,7 @@ class GraphedStep:
                                  "(their update syncs with the host)")
         if self.capture:
             if device.type != "cuda":
-                raise ValueError(f"GraphedStep: capture needs a CUDA batch, got {device} "
+                raise ValueError(f"GraphedStep: capture needs CUDA parameters, got {device} "
                                  "(capture=False runs the same step eagerly)")
             if not all(group.get("capturable") for group in optimizer.param_groups):
                 raise ValueError("GraphedStep: AdamW needs capturable=True "
@@ -229,28 +235,20 @@ class GraphedStep:
             # the warm-up steps run uncaptured on purpose: no "capturable=True can impair
             # performance" warning for them
             optimizer._warned_capturable_if_run_uncaptured = True
-        fields = {name: (None if value is None else torch.empty_like(value))
-                  for name, value in zip(_BATCH_FIELDS, self._fields(batch))}
-        self.static = Batch(**fields)  # positive_pairs, near_pairs: None (dense path)
+        self.drawn = torch.empty(drawn.shape, dtype=drawn.dtype, device=device)
         # float64, as the Python float `train_step` passes: AdaSID's ρ(t) rounds the same
         self.progress = torch.zeros((), dtype=torch.float64, device=device)
 
-    @staticmethod
-    def _fields(batch: Batch) -> list[torch.Tensor | None]:
-        return [batch.positive_mask() if name == "positive" else getattr(batch, name)
-                for name in _BATCH_FIELDS]
-
-    def _load(self, batch: Batch, progress: float) -> None:
-        for name, value in zip(_BATCH_FIELDS, self._fields(batch)):
-            static = getattr(self.static, name)
-            if (value is None) != (static is None) or (
-                    value is not None and value.shape != static.shape):
-                # copy_ would broadcast a smaller tensor silently
-                raise ValueError(f"GraphedStep: batch field {name!r} changed shape or presence "
-                                 f"({None if static is None else tuple(static.shape)} -> "
-                                 f"{None if value is None else tuple(value.shape)})")
-            if value is not None:
-                static.copy_(value)
+    def _load(self, drawn: torch.Tensor, progress: float) -> None:
+        if drawn.shape != self.drawn.shape or drawn.dtype != self.drawn.dtype:
+            # copy_ would broadcast a smaller draw, or cast another dtype, silently
+            raise ValueError(f"GraphedStep: the draw changed from {tuple(self.drawn.shape)} "
+                             f"{self.drawn.dtype} to {tuple(drawn.shape)} {drawn.dtype}")
+        if self.drawn.is_cuda and drawn.device.type == "cpu":
+            # through pinned memory: the copy is asynchronous and the host draws the next
+            # batch meanwhile (the caching host allocator keeps the block until it is done)
+            drawn = drawn.pin_memory()
+        self.drawn.copy_(drawn, non_blocking=True)
         self.progress.fill_(progress)
 
     def _capture(self, args: tuple, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -259,7 +257,7 @@ class GraphedStep:
         optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self._stream):
-            terms = _step(*args, cache=False)
+            terms = self._step(*args)
         # capture records the kernels without running them: this call's step is the replay
         graph.replay()
         self.graph, self.terms = graph, terms
@@ -344,7 +342,8 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
     # one graph for the whole fit: captured on the first steps after the warm-up (which are
     # real steps), replayed on every later one; the terms it returns are added up below
     # (a new tensor each step) before the next replay overwrites them
-    step_fn = GraphedStep() if graphed else train_step
+    # the graph assembles each batch from the sampler's draw on the device
+    step_fn = GraphedStep(sampler.assemble) if graphed else train_step
     bar = _Bar(progress, total_steps, start * steps)
     began = time.perf_counter() - history["train_seconds"]
     with bar:
@@ -354,11 +353,12 @@ def fit_model(model: SIDModel, content: torch.Tensor, pairs: np.ndarray, cfg: To
             sums: dict[str, torch.Tensor] = {}
             for step in range(steps):
                 done = (epoch * steps + step) / total_steps
-                batch = sampler.batch(step)
+                drawn = sampler.draw(step)
+                batch = sampler.to_batch(drawn) if probe is not None or not graphed else None
                 if probe is not None:
                     probe.step(model, batch, optimizer, done, sampler.x)
-                terms = step_fn(loss_fn, batch, done, params, optimizer, scheduler,
-                                tc.grad_clip, amp)
+                terms = step_fn(loss_fn, drawn if graphed else batch, done, params, optimizer,
+                                scheduler, tc.grad_clip, amp)
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 bar.advance()

@@ -54,14 +54,16 @@ def _trainer(name: str, content: torch.Tensor, pairs: np.ndarray, capturable: bo
 
 def _run(trainer, step_fn, steps: int, amp: bool = False, loss_fn=None
          ) -> list[dict[str, torch.Tensor]]:
-    """`steps` steps through `step_fn` (of `loss_fn`, default the model's losses); each step's
-    terms, cloned (graph outputs are reused)."""
+    """`steps` steps through `step_fn` (of `loss_fn`, default the model's losses): a
+    `GraphedStep` gets the sampler's draws, `train_step` its batches; each step's terms,
+    cloned (graph outputs are reused)."""
     model, sampler, params, opt, sched = trainer
     loss_fn = loss_fn or model.losses
     out = []
     for k in range(steps):
-        batch = sampler.batch(k % sampler.steps_per_epoch)
-        terms = step_fn(loss_fn, batch, k / 50, params, opt, sched, 1.0, amp)
+        step = k % sampler.steps_per_epoch
+        item = sampler.draw(step) if isinstance(step_fn, GraphedStep) else sampler.batch(step)
+        terms = step_fn(loss_fn, item, k / 50, params, opt, sched, 1.0, amp)
         out.append({key: v.detach().clone() for key, v in terms.items()})
     return out
 
@@ -70,7 +72,7 @@ def _run(trainer, step_fn, steps: int, amp: bool = False, loss_fn=None
 def test_the_static_buffer_step_matches_train_step_bitwise(name):
     content, pairs = _world()
     eager, static = _trainer(name, content, pairs), _trainer(name, content, pairs)
-    step = GraphedStep(capture=False)
+    step = GraphedStep(static[1].assemble, capture=False)
     a = _run(eager, train_step, 6)
     b = _run(static, step, 6)
     for ta, tb in zip(a, b):  # every step's terms, not only the end state
@@ -85,39 +87,44 @@ def test_the_static_buffer_step_matches_train_step_bitwise(name):
     assert step.calls == 6 and step.graph is None
 
 
-def test_the_static_buffers_are_reused_and_shapes_are_checked():
+def test_the_static_draw_is_reused_and_the_assembled_batch_is_the_samplers():
     content, pairs = _world()
     model, sampler, params, opt, sched = _trainer("quasid", content, pairs)
-    step = GraphedStep(capture=False)
-    step(model.losses, sampler.batch(0), 0.0, params, opt, sched, 1.0, False)
-    buffers = {name: getattr(step.static, name).data_ptr()
-               for name in ("rows", "x", "unit", "positive", "anchor", "target", "pair_weight")}
-    batch = sampler.batch(1)
-    step(model.losses, batch, 0.1, params, opt, sched, 1.0, False)
-    assert {n: getattr(step.static, n).data_ptr() for n in buffers} == buffers
-    assert torch.equal(step.static.rows, batch.rows) and torch.equal(step.static.x, batch.x)
-    # the CPU batch carries P as pairs: the static B x B mask holds them, both orders
+    step = GraphedStep(sampler.assemble, capture=False)
+    step(model.losses, sampler.draw(0), 0.0, params, opt, sched, 1.0, False)
+    buffer = step.drawn.data_ptr()
+    state = sampler.generator.get_state()
+    drawn = sampler.draw(1)
+    sampler.generator.set_state(state)
+    batch = sampler.batch(1)  # the same draws as a batch, P as pair lists (the CPU's way)
+    step(model.losses, drawn, 0.1, params, opt, sched, 1.0, False)
+    assert step.drawn.data_ptr() == buffer and torch.equal(step.drawn, drawn)
+    assert drawn.shape == (5 * sampler.anchors,)  # B rows, then A positive flags
+    for name in ("rows", "x", "unit", "anchor", "target", "pair_weight"):
+        assert torch.equal(getattr(step.batch, name), getattr(batch, name)), name
+    # the assembled B x B mask holds the batch's positive pairs in both orders, and no more
     pos = batch.positive_pairs
-    assert pos.shape[0] > 0 and step.static.positive[pos[:, 0], pos[:, 1]].all()
-    assert int(step.static.positive.sum()) == 2 * pos.shape[0]
+    assert pos.shape[0] > 0 and step.batch.positive[pos[:, 0], pos[:, 1]].all()
+    assert torch.equal(step.batch.positive, batch.positive_mask())
     assert float(step.progress) == pytest.approx(0.1)
-    short = sampler.batch(2)
-    short.x = short.x[:-4]
-    with pytest.raises(ValueError, match="'x' changed shape"):
-        step(model.losses, short, 0.2, params, opt, sched, 1.0, False)
+    with pytest.raises(ValueError, match=r"draw changed from \(160,\) torch.int64 to \(156,\)"):
+        step(model.losses, sampler.draw(2)[:-4], 0.2, params, opt, sched, 1.0, False)
+    with pytest.raises(ValueError, match=r"to \(160,\) torch.float32"):
+        step(model.losses, sampler.draw(2).float(), 0.2, params, opt, sched, 1.0, False)
 
 
 def test_what_cannot_be_graphed_is_refused():
     content, pairs = _world()
     model, sampler, params, opt, sched = _trainer("quasid", content, pairs)
-    with pytest.raises(ValueError, match="capture needs a CUDA batch"):
-        GraphedStep()(model.losses, sampler.batch(0), 0.0, params, opt, sched, 1.0, False)
+    with pytest.raises(ValueError, match="capture needs CUDA parameters"):
+        GraphedStep(sampler.assemble)(model.losses, sampler.draw(0), 0.0, params, opt, sched,
+                                      1.0, False)
     model.sparse_pairs = None  # the CPU default: sparse pair lists
     with pytest.raises(ValueError, match="dense pair path"):
-        GraphedStep(capture=False)(model.losses, sampler.batch(0), 0.0, params, opt, sched,
-                                   1.0, False)
+        GraphedStep(sampler.assemble, capture=False)(model.losses, sampler.draw(0), 0.0,
+                                                     params, opt, sched, 1.0, False)
     with pytest.raises(ValueError, match="warmup"):
-        GraphedStep(warmup=0)
+        GraphedStep(sampler.assemble, warmup=0)
     with pytest.raises(ValueError, match="capturable=True needs CUDA"):
         build_optimizer(model, TrainConfig(), 10, torch.device("cpu"), capturable=True)
 
@@ -135,7 +142,7 @@ def test_the_scheduler_reaches_the_tensor_lr_the_graph_reads():
     model, _, _, opt, sched = _trainer("rqvae", content, pairs, total_steps=40)
     lr = tensor_lr(opt)[0]
     assert tensor_lr(opt)[0] is lr  # kept when it is one already
-    step = GraphedStep(capture=False)
+    step = GraphedStep(None, capture=False)
     step._lrs = [lr]
     for k in range(1, 6):
         sched.step()
@@ -177,7 +184,7 @@ def test_cuda_graph_replays_match_eager_steps(name, amp, compiled):
     content, pairs = _world("cuda", n=600, dim=16)
     eager = _trainer(name, content, pairs, capturable=True)
     graphed = _trainer(name, content, pairs, capturable=True)
-    step = GraphedStep(warmup=3)
+    step = GraphedStep(graphed[1].assemble, warmup=3)
     if compiled:
         torch._dynamo.reset()  # each test compiles its own models: no cache limit reached
     def losses(trainer):  # None: the model's own losses
