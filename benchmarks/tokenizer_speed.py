@@ -31,6 +31,7 @@ bandwidth measured here (a large device-to-device copy, bytes read + written / t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import subprocess
@@ -218,14 +219,21 @@ def batch_times(steps_of: dict, reps: int, device: torch.device, method: str = "
 
 
 def code_version() -> dict:
-    """Where the measured `quasid` package lives and its git commit (before/after runs point
-    PYTHONPATH at another worktree)."""
+    """Where the measured `quasid` package lives, its git commit, whether its files differ
+    from it (before/after runs point PYTHONPATH at another worktree), and a SHA-256 over its
+    .py files: that names the code even where the git metadata does not (a copy of a working
+    tree sent to another machine keeps whatever .git it was given)."""
     folder = Path(quasid.__file__).resolve().parent
     commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=False,
                             capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "quasid"],
+    # "." is the package folder itself (-C runs git there)
+    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "."],
                            check=False, capture_output=True, text=True).stdout.strip()
-    return {"package": str(folder), "commit": commit, "dirty": bool(dirty)}
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"package": str(folder), "commit": commit, "dirty": bool(dirty),
+            "source_sha256": digest.hexdigest()}
 
 
 def bandwidth(device: torch.device, nbytes: int = 2 ** 30) -> float:
