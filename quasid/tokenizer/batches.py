@@ -20,7 +20,9 @@ per epoch, in a seeded random order) and, for each anchor, three partners:
   or near-collision, whatever the content says.
 Items may appear twice in a batch (CVPM masks the pair). Shapes are fixed (B rows, A
 contrastive pairs with 0/1 weights). All draws come from one CPU `torch.Generator`, so a
-seed gives the same batches on every device.
+seed gives the same batches on every device: `BatchSampler.draw` makes them (the host's whole
+share of a batch), `assemble` turns a draw into a batch with device operations alone (what a
+CUDA graph captures), `batch` does both.
 """
 
 from __future__ import annotations
