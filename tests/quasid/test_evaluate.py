@@ -247,3 +247,38 @@ def test_run_parallel_reports_finished_calls_and_stops_the_rest_at_the_deadline(
     assert got == {"quick": ("ok", None), "bad": ("error", "ValueError")}
     assert stopped == ["slow"]
     assert time.perf_counter() - started < 60  # the 120 s call did not run to its end
+
+
+SPLIT_GAP = Path(__file__).resolve().parents[2] / "benchmarks" / "split_gap.py"
+
+
+def test_split_gap_baselines_match_hand_counts():
+    import runpy
+
+    gap = runpy.run_path(str(SPLIT_GAP))
+    # users' sequences in time order; item 9 is cold
+    seqs = {1: [1, 2, 3, 4], 2: [1, 2, 5, 3], 3: [2, 3, 9, 4], 4: [5, 1, 2, 6]}
+    interactions = pl.DataFrame(
+        [{"user_id": u, "item_id": i, "ts": t} for u, s in seqs.items() for t, i in enumerate(s)])
+    cold = pl.Series([9])
+    # validation: target = second-to-last; train = all but the last two, cold dropped
+    train, requests = gap["split"](interactions, 2, cold)
+    assert sorted(train["item_id"].to_list()) == [1, 1, 1, 2, 2, 2, 3, 5]
+    assert dict(zip(requests["user_id"], requests["last"])) == {1: 2, 2: 2, 3: 3, 4: 1}
+    assert dict(zip(requests["user_id"], requests["target"])) == {1: 3, 2: 5, 3: 9, 4: 2}
+    out = gap["scores"](train, requests, k=1)
+    # top-1 popular: items 1 and 2 tie at 3 interactions, the lower id wins; no target is 1
+    assert out["popularity_hr@10"] == 0.0
+    # top successors in train: 1 -> 2 (twice), 2 -> 3, 5 -> 1: users 1 (last 2, target 3)
+    # and 4 (last 1, target 2) hit; user 2's target is 5, user 3's last (3) has none
+    assert out["transition_hr@10"] == pytest.approx(2 / 4)
+    assert out["transition_ndcg@10"] == pytest.approx(2 / 4)  # both at rank 1
+    assert out["target_in_history"] == 0.0
+    # the models' test protocol: trained on the validation's part, the validation item in
+    # the history (user 3's is cold: its last warm item stays 3)
+    train, requests = gap["split"](interactions, 1, cold, fit_drop=2)
+    assert train.height == 8
+    assert dict(zip(requests["user_id"], requests["last"])) == {1: 3, 2: 5, 3: 3, 4: 2}
+    out = gap["scores"](train, requests, k=1)
+    assert out["transition_hr@10"] == 0.0  # 5 -> 1 and 2 -> 3 miss targets 3 and 6
+    assert out["target_median_count"] == 0.0  # targets 4, 3, 4, 6 occur 0, 1, 0, 0 times
