@@ -9,21 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from quasid.core.hashing import mix64
+from quasid.core.slates import check_k, first_unique
 from simulator.lookup import IdIndex
-
-
-def _first_unique(candidates: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the column indices of the first `k` candidates that do not repeat an earlier
-    candidate of the row; -1 where a row runs short."""
-    n, m = candidates.shape
-    bad = np.zeros((n, m), dtype=bool)
-    order = np.argsort(candidates, axis=1, kind="stable")
-    ranked = np.take_along_axis(candidates, order, axis=1)
-    repeat = ranked[:, 1:] == ranked[:, :-1]  # later copies (a stable sort keeps the first first)
-    np.put_along_axis(bad, order[:, 1:], repeat, axis=1)
-    pick = np.argsort(bad, axis=1, kind="stable")[:, :k]
-    short = np.take_along_axis(bad, pick, axis=1)
-    return np.where(short, -1, pick)
 
 
 class PopularityRecommender:
@@ -61,7 +48,7 @@ class PopularityRecommender:
     def recommend(self, histories: np.ndarray, k: int, users: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` popular items not in each row's history."""
-        _check_k(k, len(self.ranked), self.name)
+        check_k(k, len(self.ranked), self.name)
         histories = np.asarray(histories, dtype=np.int64)
         n, h = histories.shape
         m = min(len(self.ranked), k + h)  # k unseen items are among these
@@ -104,7 +91,7 @@ class RandomRecommender:
                   ) -> tuple[np.ndarray, np.ndarray]:
         """`k` distinct random items per row, ordered by their (uniform) scores."""
         n_items = len(self.item_ids)
-        _check_k(k, n_items, self.name)
+        check_k(k, n_items, self.name)
         histories = np.asarray(histories, dtype=np.int64)
         key = mix64(np.full(len(histories), self.seed, dtype=np.uint64))
         if users is not None:
@@ -115,7 +102,7 @@ class RandomRecommender:
         while True:
             draws = mix64(key[:, None] ^ mix64(np.arange(m, dtype=np.uint64))[None, :])
             cand = (draws % np.uint64(n_items)).astype(np.int64)
-            pick = _first_unique(cand, k)
+            pick = first_unique(cand, k)
             if (pick >= 0).all() or m >= 64 * n_items:
                 break
             m *= 2  # rows with too many repeats (tiny catalogs) draw more
@@ -126,9 +113,3 @@ class RandomRecommender:
         order = np.argsort(-u, axis=1, kind="stable")  # slate order = descending score
         return (np.take_along_axis(items, order, axis=1),
                 np.take_along_axis(u, order, axis=1).astype(np.float32))
-
-
-def _check_k(k: int, n_items: int, name: str) -> None:
-    if not 1 <= k <= n_items:
-        raise ValueError(f"{name}: slate size k={k} must be between 1 and the catalog size "
-                         f"{n_items}")

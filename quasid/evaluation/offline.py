@@ -17,7 +17,10 @@ go in parallel processes sharing one GPU (`jobs`).
 The tokenizer name "sasrec" runs the ID-based SASRec baseline instead (`quasid.stack.sasrec`:
 no tokenizer, no stack; its settings are `sasrec_overrides`), trained on the same training
 part, early-stopped on the same validation requests and scored by the same code; being one
-model, its slates fill both the stack and the retrieval entries.
+model, its slates fill both the stack and the retrieval entries. The name "transition" runs
+the model-free first-order transition baseline (`quasid.stack.transitions`: the last items'
+most frequent followers in the same training part, then popularity) the same way: the floor
+of the tables; it is deterministic, so its seeds repeat one figure (std 0).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
 SASREC = "sasrec"
 """The tokenizer name that runs the SASRec baseline (`quasid.stack.sasrec.NAME`)."""
+TRANSITION = "transition"
+"""The tokenizer name that runs the transition baseline (`quasid.stack.transitions.NAME`)."""
+TRANSITION_HISTORY = 50
+"""History length of the transition baseline's requests (its slates leave these items out)."""
 
 
 def evaluate_stack(stack, items: pl.DataFrame, interactions: pl.DataFrame, split: str = "test"
@@ -168,6 +175,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     run_dir = Path(run_dir)
     settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
                 **(sasrec_settings(sasrec_overrides, split) if tokenizer == SASREC else
+                   {"split": split} if tokenizer == TRANSITION else
                    eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split))}
     metrics_path = run_dir / RUN_METRICS_FILE
     if metrics_path.exists():
@@ -179,6 +187,8 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     if tokenizer == SASREC:
         return _sasrec_run(data_dir, seed, run_dir, settings, device=device, save_model=save_stack,
                            progress=progress)
+    if tokenizer == TRANSITION:
+        return _transition_run(data_dir, run_dir, settings)
     started = time.perf_counter()
     tok_dir = run_dir / "tokenizer"
     sids_path = tok_dir / "sids.parquet"
@@ -220,26 +230,55 @@ def _sasrec_run(data_dir: str | Path, seed: int, run_dir: Path, settings: dict, 
                 device: str, save_model: bool, progress: bool = False) -> dict:
     """`eval_run` for the SASRec baseline: the same training part, validation requests and
     scoring as a stack run; writes and returns `run_dir/metrics.json`'s content."""
+    from quasid.stack.sasrec import sasrec_config, train_sasrec
+
+    cfg = sasrec_config(settings["sasrec_overrides"])
+
+    def fit(ds, train: pl.DataFrame):
+        valid = validation_requests(ds.interactions, cfg.max_history)
+        return train_sasrec(ds.items, train, cfg, device=device, seed=seed, valid=valid,
+                            progress=progress)
+
+    save = (lambda model: model.save(run_dir / SASREC_FILE)) if save_model else None
+    return _one_model_run(data_dir, run_dir, settings, fit, cfg.max_history, save)
+
+
+def _transition_run(data_dir: str | Path, run_dir: Path, settings: dict) -> dict:
+    """`eval_run` for the transition baseline: counted on the same training part, scored by
+    the same code (no validation needed: nothing to select)."""
+    from quasid.stack.transitions import TransitionRecommender
+
+    def fit(ds, train: pl.DataFrame):
+        started = time.perf_counter()
+        model = TransitionRecommender.fit(train)
+        return model, {"successors": model.followers.shape[1], "backoff": model.backoff,
+                       "sources": int(len(model.sources)),
+                       "timings": {"fit_s": round(time.perf_counter() - started, 2)}}
+
+    return _one_model_run(data_dir, run_dir, settings, fit, TRANSITION_HISTORY)
+
+
+def _one_model_run(data_dir: str | Path, run_dir: Path, settings: dict, fit, max_history: int,
+                   save=None) -> dict:
+    """A baseline that is one model: `fit(dataset, train)` -> (model, summary) on the
+    leave-one-out training part (cold items dropped), then `evaluate_recommender`; writes
+    and returns `run_dir/metrics.json`'s content (`save(model)` first, when given)."""
     from quasid.data.dataset import load_dataset
     from quasid.data.splits import leave_one_out
-    from quasid.stack.sasrec import sasrec_config, train_sasrec
 
     started = time.perf_counter()
     ds = load_dataset(data_dir)
     cold = ds.items.filter(pl.col("is_cold"))["item_id"]
     train = leave_one_out(ds.interactions, cold_items=cold).train
-    cfg = sasrec_config(settings["sasrec_overrides"])
-    valid = validation_requests(ds.interactions, cfg.max_history)
-    model, summary = train_sasrec(ds.items, train, cfg, device=device, seed=seed, valid=valid,
-                                  progress=progress)
+    model, summary = fit(ds, train)
     t0 = time.perf_counter()
-    result = evaluate_recommender(model, ds.items, ds.interactions, cfg.max_history,
+    result = evaluate_recommender(model, ds.items, ds.interactions, max_history,
                                   settings["split"])
     result.update(settings=settings, summary=summary,
                   timings={"tokenizer_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1),
                            "total_s": round(time.perf_counter() - started, 1)})
-    if save_model:
-        model.save(run_dir / SASREC_FILE)
+    if save is not None:
+        save(model)
     write_text_atomic(json.dumps(result, indent=2, sort_keys=True) + "\n",
                       run_dir / RUN_METRICS_FILE)
     return result

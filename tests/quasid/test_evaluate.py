@@ -95,16 +95,6 @@ def test_welch_tests_of_quasid_against_each_baseline_match_a_hand_computation():
     assert welch_tests([_run("rqvae", 0, 0.1)]) == []
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from quasid.data.synthetic import WorldConfig, synthesize
-
-    out = tmp_path_factory.mktemp("tiny_world")
-    synthesize(WorldConfig(n_items=120, n_users=250, content_dim=8, taste_dim=4,
-                           mean_interactions=6.0, seed=3), out)
-    return out
-
-
 def test_offline_eval_writes_results_and_the_cli_reads_them_back(tiny_world, tmp_path):
     ds = load_dataset(tiny_world)
     sids = kmeans_sid_table(ds.content(), ds.items["item_id"].to_numpy(), 2, 4)

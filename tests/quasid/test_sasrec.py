@@ -248,16 +248,6 @@ TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "max_history": 6
         "batch_size": 64, "lr": 3e-3, "warmup": 5, "patience": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from quasid.data.synthetic import WorldConfig, synthesize
-
-    out = tmp_path_factory.mktemp("tiny_world")
-    synthesize(WorldConfig(n_items=120, n_users=250, content_dim=8, taste_dim=4,
-                           mean_interactions=6.0, seed=3), out)
-    return out
-
-
 def test_sasrec_in_the_offline_benchmark_fills_both_tables(tiny_world, tmp_path):
     from quasid.data.dataset import load_dataset
     from quasid.evaluation.offline import SASREC, eval_run, offline_eval

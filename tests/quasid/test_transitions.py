@@ -1,0 +1,99 @@
+"""The first-order transition baseline (`quasid.stack.transitions`) against hand counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from quasid.core.recommender import PAD, Recommender
+from quasid.core.slates import first_unique, row_isin
+from quasid.stack.transitions import TransitionRecommender
+
+
+def _logs(seqs: dict[int, list[int]]) -> pl.DataFrame:
+    return pl.DataFrame([{"user_id": u, "item_id": i, "ts": t}
+                         for u, s in seqs.items() for t, i in enumerate(s)])
+
+
+# transitions: 1->2 x3, 2->3 x2, 2->4 x1, 3->5 x1, 5->1 x1; counts: 1:3, 2:3, 3:2, 5:2, 4:1
+LOGS = _logs({1: [1, 2, 3], 2: [1, 2, 4], 3: [5, 1, 2, 3, 5]})
+
+
+def test_followers_are_counted_in_order_with_their_shares():
+    model = TransitionRecommender.fit(LOGS, successors=2, backoff=2)
+    assert isinstance(model, Recommender)
+    assert model.sources.tolist() == [1, 2, 3, 5]
+    assert model.followers.tolist() == [[2, PAD], [3, 4], [5, PAD], [1, PAD]]
+    assert model.shares[1].tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert model.popular.tolist() == [1, 2, 3, 5, 4]  # ties by id
+
+
+def test_slates_back_off_through_the_history_then_popularity():
+    model = TransitionRecommender.fit(LOGS, successors=2, backoff=2)
+    hist = np.array([[PAD, PAD, 1],  # followers of 1: 2; then popular 3, 5, 4 (1 is seen)
+                     [PAD, 3, 2],    # followers of 2: 3 (seen), 4; of 3: 5; then popular 1
+                     [PAD, PAD, 9],  # an unknown item: popularity alone
+                     [PAD, PAD, PAD]])
+    items, scores = model.recommend(hist, 3)
+    assert items.tolist() == [[2, 3, 5], [4, 5, 1], [1, 2, 3], [1, 2, 3]]
+    # level 0 of backoff 2: 2 + share; level 1: 1 + share; popularity: its share
+    assert scores[0].tolist() == pytest.approx([2 + 1.0, 2 / 11, 2 / 11])
+    assert scores[1].tolist() == pytest.approx([2 + 1 / 3, 1 + 1.0, 3 / 11])
+    assert (np.diff(scores, axis=1) <= 0).all()  # slate order = descending score
+    assert all(len(set(row)) == 3 for row in items.tolist())
+    with pytest.raises(ValueError, match="slate size k=6"):
+        model.recommend(hist, 6)
+
+
+def test_the_helpers_mark_history_items_and_keep_first_valid_copies():
+    cand = np.array([[4, 2, 4, 7, 2], [1, 1, 3, 5, 6]])
+    hist = np.array([[PAD, 2], [6, 5]])
+    seen = row_isin(cand, hist, PAD)
+    assert seen.tolist() == [[False, True, False, False, True], [False] * 3 + [True, True]]
+    assert first_unique(cand, 3, ~seen).tolist() == [[0, 3, -1], [0, 2, -1]]
+    assert first_unique(cand, 2).tolist() == [[0, 1], [0, 2]]
+
+
+def test_bad_input_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['ts'\]"):
+        TransitionRecommender.fit(LOGS.drop("ts"))
+    with pytest.raises(ValueError, match="successors must be >= 1, got 0"):
+        TransitionRecommender.fit(LOGS, successors=0)
+    with pytest.raises(ValueError, match="backoff must be >= 1, got 0"):
+        TransitionRecommender.fit(LOGS, backoff=0)
+    with pytest.raises(ValueError, match="no training interactions"):
+        TransitionRecommender.fit(LOGS.head(0))
+
+
+def test_the_offline_benchmark_scores_it_as_a_direct_computation_does(tiny_world, tmp_path):
+    from quasid.data.dataset import load_dataset
+    from quasid.data.sequences import loo_requests
+    from quasid.data.splits import leave_one_out
+    from quasid.evaluation.offline import TRANSITION, TRANSITION_HISTORY, offline_eval
+    from quasid.stack.metrics import hit_ndcg
+
+    assert TRANSITION == "transition"
+    out = tmp_path / "out"
+    res = offline_eval(tiny_world, ["transition"], 2, out, progress=False)
+    runs = [json.loads((out / "runs" / "transition" / f"seed{s}" / "metrics.json").read_text())
+            for s in range(2)]
+    assert runs[0]["settings"] == {"data": str(tiny_world), "tokenizer": "transition",
+                                   "seed": 0, "split": "test"}
+    assert runs[0]["stack"] == runs[1]["stack"] == runs[0]["retrieval"]  # deterministic
+    row = next(r for r in res["rows"] if r["segment"] == "all")
+    assert row["hr@10_std"] == 0.0
+    # the same protocol by hand: fit on the training part (cold items dropped), each
+    # user's last item as the target, the full item set
+    ds = load_dataset(tiny_world)
+    cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+    model = TransitionRecommender.fit(leave_one_out(ds.interactions, cold_items=cold).train)
+    hist, targets = loo_requests(ds.interactions, TRANSITION_HISTORY)
+    per = hit_ndcg(model.recommend(hist, 10)[0], targets)
+    assert math.isclose(runs[0]["stack"]["all"]["hr@10"], per["hr@10"].mean())
+    assert math.isclose(runs[0]["stack"]["all"]["ndcg@10"], per["ndcg@10"].mean())
+    assert runs[0]["stack"]["cold"]["hr@10"] == 0.0  # a cold item is never counted
+    assert per["hr@10"].mean() > 0.05  # the synthetic world's sessions have transitions
