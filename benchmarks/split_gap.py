@@ -2,18 +2,18 @@
 
 The offline tables score each user's last item (test) and select on the second-to-last
 (validation); the same saved stacks score about a quarter higher on validation. This script
-asks whether baselines that learn nothing show the same gap. For each split it builds a
-training part (validation: every interaction but each user's last two; test: but the last
-one, and again but the last two, as the models are trained) and scores, on every user with
-a history:
-- popularity: the 10 most frequent items of the training part, one list for all users;
-- transition: the 10 items that most often follow the user's last history item in the
-  training part, in that order (a first-order Markov chain; ties by item id; users whose
-  last item never has a successor count as misses), HR@10 and NDCG@10;
-plus the targets' training-part popularity (median count, share below 5 interactions) and
-the share of targets already in the user's history. The cold items (`is_cold`) are dropped
-from both training parts, as in the offline benchmark, so their targets are misses here.
-All in polars, no per-user loops.
+asks whether baselines that learn nothing show the same gap. It fits the offline
+benchmark's transition baseline (`quasid.stack.transitions`: the newest history items'
+most frequent followers, then popularity) and a popularity ranking (the simulator's
+`PopularityRecommender`) on a training part and scores them on every user's request
+(`hit_ndcg`), under three protocols:
+- validation: fit on all but each user's last two interactions, target the second-to-last;
+- test, fit on all but the last: the validation interactions are training data;
+- test, fit as the models: on all but the last two, the offline benchmark's protocol (the
+  validation item is in the history, never a training target).
+The cold items (`is_cold`) are dropped from every training part, as in the offline benchmark.
+Also the targets' training-part popularity (median count, share below 5 interactions) and
+the share of targets already in the user's history. Vectorized throughout (polars, numpy).
 
     python benchmarks/split_gap.py --data DIR [--data DIR2 ...] [--out results.json]
 """
@@ -24,59 +24,59 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from quasid.core.io import write_text_atomic
+from quasid.core.recommender import PAD
+from quasid.core.slates import row_isin
 from quasid.data.dataset import load_dataset
+from quasid.data.sequences import loo_requests
+from quasid.evaluation.offline import TRANSITION_HISTORY
+from quasid.stack.metrics import hit_ndcg
+from quasid.stack.transitions import TransitionRecommender
+from simulator.baselines import PopularityRecommender
+
+PROTOCOLS = {  # name: (interactions dropped after the target, interactions the fit leaves out)
+    "validation": (1, 2),
+    "test, fit on all but the last": (0, 1),
+    "test, fit as the models": (0, 2),
+}
 
 
-def split(interactions: pl.DataFrame, drop: int, cold: pl.Series, fit_drop: int | None = None
-          ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(training part, requests) of the leave-one-out split that targets each user's
-    `drop`-th interaction from the end (1: test, 2: validation). The training part holds
-    everything before the last `fit_drop` (default `drop`) interactions, less the `cold`
-    items' (as the offline benchmark's does); `fit_drop=2` with `drop=1` is the models'
-    test protocol (trained on the validation's part, the validation item in the history).
-    Requests: user_id, last (the last warm item before the target), target; users with none
-    are left out."""
-    ordered = interactions.sort(["user_id", "ts", "item_id"]).with_columns(
-        back=pl.len().over("user_id") - pl.int_range(pl.len()).over("user_id"))
-    warm = ~pl.col("item_id").is_in(cold.implode())
-    train = ordered.filter((pl.col("back") > (fit_drop or drop)) & warm)
-    target = ordered.filter(pl.col("back") == drop).select("user_id", target="item_id")
-    last = (ordered.filter((pl.col("back") > drop) & warm)
-            .group_by("user_id").agg(last=pl.col("item_id").last()))  # in time order
-    return train, last.join(target, on="user_id", how="inner")
+def protocol(interactions: pl.DataFrame, cold: pl.Series, after: int, fit_drop: int
+             ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """(training part, histories, targets): each user's requests target the interaction
+    `after` positions before their last (0: the last), with the items before it as the
+    history; the training part is everything but each user's last `fit_drop` interactions,
+    less the `cold` items'."""
+    ranked = interactions.sort(["user_id", "ts", "item_id"]).with_columns(
+        back=pl.len().over("user_id") - pl.int_range(pl.len()).over("user_id") - 1)
+    train = ranked.filter((pl.col("back") >= fit_drop)
+                          & ~pl.col("item_id").is_in(cold.implode())).drop("back")
+    hist, targets = loo_requests(ranked.filter(pl.col("back") >= after).drop("back"),
+                                 TRANSITION_HISTORY)
+    return train, hist, targets
 
 
-def scores(train: pl.DataFrame, requests: pl.DataFrame, k: int = 10) -> dict[str, float]:
-    """HR@k of the popularity and transition baselines, and the targets' statistics."""
-    counts = train.group_by("item_id").len("count")
-    top = counts.sort(["count", "item_id"], descending=[True, False]).head(k)["item_id"]
-    successors = (
-        train.sort(["user_id", "ts", "item_id"])
-        .select(prev="item_id", nxt=pl.col("item_id").shift(-1).over("user_id"))
-        .drop_nulls()
-        .group_by("prev", "nxt").len("count")
-        .sort(["prev", "count", "nxt"], descending=[False, True, False])
-        .group_by("prev", maintain_order=True).head(k)
-        .with_columns(rank=pl.int_range(pl.len()).over("prev"))  # 0 = the most frequent
-    )
-    found = requests.join(successors, left_on=["last", "target"], right_on=["prev", "nxt"],
-                          how="inner")
-    seen = requests.join(train.select("user_id", target="item_id").unique(),
-                         on=["user_id", "target"], how="semi").height
-    pop = requests.join(counts.rename({"item_id": "target"}), on="target", how="left") \
-        .with_columns(pl.col("count").fill_null(0))
-    n = requests.height
+def scores(train: pl.DataFrame, hist: np.ndarray, targets: np.ndarray, catalog: np.ndarray
+           ) -> dict[str, float]:
+    """HR@10 / NDCG@10 of the transition and popularity baselines fitted on `train`, and
+    the targets' statistics."""
+    transition = hit_ndcg(TransitionRecommender.fit(train).recommend(hist, 10)[0], targets)
+    popular = PopularityRecommender.fit(catalog, train["item_id"].to_numpy())
+    popularity = hit_ndcg(popular.recommend(hist, 10)[0], targets)
+    ids, counts = np.unique(train["item_id"].to_numpy(), return_counts=True)
+    pos = np.searchsorted(ids, targets).clip(max=len(ids) - 1)
+    count = np.where(ids[pos] == targets, counts[pos], 0)
     return {
-        "requests": n,
-        "popularity_hr@10": float(requests["target"].is_in(top.implode()).mean()),
-        "transition_hr@10": found.height / n,
-        "transition_ndcg@10": float((1.0 / (found["rank"] + 2).log(2)).sum()) / n,
-        "target_median_count": float(pop["count"].median()),
-        "target_share_below_5": float((pop["count"] < 5).mean()),
-        "target_in_history": seen / n,
+        "requests": int(len(targets)),
+        "transition_hr@10": float(transition["hr@10"].mean()),
+        "transition_ndcg@10": float(transition["ndcg@10"].mean()),
+        "popularity_hr@10": float(popularity["hr@10"].mean()),
+        "target_median_count": float(np.median(count)),
+        "target_share_below_5": float((count < 5).mean()),
+        "target_in_history": float(row_isin(targets[:, None], hist, PAD).mean()),
     }
 
 
@@ -88,23 +88,22 @@ def main() -> None:
     args = parser.parse_args()
     result = {}
     for data in args.data:
-        dataset = load_dataset(data)
-        cold = dataset.items.filter(pl.col("is_cold"))["item_id"]
-        row = {name: scores(*split(dataset.interactions, drop, cold, fit_drop))
-               for name, drop, fit_drop in (("validation", 2, 2), ("test", 1, 1),
-                                            ("test, fit as the models", 1, 2))}
-        for key in ("popularity_hr@10", "transition_hr@10"):
-            for test in ("test", "test, fit as the models"):
-                row[f"{key} {test} / validation"] = row[test][key] / row["validation"][key]
+        ds = load_dataset(data)
+        cold = ds.items.filter(pl.col("is_cold"))["item_id"]
+        catalog = ds.items["item_id"].to_numpy()
+        row = {name: scores(*protocol(ds.interactions, cold, after, fit_drop), catalog)
+               for name, (after, fit_drop) in PROTOCOLS.items()}
+        for name in list(PROTOCOLS)[1:]:
+            for key in ("transition_hr@10", "popularity_hr@10"):
+                row[f"{key} {name} / validation"] = row[name][key] / row["validation"][key]
         result[data.name] = row
-        print(f"{data.name}: " + "; ".join(
-            f"{split_name} " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in figures.items())
-            for split_name, figures in row.items() if isinstance(figures, dict)), flush=True)
-        for test in ("test", "test, fit as the models"):
-            print(f"  {test} / validation: popularity "
-                  f"{row[f'popularity_hr@10 {test} / validation']:.3f}, transition "
-                  f"{row[f'transition_hr@10 {test} / validation']:.3f}", flush=True)
+        for name, figures in row.items():
+            if isinstance(figures, dict):
+                print(f"{data.name} {name}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in figures.items()), flush=True)
+            else:
+                print(f"{data.name} {name}: {figures:.3f}", flush=True)
     if args.out:
         write_text_atomic(json.dumps(result, indent=2) + "\n", args.out)
 

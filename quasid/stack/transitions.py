@@ -4,7 +4,8 @@
 item a in a user's time-ordered interactions (polars, no per-user loops) and keeps each
 item's `successors` most frequent followers. A request is served from its newest history
 items: the followers of the last item by count, then those of the one before, up to
-`backoff` items back, then the most popular items; never an item of the history, never one
+`backoff` items back, then the most popular items; never an item of the history (unless the
+history holds nearly every training item: then its items fill the slate last), never one
 twice. It learns nothing and needs no device: the floor of the offline tables (issue 15),
 since whatever a trained retriever learns about the last item's transitions, counting
 gets for free. Measured on Beauty and Toys in benchmarks/README.md ("Model-free baselines").
@@ -98,10 +99,21 @@ class TransitionRecommender:
                                np.broadcast_to(self.popular[:m], (n, m))], axis=1)
         cand_score = np.concatenate([score.reshape(n, -1),
                                      np.broadcast_to(self.popular_share[:m], (n, m))], axis=1)
-        valid = (cand != PAD) & ~row_isin(cand, histories, PAD)
-        pick = first_unique(cand, k, valid)
-        if (pick < 0).any():  # only when the history holds nearly the whole catalogue
-            raise ValueError(f"{self.name}: fewer than k={k} items outside a request's "
-                             f"history among {len(self.popular)} training items")
-        return (np.take_along_axis(cand, pick, axis=1),
-                np.take_along_axis(cand_score, pick, axis=1).astype(np.float32))
+        seen = row_isin(cand, histories, PAD)
+        pick = first_unique(cand, k, (cand != PAD) & ~seen)
+        items = np.take_along_axis(cand, pick, axis=1)
+        scores = np.take_along_axis(cand_score, pick, axis=1)
+        short = np.flatnonzero((pick < 0).any(axis=1))
+        if len(short):
+            # the history holds nearly every training item: its items fill the slate after
+            # the unseen ones, scored -1 (under every unseen item's score); all training
+            # items are candidates then (m = their count), so k distinct ones exist
+            order = np.argsort(seen[short], axis=1, kind="stable")
+            cand_s = np.take_along_axis(cand[short], order, axis=1)
+            seen_s = np.take_along_axis(seen[short], order, axis=1)
+            score_s = np.where(seen_s, -1.0,
+                               np.take_along_axis(cand_score[short], order, axis=1))
+            fill = first_unique(cand_s, k, cand_s != PAD)
+            items[short] = np.take_along_axis(cand_s, fill, axis=1)
+            scores[short] = np.take_along_axis(score_s, fill, axis=1)
+        return items, scores.astype(np.float32)

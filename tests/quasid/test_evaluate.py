@@ -242,33 +242,42 @@ def test_run_parallel_reports_finished_calls_and_stops_the_rest_at_the_deadline(
 SPLIT_GAP = Path(__file__).resolve().parents[2] / "benchmarks" / "split_gap.py"
 
 
-def test_split_gap_baselines_match_hand_counts():
+def test_split_gap_protocols_and_their_scores():
     import runpy
+
+    from quasid.stack.transitions import TransitionRecommender
 
     gap = runpy.run_path(str(SPLIT_GAP))
     # users' sequences in time order; item 9 is cold
-    seqs = {1: [1, 2, 3, 4], 2: [1, 2, 5, 3], 3: [2, 3, 9, 4], 4: [5, 1, 2, 6]}
+    seqs = {1: [1, 2, 3, 4], 2: [1, 2, 5, 3], 3: [2, 3, 9, 4], 4: [5, 1, 2, 6],
+            5: list(range(10, 24))}  # user 5 gives the baselines a catalogue past 10 items
     interactions = pl.DataFrame(
         [{"user_id": u, "item_id": i, "ts": t} for u, s in seqs.items() for t, i in enumerate(s)])
     cold = pl.Series([9])
-    # validation: target = second-to-last; train = all but the last two, cold dropped
-    train, requests = gap["split"](interactions, 2, cold)
-    assert sorted(train["item_id"].to_list()) == [1, 1, 1, 2, 2, 2, 3, 5]
-    assert dict(zip(requests["user_id"], requests["last"])) == {1: 2, 2: 2, 3: 3, 4: 1}
-    assert dict(zip(requests["user_id"], requests["target"])) == {1: 3, 2: 5, 3: 9, 4: 2}
-    out = gap["scores"](train, requests, k=1)
-    # top-1 popular: items 1 and 2 tie at 3 interactions, the lower id wins; no target is 1
-    assert out["popularity_hr@10"] == 0.0
-    # top successors in train: 1 -> 2 (twice), 2 -> 3, 5 -> 1: users 1 (last 2, target 3)
-    # and 4 (last 1, target 2) hit; user 2's target is 5, user 3's last (3) has none
-    assert out["transition_hr@10"] == pytest.approx(2 / 4)
-    assert out["transition_ndcg@10"] == pytest.approx(2 / 4)  # both at rank 1
-    assert out["target_in_history"] == 0.0
-    # the models' test protocol: trained on the validation's part, the validation item in
-    # the history (user 3's is cold: its last warm item stays 3)
-    train, requests = gap["split"](interactions, 1, cold, fit_drop=2)
-    assert train.height == 8
-    assert dict(zip(requests["user_id"], requests["last"])) == {1: 3, 2: 5, 3: 3, 4: 2}
-    out = gap["scores"](train, requests, k=1)
-    assert out["transition_hr@10"] == 0.0  # 5 -> 1 and 2 -> 3 miss targets 3 and 6
-    assert out["target_median_count"] == 0.0  # targets 4, 3, 4, 6 occur 0, 1, 0, 0 times
+    protocol, (after, fit_drop) = gap["protocol"], gap["PROTOCOLS"]["validation"]
+    first4 = pl.col("user_id") <= 4
+    # validation: target the second-to-last; fit on all but the last two, cold dropped
+    train, hist, targets = protocol(interactions, cold, after, fit_drop)
+    assert sorted(train.filter(first4)["item_id"].to_list()) == [1, 1, 1, 2, 2, 2, 3, 5]
+    assert train.filter(~first4).height == 12
+    assert targets.tolist() == [3, 5, 9, 2, 22] and hist[:, -1].tolist() == [2, 2, 3, 1, 21]
+    # the models' test protocol: the same training part, the validation item in the history
+    train2, hist, targets = protocol(interactions, cold, *gap["PROTOCOLS"]["test, fit as the models"])
+    assert train2.equals(train)
+    assert targets.tolist() == [4, 3, 4, 6, 23] and hist[:, -1].tolist() == [3, 5, 9, 2, 22]
+    # fit on all but the last: the validation items (but the cold 9) are training data
+    train3, _, _ = protocol(interactions, cold, *gap["PROTOCOLS"]["test, fit on all but the last"])
+    assert train3.height == train.height + 4
+    catalog = np.unique(interactions["item_id"].to_numpy())
+    out = gap["scores"](train, hist, targets, catalog)
+    direct = hit_ndcg(TransitionRecommender.fit(train).recommend(hist, 10)[0], targets)
+    assert out["transition_hr@10"] == pytest.approx(direct["hr@10"].mean())
+    assert out["transition_ndcg@10"] == pytest.approx(direct["ndcg@10"].mean())
+    # only user 2 hits: its history 1, 2, 5 backs off from 5 (-> 1, seen) to 2 -> 3
+    assert direct["hr@10"].tolist() == [0, 1, 0, 0, 0]
+    assert out["target_median_count"] == 0.0  # targets 4, 3, 4, 6, 23: 0, 1, 0, 0, 0 times
+    assert out["target_share_below_5"] == 1.0 and out["target_in_history"] == 0.0
+    # popularity ranks the catalogue: 1 and 2 (3 each), the once-seen items by id (3, 5,
+    # 10 .. 21), then the unseen ones by id (4, 6, 9, 22, 23), history left out: user 2
+    # (seen 1, 2, 5) gets 3 first; user 5 (seen 10 .. 22) gets 1, 2, 3, 5, 4, 6, 9, 23
+    assert out["popularity_hr@10"] == pytest.approx(2 / 5)

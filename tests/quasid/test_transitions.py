@@ -97,3 +97,11 @@ def test_the_offline_benchmark_scores_it_as_a_direct_computation_does(tiny_world
     assert math.isclose(runs[0]["stack"]["all"]["ndcg@10"], per["ndcg@10"].mean())
     assert runs[0]["stack"]["cold"]["hr@10"] == 0.0  # a cold item is never counted
     assert per["hr@10"].mean() > 0.05  # the synthetic world's sessions have transitions
+
+
+def test_a_history_of_nearly_every_item_fills_the_slate_with_seen_items_last():
+    model = TransitionRecommender.fit(LOGS, successors=2, backoff=2)  # 5 training items
+    items, scores = model.recommend(np.array([[1, 3, 5, 2]]), 3)
+    # unseen: 4 (a follower of 2); then the seen ones by candidate order, scored -1
+    assert items.tolist() == [[4, 3, 1]]
+    assert scores[0].tolist() == pytest.approx([2 + 1 / 3, -1.0, -1.0])
