@@ -85,15 +85,16 @@ class TransitionRecommender:
         histories = np.asarray(histories, dtype=np.int64)
         n, h = histories.shape
         newest = histories[:, ::-1][:, :self.backoff]  # newest first (PAD: no followers)
-        pos = np.searchsorted(self.sources, newest).clip(max=max(len(self.sources) - 1, 0))
-        known = (self.sources[pos] == newest) if len(self.sources) else np.zeros_like(newest,
-                                                                                     dtype=bool)
-        known &= newest != PAD
         levels = newest.shape[1]
-        follow = np.where(known[:, :, None], self.followers[pos], PAD)  # (n, levels, S)
-        score = np.where(known[:, :, None],
-                         self.shares[pos] + (self.backoff - np.arange(levels))[None, :, None],
-                         0.0)
+        if len(self.sources):
+            pos = np.searchsorted(self.sources, newest).clip(max=len(self.sources) - 1)
+            known = (self.sources[pos] == newest) & (newest != PAD)
+            follow = np.where(known[:, :, None], self.followers[pos], PAD)  # (n, levels, S)
+            score = np.where(known[:, :, None], self.shares[pos]
+                             + (self.backoff - np.arange(levels))[None, :, None], 0.0)
+        else:  # no user with two training interactions: popularity alone
+            follow = np.full((n, levels, self.followers.shape[1]), PAD, dtype=np.int64)
+            score = np.zeros(follow.shape)
         m = min(len(self.popular), k + h)  # k unseen popular items are among these
         cand = np.concatenate([follow.reshape(n, -1),
                                np.broadcast_to(self.popular[:m], (n, m))], axis=1)

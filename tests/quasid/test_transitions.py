@@ -105,3 +105,11 @@ def test_a_history_of_nearly_every_item_fills_the_slate_with_seen_items_last():
     # unseen: 4 (a follower of 2); then the seen ones by candidate order, scored -1
     assert items.tolist() == [[4, 3, 1]]
     assert scores[0].tolist() == pytest.approx([2 + 1 / 3, -1.0, -1.0])
+
+
+def test_logs_without_transitions_serve_popularity_alone():
+    model = TransitionRecommender.fit(_logs({1: [3], 2: [3], 3: [5], 4: [7]}))
+    assert model.sources.tolist() == [] and model.popular.tolist() == [3, 5, 7]
+    items, scores = model.recommend(np.array([[PAD, 5], [PAD, PAD]]), 2)
+    assert items.tolist() == [[3, 7], [3, 5]]
+    assert scores[1].tolist() == pytest.approx([0.5, 0.25])
