@@ -130,13 +130,17 @@ def conflict_neighbours(codes: torch.Tensor, knn: torch.Tensor, knn_cos: torch.T
     return live
 
 
-def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`values` (CPU) on `device`; to CUDA through pinned memory, so the copy is asynchronous
-    and the host can draw the next batch while the device still runs the last step (torch's
-    caching host allocator keeps a pinned block until its copy is done)."""
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
+def to_device(values: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """`values` (CPU) on `device`, or copied into `out` there (a static buffer); to CUDA
+    through pinned memory, so the copy is asynchronous and the host can draw the next batch
+    while the device still runs the last step (torch's caching host allocator keeps a pinned
+    block until its copy is done)."""
+    if device.type == "cuda" and values.device.type == "cpu":
+        values = values.pin_memory()
+    if out is None:
+        return values.to(device, non_blocking=True)
+    return out.copy_(values, non_blocking=True)
 
 
 class BatchSampler:
@@ -225,7 +229,7 @@ class BatchSampler:
         """The batch of a CPU `draw` on the sampler's device: one copy to the device, then
         `assemble`, or, where the pair lists are read, the lists instead of the dense P."""
         device = self.x.device
-        moved = _to_device(drawn, device)
+        moved = to_device(drawn, device)
         # pair lists from the CPU rows for the sparse path (the near-duplicates are CVPM's
         # there), and on the CPU for the dense one too: the mask is built from them there
         if not (self.sparse or device.type == "cpu"):

@@ -20,7 +20,7 @@ import torch
 
 from quasid.core.io import write_atomic
 from quasid.core.schedule import lr_factor, warmup_steps
-from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule
+from quasid.tokenizer.batches import Batch, BatchSampler, ConflictRule, to_device
 from quasid.tokenizer.config import TrainConfig
 from quasid.tokenizer.pairs import PairIndex
 
@@ -244,11 +244,7 @@ class GraphedStep:
             # copy_ would broadcast a smaller draw, or cast another dtype, silently
             raise ValueError(f"GraphedStep: the draw changed from {tuple(self.drawn.shape)} "
                              f"{self.drawn.dtype} to {tuple(drawn.shape)} {drawn.dtype}")
-        if self.drawn.is_cuda and drawn.device.type == "cpu":
-            # through pinned memory: the copy is asynchronous and the host draws the next
-            # batch meanwhile (the caching host allocator keeps the block until it is done)
-            drawn = drawn.pin_memory()
-        self.drawn.copy_(drawn, non_blocking=True)
+        to_device(drawn, self.drawn.device, out=self.drawn)
         self.progress.fill_(progress)
 
     def _capture(self, args: tuple, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
