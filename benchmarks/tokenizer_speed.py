@@ -31,7 +31,6 @@ bandwidth measured here (a large device-to-device copy, bytes read + written / t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import subprocess
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 import quasid
+from quasid.core.hashing import files_digest
 from quasid.core.io import write_text_atomic
 from quasid.tokenizer.batches import BatchSampler
 from quasid.tokenizer.config import TokenizerConfig, tokenizer_config
@@ -229,11 +229,9 @@ def code_version() -> dict:
     # "." is the package folder itself (-C runs git there)
     dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "."],
                            check=False, capture_output=True, text=True).stdout.strip()
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    sources = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
     return {"package": str(folder), "commit": commit, "dirty": bool(dirty),
-            "source_sha256": digest.hexdigest()}
+            "source_sha256": files_digest(folder, sources)}
 
 
 def bandwidth(device: torch.device, nbytes: int = 2 ** 30) -> float:
