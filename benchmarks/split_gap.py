@@ -32,6 +32,7 @@ from quasid.core.recommender import PAD
 from quasid.core.slates import row_isin
 from quasid.data.dataset import load_dataset
 from quasid.data.sequences import loo_requests
+from quasid.data.splits import from_end
 from quasid.evaluation.offline import TRANSITION_HISTORY
 from quasid.stack.metrics import hit_ndcg
 from quasid.stack.transitions import TransitionRecommender
@@ -50,11 +51,11 @@ def protocol(interactions: pl.DataFrame, cold: pl.Series, after: int, fit_drop: 
     `after` positions before their last (0: the last), with the items before it as the
     history; the training part is everything but each user's last `fit_drop` interactions,
     less the `cold` items'."""
-    ranked = interactions.sort(["user_id", "ts", "item_id"]).with_columns(
-        back=pl.len().over("user_id") - pl.int_range(pl.len()).over("user_id") - 1)
-    train = ranked.filter((pl.col("back") >= fit_drop)
-                          & ~pl.col("item_id").is_in(cold.implode())).drop("back")
-    hist, targets = loo_requests(ranked.filter(pl.col("back") >= after).drop("back"),
+    ranked = from_end(interactions)
+    back = pl.col("_from_end")
+    train = ranked.filter((back >= fit_drop)
+                          & ~pl.col("item_id").is_in(cold.implode())).drop("_from_end")
+    hist, targets = loo_requests(ranked.filter(back >= after).drop("_from_end"),
                                  TRANSITION_HISTORY)
     return train, hist, targets
 

@@ -19,8 +19,9 @@ class LeaveOneOut:
     test: pl.DataFrame
 
 
-def _from_end(interactions: pl.DataFrame) -> pl.DataFrame:
-    """Sort by (user, ts, item) and number each user's rows from the end (0 = last)."""
+def from_end(interactions: pl.DataFrame) -> pl.DataFrame:
+    """Sort by (user, ts, item) and number each user's rows from the end (0 = last), in a
+    column `_from_end`."""
     return interactions.sort(["user_id", "ts", "item_id"]).with_columns(
         (pl.len().over("user_id") - pl.int_range(pl.len()).over("user_id") - 1)
         .cast(pl.Int64)
@@ -34,7 +35,7 @@ def leave_one_out(interactions: pl.DataFrame, cold_items: pl.Series | None = Non
     `cold_items` (item ids): their interactions are removed from `train` only, so a cold
     item never has training signal but can still be a validation or test target.
     """
-    ranked = _from_end(interactions)
+    ranked = from_end(interactions)
     train = ranked.filter(pl.col("_from_end") >= 2)
     if cold_items is not None:
         train = train.filter(~pl.col("item_id").is_in(cold_items.implode()))
