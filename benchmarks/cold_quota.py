@@ -53,9 +53,11 @@ def main() -> None:
     for changes in json.loads(args.settings):
         start = time.perf_counter()
         stack.set_config(**{**base.model_dump(), **changes})
-        fit = stack.fit_retrieval_weight(v_hist[valid], v_targets[valid])
+        fit = stack.fit_score_weights(v_hist[valid], v_targets[valid])
         row = {"settings": changes, "retrieval_weight": stack.cfg.retrieval_weight,
-               "weight_fit_ndcg@10": {str(w): v for w, v in fit.items()}}
+               "transition_weight": stack.cfg.transitions.weight,
+               "weight_fit_ndcg@10": [{"retrieval_weight": w, "transition_weight": t, "ndcg@10": v}
+                                      for (w, t), v in fit.items()]}
         for name, idx in (("all", sample), ("cold", cold)):
             slates = stack.recommend(hist[idx], 10)[0]
             m = hit_ndcg(slates, targets[idx])

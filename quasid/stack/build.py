@@ -2,7 +2,8 @@
 
 `train_stack` trains the retriever and the ranker on training interactions (before
 `ds.cutoff_ts` when the dataset has a clock, else the leave-one-out training part, cold
-items dropped) and fits the weight of the retriever's log p in the final score on
+items dropped), counts its transitions (`quasid.stack.transitions.FollowerTable`) and fits
+the weights of the retriever's log p and of the transition log p_T in the final score on
 validation requests. `build_stack` is what the flows and `quasid eval` call: folder in,
 `stack.pt` + `stack.json` out, both or neither.
 """
@@ -26,6 +27,7 @@ from quasid.stack.config import StackConfig, stack_config
 from quasid.stack.ranker import Ranker, train_ranker
 from quasid.stack.retriever import Retriever, train_retriever
 from quasid.stack.serving import Stack
+from quasid.stack.transitions import FollowerTable
 from quasid.stack.trie import SidTrie, full_codes
 
 
@@ -57,9 +59,10 @@ def train_stack(
     """Train the retriever and the ranker on `train` interactions; returns (stack, summary).
 
     `sid_table` must give a SID to exactly the items of `items` (errors name `source`).
-    `valid` = (histories, target ids) of held-out requests: the retrieval weight of the
-    final score is then fitted on them (`Stack.fit_retrieval_weight`), else kept as configured.
-    The summary holds the counts, the per-epoch losses, the fitted weight and the times.
+    `valid` = (histories, target ids) of held-out requests: the retrieval and transition
+    weights of the final score are then fitted on them (`Stack.fit_score_weights`), else
+    kept as configured. The summary holds the counts, the per-epoch losses, the fitted
+    weights and the times.
     """
     item_ids, codes = full_codes(sid_table, source)
     catalog = np.sort(items["item_id"].to_numpy())
@@ -99,11 +102,19 @@ def train_stack(
     timings["ranker_s"] = time.perf_counter() - start
     timings["ranker_cpu_s"] = time.process_time() - cpu  # all threads: robust to a shared box
 
-    stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device)
+    start = time.perf_counter()
+    t = cfg.transitions
+    transitions = FollowerTable.from_interactions(train, rows_of, len(item_ids), t.successors,
+                                                  backoff=t.backoff, decay=t.decay,
+                                                  prior_weight=t.prior)
+    timings["transitions_s"] = time.perf_counter() - start
+    stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device,
+                  transitions)
     weight_fit = bias_fit = None
     if valid is not None:
         start = time.perf_counter()
-        weight_fit = {str(w): v for w, v in stack.fit_retrieval_weight(*valid).items()}
+        weight_fit = [{"retrieval_weight": w, "transition_weight": tw, "ndcg@10": v}
+                      for (w, tw), v in stack.fit_score_weights(*valid).items()]
         sample = sample_windows(*valid, cfg.cold_bias_requests, seed)
         bias_fit = {str(b): v for b, v in stack.fit_cold_bias(*sample).items()}
         timings["weight_fit_s"] = time.perf_counter() - start
@@ -118,6 +129,7 @@ def train_stack(
         "losses": {"retriever": r_hist.losses, "ranker": k_hist.losses},
         "retriever_training": r_hist.summary(),
         "retrieval_weight": stack.cfg.retrieval_weight,
+        "transition_weight": stack.cfg.transitions.weight,
         "weight_fit_ndcg@10": weight_fit,
         "cold_bias": stack.cfg.cold_bias,
         "cold_bias_fit": bias_fit,

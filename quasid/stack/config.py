@@ -69,19 +69,43 @@ class RankerConfig(Config):
     weight_decay: float = 1e-4
 
 
+class TransitionConfig(Config):
+    """The stack's transition counts (`quasid.stack.transitions.FollowerTable`): followers
+    of the newest history items as candidates and log p_T(item | history) as a score feature."""
+
+    candidates: int = 30
+    """Followers (by weighted count) joining the candidates after the beam and the cold
+    quota, before the popularity fill (0: none)."""
+    weight: float = 0.0
+    """p(order) = sigmoid(ranker logit + retrieval_weight * log p + weight * log p_T)."""
+    weight_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    """Weights tried with every `StackConfig.weight_grid` value on validation requests."""
+    successors: int = 50
+    """Followers kept per item (the most frequent; rarer ones count as 0)."""
+    backoff: int = 3
+    """Newest history items whose followers count."""
+    decay: float = 0.5
+    """Weight of the l-th newest item's counts: decay ** l."""
+    prior: float = 1.0
+    """Pseudo-count of the popularity prior mixed into every request's counts."""
+
+
 class StackConfig(Config):
     """Everything that shapes a stack; `overrides` dicts map onto these fields."""
 
     retriever: RetrieverConfig = RetrieverConfig()
     ranker: RankerConfig = RankerConfig()
+    transitions: TransitionConfig = TransitionConfig()
     candidates: int = 100
-    """Candidate set size handed to the ranker (beam, cold quota, then popularity fill)."""
+    """Candidate set size handed to the ranker (beam, cold quota, followers, then popularity fill)."""
     price_alpha: float = 0.0
     """GMV-aware ranking: score = p(order) * price ** price_alpha."""
     retrieval_weight: float = 1.0
-    """p(order) = sigmoid(ranker logit + retrieval_weight * retriever log p(item))."""
+    """p(order) = sigmoid(ranker logit + retrieval_weight * retriever log p(item) + the
+    transition term)."""
     weight_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-    """Weights `fit_retrieval_weight` tries on validation requests."""
+    """Retrieval weights `Stack.fit_score_weights` tries on validation requests (each with
+    every `transitions.weight_grid` value)."""
     exclude_history: bool = False
     """Drop items the user already has from the candidates."""
     cold_candidates: int = 50

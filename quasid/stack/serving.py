@@ -10,17 +10,21 @@ Built from one tokenizer's SID table. Per batch of requests:
    `cold_bias` (fitted on validation requests). The retrieval stage's own top list (the
    "beam" `slates` returns) is the best `beam` of the beam results and these cold items by
    that log p, so the retriever alone reaches cold items too (`cold_in_beam`);
-3. the most popular training items not already proposed fill the candidate set up to
+3. the items that most often followed the newest history items in the training logs join
+   (at most `transitions.candidates`, by weighted count; `quasid.stack.transitions`);
+4. the most popular training items not already proposed fill the candidate set up to
    `candidates` (the fallback when the beam is short, e.g. a tiny catalog);
-4. every candidate is scored, p(order) * price ** price_alpha with p(order) =
-   sigmoid(ranker logit + retrieval_weight * retriever log p), and the best `k` form the slate.
+5. every candidate is scored, p(order) * price ** price_alpha with p(order) =
+   sigmoid(ranker logit + retrieval_weight * retriever log p + transitions.weight * log p_T),
+   p_T the smoothed transition probability given the history, and the best `k` form the slate.
 Everything is batched tensors on one device; item ids are mapped to rows (positions in the
 SID table sorted by item id) on the way in and back on the way out.
 
 `build_stack` trains a stack from a dataset folder and a SID table and saves it;
 `Stack.load` reads it back. Training data: the interactions before `ds.cutoff_ts` when the
 dataset has a cutoff, else the leave-one-out training part (cold items dropped), and then
-the weight of the retriever's log p in the final score is fitted on the validation items.
+the weights of the retriever's log p and of log p_T in the final score are fitted on the
+validation items.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from quasid.stack.config import (
 from quasid.stack.ranker import Ranker, log_gmv_score
 from quasid.stack.retriever import DecoderState, Retriever
 from quasid.stack.training import autocast
+from quasid.stack.transitions import FollowerTable
 from quasid.stack.trie import SidTrie
 
 
@@ -51,8 +56,11 @@ class Stack:
 
     def __init__(self, item_ids: np.ndarray, retriever: Retriever, ranker: Ranker,
                  popularity: np.ndarray, price: np.ndarray, cfg: StackConfig,
-                 tokenizer: str = "sid", device: str = "cpu"):
-        """item_ids: (n_items,) sorted ids (= rows); popularity: training counts; price per row."""
+                 tokenizer: str = "sid", device: str = "cpu",
+                 transitions: FollowerTable | None = None):
+        """item_ids: (n_items,) sorted ids (= rows); popularity: training counts; price per
+        row; transitions: the training logs' follower counts over rows (None: no transition
+        candidates or feature, as in stacks saved before they existed)."""
         self.name = f"sid-stack:{tokenizer}"
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -62,6 +70,7 @@ class Stack:
         self.price = np.array(price, dtype=np.float64)
         self.retriever = retriever.to(self.device).eval()
         self.ranker = ranker.to(self.device).eval()
+        self.transitions = None if transitions is None else transitions.to(self.device)
         self._price = torch.as_tensor(self.price, dtype=torch.float32, device=self.device)
         self._ids = torch.as_tensor(self.item_ids, device=self.device)
         self._rows_of = row_mapper(self.item_ids, "histories")
@@ -78,7 +87,8 @@ class Stack:
         # most popular warm items, enough to fill any candidate set after duplicates
         order = np.argsort(-self.popularity, kind="stable")
         order = order[self.popularity[order] > 0]
-        fill = cfg.candidates + cfg.retriever.beam + cfg.retriever.max_history
+        fill = (cfg.candidates + cfg.retriever.beam + cfg.transitions.candidates
+                + cfg.retriever.max_history)
         self._popular = torch.as_tensor(order[:fill], device=self.device)
         # per prefix node at depth `cold_prefix`: its cold items (padded table) and its size
         trie, cap, depth = self.retriever.trie, self.cfg.cold_candidates, self.cfg.cold_prefix
@@ -117,10 +127,10 @@ class Stack:
         if k > self.n_items:
             raise ValueError(f"k={k}: expected k <= the catalog size ({self.n_items})")
         items, scores, beams = [], [], []
+        weights = (self.cfg.retrieval_weight, self.cfg.transitions.weight)
         for hist in self._batches(histories):
-            beam, cand, logit, log_p = self._score_parts(hist)
-            slate, top = self._select(cand, self._combine(cand, logit, log_p,
-                                                          self.cfg.retrieval_weight), k)
+            beam, cand, logit, log_p, log_t = self._score_parts(hist)
+            slate, top = self._select(cand, self._combine(cand, logit, log_p, log_t, weights), k)
             items.append(slate)
             scores.append(top.exp())  # p(order) * price ** alpha
             beams.append(beam)
@@ -132,13 +142,15 @@ class Stack:
 
     @torch.inference_mode()
     def _score_parts(self, hist: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(beam rows, candidate rows, ranker logits, retriever log p) for a batch of row histories."""
+        """(beam rows, candidate rows, ranker logits, retriever log p, transition log p_T)
+        for a batch of row histories (log p_T all 0 without a follower table)."""
+        followers = None if self.transitions is None else self.transitions.request(hist)
         with autocast(self.device):
             # the decoder after BOS, shared by the beam and the candidates' scores
             start = self.retriever.decoder_start(*self.retriever.encode(hist))
             beam, beam_score = self.retriever.beam_search(hist, self.cfg.retriever.beam,
                                                           start=start)
-            cand = self._candidates(hist, beam)
+            cand = self._candidates(hist, beam, followers)
             logit = self.ranker.logits(hist, cand)
             log_p, prefix = self._retriever_log_p(cand, beam, beam_score, start)
         if self.cfg.cold_candidates > 0:  # cold items: the prefix's log p, spread over its items
@@ -147,7 +159,8 @@ class Stack:
             log_p = torch.where(self.ranker.warm[rows], log_p, region)
             if self.cfg.cold_in_beam:
                 beam = self._merged_beam(beam, cand, log_p)
-        return beam, cand, logit.float(), log_p
+        log_t = torch.zeros_like(log_p) if followers is None else followers.log_p(cand)
+        return beam, cand, logit.float(), log_p, log_t
 
     def _retriever_log_p(self, cand: torch.Tensor, beam: torch.Tensor, beam_score: torch.Tensor,
                          start: DecoderState) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,10 +218,14 @@ class Stack:
         return torch.where(torch.isfinite(top), cand.gather(1, idx), PAD)
 
     def _combine(self, cand: torch.Tensor, logit: torch.Tensor, log_p: torch.Tensor,
-                 weight: float) -> torch.Tensor:
-        """log of the final score p(order) * price ** alpha (-inf at -1 candidates)."""
-        score = log_gmv_score(logit + weight * log_p, self._price[cand.clamp(min=0)],
-                              self.cfg.price_alpha)
+                 log_t: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+        """log of the final score p(order) * price ** alpha (-inf at -1 candidates);
+        weights = (retrieval weight, transition weight)."""
+        retrieval, transition = weights
+        blended = logit + retrieval * log_p
+        if transition:
+            blended = blended + transition * log_t
+        score = log_gmv_score(blended, self._price[cand.clamp(min=0)], self.cfg.price_alpha)
         return torch.where(cand >= 0, score, -math.inf)
 
     def _select(self, cand: torch.Tensor, score: torch.Tensor, k: int
@@ -226,24 +243,28 @@ class Stack:
         order = top.argsort(dim=1, descending=True, stable=True)
         return cand.gather(1, idx.gather(1, order)), top.gather(1, order)
 
-    def fit_retrieval_weight(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
-                             ) -> dict[float, float]:
-        """Set `retrieval_weight` to the grid value with the best NDCG@k on (history, target) requests.
+    def fit_score_weights(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
+                          ) -> dict[tuple[float, float], float]:
+        """Set `retrieval_weight` and `transitions.weight` to the pair of grid values
+        (`weight_grid` x `transitions.weight_grid`; the latter (0,) without a follower
+        table) with the best NDCG@k on (history, target) requests.
 
-        Meant for validation requests (never the test set). Returns {weight: NDCG@k}; ties
-        go to the earlier grid value.
+        Meant for validation requests (never the test set). Returns {(retrieval weight,
+        transition weight): NDCG@k}; ties go to the earlier pair (retrieval-major order).
         """
         from quasid.stack.metrics import hit_ndcg
 
         parts = [self._score_parts(h) for h in self._batches(histories)]
+        transition_grid = (0.0,) if self.transitions is None else self.cfg.transitions.weight_grid
+        pairs = [(w, t) for w in self.cfg.weight_grid for t in transition_grid]
         found = {}
-        for w in self.cfg.weight_grid:
-            slates = torch.cat([self._select(c, self._combine(c, lg, lp, w), k)[0]
-                                for _, c, lg, lp in parts])
+        for pair in pairs:
+            slates = torch.cat([self._select(c, self._combine(c, lg, lp, lt, pair), k)[0]
+                                for _, c, lg, lp, lt in parts])
             ids = torch.where(slates >= 0, self._ids[slates.clamp(min=0)], PAD).cpu().numpy()
-            found[w] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
-        best = max(self.cfg.weight_grid, key=lambda w: found[w])  # max keeps the first of ties
-        self.set_config(retrieval_weight=best)
+            found[pair] = float(hit_ndcg(ids, np.asarray(targets), ks=(k,))[f"ndcg@{k}"].mean())
+        best = max(pairs, key=lambda pair: found[pair])  # max keeps the first of ties
+        self.set_config(retrieval_weight=best[0], transitions={"weight": best[1]})
         return found
 
     def fit_cold_bias(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
@@ -282,15 +303,19 @@ class Stack:
         for s in range(0, len(rows), self.cfg.batch_size):
             yield torch.as_tensor(rows[s:s + self.cfg.batch_size], device=self.device)
 
-    def _candidates(self, hist: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
+    def _candidates(self, hist: torch.Tensor, beam: torch.Tensor, followers=None) -> torch.Tensor:
         """Candidate rows (B, candidates): the beam, then cold items under the beam's SID
-        prefixes (at most `cold_candidates`), then popular items; no repeats, -1 if short."""
+        prefixes (at most `cold_candidates`), then the history's best followers (at most
+        `transitions.candidates`, from `followers` = `FollowerTable.request`), then popular
+        items; no repeats, -1 if short."""
         b, width = beam.shape
         cap = self.cfg.cold_candidates
         parts = [beam]
         if cap > 0:
             cold = self._cold_table[self._node[beam.clamp(min=0)]]  # (B, W, cap)
             parts.append(torch.where((beam >= 0)[..., None], cold, PAD).reshape(b, -1))
+        if followers is not None and self.cfg.transitions.candidates > 0:
+            parts.append(followers.top(self.cfg.transitions.candidates))
         parts.append(self._popular.expand(b, -1))
         pool = torch.cat(parts, dim=1)
         bad = (pool < 0) | _repeats(pool)
@@ -322,6 +347,8 @@ class Stack:
             "retriever": {k: v.cpu() for k, v in self.retriever.state_dict().items()},
             "ranker": {k: v.cpu() for k, v in self.ranker.state_dict().items()},
         }
+        if self.transitions is not None:
+            state["transitions"] = self.transitions.state_dict()
         return write_atomic(path, lambda fh: torch.save(state, fh))
 
     @classmethod
@@ -339,8 +366,10 @@ class Stack:
         retriever.load_state_dict(state["retriever"])
         ranker = Ranker(state["sid"].numpy(), state["warm"].numpy(), cfg.ranker)
         ranker.load_state_dict(state["ranker"])
+        transitions = state.get("transitions")
         return cls(state["item_ids"].numpy(), retriever, ranker, state["popularity"].numpy(),
-                   state["price"].numpy(), cfg, state["tokenizer"], device)
+                   state["price"].numpy(), cfg, state["tokenizer"], device,
+                   None if transitions is None else FollowerTable.from_state_dict(transitions))
 
 
 def _repeats(pool: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,13 @@ def stack(small_world, sids):
     train = leave_one_out(ds.interactions, cold_items=cold).train
     valid = loo_requests(drop_last(ds.interactions), 8)
     built, summary = train_stack(ds.items, sids, train, stack_config(TINY), seed=0, valid=valid)
-    assert summary["retrieval_weight"] in (0.0, 1.0)
-    assert set(summary["weight_fit_ndcg@10"]) == {"0.0", "1.0"}
+    fit = summary["weight_fit_ndcg@10"]
+    pairs = [(f["retrieval_weight"], f["transition_weight"]) for f in fit]
+    # every retrieval weight with every transition weight, and the best pair is kept
+    assert pairs == [(w, t) for w in (0.0, 1.0) for t in built.cfg.transitions.weight_grid]
+    best = max(fit, key=lambda f: f["ndcg@10"])
+    assert (summary["retrieval_weight"], summary["transition_weight"]) == pairs[fit.index(best)]
+    assert (built.cfg.retrieval_weight, built.cfg.transitions.weight) == pairs[fit.index(best)]
     return built
 
 
@@ -109,6 +114,47 @@ def test_candidates_are_beam_then_cold_quota_then_popular_without_repeats(stack,
     assert (max(n_cold) == cap) if cap else max(n_cold) == 0  # the quota is used
 
 
+def test_the_histories_followers_join_after_the_cold_quota_best_first(stack, requests):
+    hist = torch.as_tensor(stack.rows_of(requests[:50]))
+    beam, _ = stack.retriever.beam_search(hist, stack.cfg.retriever.beam)
+    followers = stack.transitions.request(hist)
+    m = stack.cfg.transitions.candidates
+    top = followers.top(m).tolist()
+    cand = stack._candidates(hist, beam, followers)
+    plain = stack._candidates(hist, beam)
+    warm = stack.ranker.warm.numpy()
+    joined = 0
+    for row, base, b, best in zip(cand.tolist(), plain.tolist(), beam.tolist(), top):
+        cold = [r for r in base[len(b):] if not warm[r]]
+        head = len(b) + len(cold)
+        assert row[:head] == base[:head]  # the beam and the cold quota come first, unchanged
+        new = [f for f in best if f >= 0 and f not in row[:head]]
+        assert row[head: head + len(new)] == new[: len(row) - head]  # then the followers
+        joined += len(new)
+    assert joined > 0
+
+
+def test_a_large_transition_weight_ranks_by_transition_probability(stack, requests):
+    saved = {"retrieval_weight": stack.cfg.retrieval_weight, "cold_slots": stack.cfg.cold_slots,
+             "transitions": stack.cfg.transitions.model_dump()}
+    stack.set_config(retrieval_weight=0.0, cold_slots=0, transitions={"weight": 1000.0})
+    try:
+        hist = torch.as_tensor(stack.rows_of(requests[:100]))
+        _, cand, logit, _, log_t = stack._score_parts(hist)
+        items, _ = stack.recommend(requests[:100], 10)
+    finally:
+        stack.set_config(**saved)
+    slate_rows = stack.rows_of(items)
+    for r, row in enumerate(slate_rows):
+        by_row = dict(zip(cand[r].tolist(), log_t[r].tolist()))
+        got = np.array([by_row[x] for x in row])
+        # the ranker's logits move a score by |logit| / 1000 of a log p_T unit at most
+        spread = float(logit[r].abs().max()) / 1000 * 2 + 1e-6
+        assert (np.diff(got) <= spread).all()
+        valid = cand[r] >= 0
+        assert got[0] >= float(log_t[r][valid].max()) - spread
+
+
 def test_exclude_history_keeps_history_items_out_of_the_slate(stack, requests):
     stack.set_config(exclude_history=True)
     try:
@@ -126,6 +172,17 @@ def test_save_load_round_trip_gives_identical_slates(stack, requests, tmp_path):
     items2, scores2 = loaded.recommend(requests, 10)
     assert np.array_equal(items, items2) and np.array_equal(scores, scores2)
     assert loaded.cfg == stack.cfg and loaded.name == stack.name
+    # a stack saved before follower tables existed loads without one: no transition term
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    del state["transitions"]
+    torch.save(state, tmp_path / "old.pt")
+    old = Stack.load(tmp_path / "old.pt")
+    assert old.transitions is None
+    stack.transitions, kept = None, stack.transitions
+    try:
+        assert np.array_equal(old.recommend(requests, 10)[0], stack.recommend(requests, 10)[0])
+    finally:
+        stack.transitions = kept
 
 
 def test_bad_requests_are_refused_with_a_clear_error(stack, requests):
@@ -165,8 +222,9 @@ def test_cold_slots_keep_the_best_cold_candidates_in_the_slate(stack, requests):
     stack.set_config(cold_candidates=6, cold_slots=2)
     try:
         hist = torch.as_tensor(stack.rows_of(requests[:80]))
-        _, cand, logit, log_p = stack._score_parts(hist)
-        score = stack._combine(cand, logit, log_p, stack.cfg.retrieval_weight)
+        _, cand, logit, log_p, log_t = stack._score_parts(hist)
+        score = stack._combine(cand, logit, log_p, log_t,
+                               (stack.cfg.retrieval_weight, stack.cfg.transitions.weight))
         items, scores = stack.recommend(requests[:80], 10)
     finally:
         stack.set_config(**saved)
@@ -212,7 +270,7 @@ def test_cold_bias_is_fitted_on_validation_and_cold_items_reach_the_beam(stack, 
         stack.set_config(cold_in_beam=False)  # the retrieval stage is the beam search itself
         assert np.array_equal(stack.rows_of(stack.slates(hist[:100], 10)[2]), searched)
         stack.set_config(cold_in_beam=True, cold_bias=20.0)  # a large bias: mostly cold items
-        beam_rows, cand, _, log_p = stack._score_parts(rows)
+        beam_rows, cand, _, log_p, _ = stack._score_parts(rows)
         beam_rows, cand, log_p = beam_rows.numpy(), cand.numpy(), log_p.numpy()
         assert (~warm[beam_rows[beam_rows >= 0]]).mean() > 0.5
         for r in range(100):  # the merged list: beam results or cold quota items, by log p

@@ -8,10 +8,12 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from quasid.core.recommender import PAD, Recommender
 from quasid.core.slates import first_unique, row_isin
-from quasid.stack.transitions import TransitionRecommender
+from quasid.data.sequences import row_mapper
+from quasid.stack.transitions import FollowerTable, TransitionRecommender, follower_counts
 
 
 def _logs(seqs: dict[int, list[int]]) -> pl.DataFrame:
@@ -113,3 +115,55 @@ def test_logs_without_transitions_serve_popularity_alone():
     items, scores = model.recommend(np.array([[PAD, 5], [PAD, PAD]]), 2)
     assert items.tolist() == [[3, 7], [3, 5]]
     assert scores[1].tolist() == pytest.approx([0.5, 0.25])
+
+
+def _table(logs: pl.DataFrame, successors: int = 50, backoff: int = 2) -> FollowerTable:
+    # item ids 1..5 are rows 0..4
+    return FollowerTable.from_interactions(logs, row_mapper(np.arange(1, 6), "test"), 5,
+                                           successors, backoff=backoff, decay=0.5, prior_weight=1.0)
+
+
+def test_follower_counts_keep_the_totals_of_truncated_sources():
+    sources, followers, counts, totals = follower_counts(LOGS, successors=1)
+    assert sources.tolist() == [1, 2, 3, 5]
+    assert followers.tolist() == [[2], [3], [5], [1]]
+    assert counts.tolist() == [[3], [2], [1], [1]]
+    assert totals.tolist() == [3, 3, 1, 1]  # 2 -> 4 is cut from the table, not from N(2)
+
+
+def test_transition_probability_of_the_stack_against_hand_counts():
+    table = _table(LOGS)
+    rows = torch.tensor([[PAD, 2, 1]])  # items 3 then 2 (newest): weights 1 (item 2), 0.5 (item 3)
+    req = table.request(rows)
+    # followers: of 2: 3 x2, 4 x1 (N = 3); of 3: 5 x1 (N = 1); popularity 3,3,2,1,2 of 11,
+    # add-one smoothed over 5 items: q = (4, 4, 3, 2, 3) / 16; norm = 3 + 0.5 * 1 + 1 = 4.5
+    q = np.array([4, 4, 3, 2, 3]) / 16
+    expected = (np.array([0, 0, 2, 1, 0.5]) + q) / 4.5
+    got = req.log_p(torch.arange(5)[None]).exp()[0].numpy()
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got.sum() == pytest.approx(1.0, rel=1e-6)  # a distribution when nothing is cut
+    assert req.top(5).tolist() == [[2, 3, 4, PAD, PAD]]  # items 3, 4, 5 by weighted count
+    cut = _table(LOGS, successors=1).request(rows).log_p(torch.arange(5)[None]).exp()[0].numpy()
+    assert cut.sum() == pytest.approx(1 - 1 / 4.5, rel=1e-6)  # 2 -> 4 counts 0, N(2) still 3
+
+
+def test_followers_of_several_history_items_add_up_and_rank_across_levels():
+    table = _table(pl.concat([LOGS, _logs({4: [3, 4]})]))
+    # item 2 (newest): 3 x2, 4 x1; item 3 (weight 0.5): 5 x1, 4 x1 -> 4 counts 1 + 0.5
+    req = table.request(torch.tensor([[2, 1], [PAD, 0], [PAD, PAD]]))
+    counted = req.counted(torch.tensor([[2, 3, 4, PAD], [1, 0, 4, 2], [0, 1, 2, 3]])).tolist()
+    assert counted == [[2.0, 1.5, 0.5, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0] * 4]
+    assert req.top(2).tolist() == [[2, 3], [1, PAD], [PAD, PAD]]
+    # an empty history: only the prior, which sums to 1 over the catalog
+    assert req.log_p(torch.arange(5).expand(3, -1)).exp()[2].sum().item() == pytest.approx(1.0)
+
+
+def test_follower_table_round_trips_and_refuses_bad_settings():
+    table = _table(LOGS)
+    back = FollowerTable.from_state_dict(table.state_dict())
+    rows = torch.tensor([[PAD, 2, 1], [0, 4, 3]])
+    cand = torch.arange(5).expand(2, -1)
+    assert torch.equal(back.request(rows).log_p(cand), table.request(rows).log_p(cand))
+    assert (back.backoff, back.decay, back.prior_weight) == (2, 0.5, 1.0)
+    with pytest.raises(ValueError, match="decay"):
+        FollowerTable(table.followers, table.counts, table.totals, table.prior, decay=0.0)
