@@ -1,8 +1,9 @@
-"""The stack's cold-start quota, measured on one trained stack (inference only, CPU is enough).
+"""The stack's serving settings (first: its cold-start quota), measured on one trained stack
+(inference only, CPU is enough).
 
 Loads a saved stack (e.g. the Beauty rqvae seed-0 stack the offline benchmark exports),
 then for each setting (`set_config` changes: `cold_candidates`, `cold_prefix`, `cold_slots`,
-`candidates`, ...): refits the retrieval weight on
+`candidates`, `transitions`' grid, ...): refits the retrieval and transition weights on
 a sample of validation requests (each user's second-to-last item) and scores a sample of
 test requests: overall, and every request whose target is a cold item (capped).
 
