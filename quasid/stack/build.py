@@ -104,7 +104,7 @@ def train_stack(
 
     start = time.perf_counter()
     t = cfg.transitions
-    transitions = FollowerTable.from_interactions(train, rows_of, len(item_ids), t.successors,
+    transitions = FollowerTable.from_interactions(train, rows_of, popularity, t.successors,
                                                   backoff=t.backoff, decay=t.decay,
                                                   prior_weight=t.prior)
     timings["transitions_s"] = time.perf_counter() - start

@@ -55,9 +55,9 @@ class TransitionRecommender:
     def fit(cls, train: pl.DataFrame, successors: int = 50, backoff: int = 3
             ) -> TransitionRecommender:
         """Count `train`'s (user_id, item_id, ts) transitions; keep `successors` per item."""
-        sources, followers, counts, totals = follower_counts(train, successors)
+        sources, followers, follower_n, totals = follower_counts(train, successors)
         # in float64 then rounded, as polars' share was
-        shares = (counts.astype(np.float64) / totals[:, None]).astype(np.float32)
+        shares = (follower_n.astype(np.float64) / totals[:, None]).astype(np.float32)
         counts = (train.group_by("item_id").len("count")
                   .sort(["count", "item_id"], descending=[True, False]))
         popular = counts["item_id"].to_numpy().astype(np.int64)
@@ -132,8 +132,9 @@ def follower_counts(train: pl.DataFrame, successors: int = 50
         .group_by("src", maintain_order=True).head(successors)
         .with_columns(slot=pl.int_range(pl.len()).over("src"))
     )
-    sources, first = np.unique(pairs["src"].to_numpy().astype(np.int64), return_index=True)
-    row = np.searchsorted(sources, pairs["src"].to_numpy())
+    src = pairs["src"].to_numpy().astype(np.int64)
+    sources, first = np.unique(src, return_index=True)
+    row = np.searchsorted(sources, src)
     slot = pairs["slot"].to_numpy()
     followers = np.full((len(sources), successors), PAD, dtype=np.int64)
     counts = np.zeros((len(sources), successors), dtype=np.float32)
@@ -171,9 +172,11 @@ class FollowerTable:
         self.backoff, self.decay, self.prior_weight = backoff, decay, prior_weight
 
     @classmethod
-    def from_interactions(cls, train: pl.DataFrame, rows_of, n_items: int, successors: int = 50,
-                          **kwargs) -> FollowerTable:
-        """Count `train`'s transitions; `rows_of` maps item ids to the stack's rows."""
+    def from_interactions(cls, train: pl.DataFrame, rows_of, popularity: np.ndarray,
+                          successors: int = 50, **kwargs) -> FollowerTable:
+        """Count `train`'s transitions; `rows_of` maps item ids to the stack's rows,
+        `popularity` (n_items,) is `train`'s interaction count per row."""
+        n_items = len(popularity)
         sources, followers, counts, totals = follower_counts(train, successors)
         table = np.full((n_items, successors), PAD, dtype=np.int64)
         table_counts = np.zeros((n_items, successors), dtype=np.float32)
@@ -182,7 +185,6 @@ class FollowerTable:
             src = rows_of(sources)
             table[src] = rows_of(followers)
             table_counts[src], table_totals[src] = counts, totals
-        popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=n_items)
         prior = (popularity + 1) / (popularity.sum() + n_items)
         return cls(torch.as_tensor(table), torch.as_tensor(table_counts),
                    torch.as_tensor(table_totals), torch.as_tensor(prior), **kwargs)

@@ -119,8 +119,10 @@ def test_logs_without_transitions_serve_popularity_alone():
 
 def _table(logs: pl.DataFrame, successors: int = 50, backoff: int = 2) -> FollowerTable:
     # item ids 1..5 are rows 0..4
-    return FollowerTable.from_interactions(logs, row_mapper(np.arange(1, 6), "test"), 5,
-                                           successors, backoff=backoff, decay=0.5, prior_weight=1.0)
+    rows_of = row_mapper(np.arange(1, 6), "test")
+    popularity = np.bincount(rows_of(logs["item_id"].to_numpy()), minlength=5)
+    return FollowerTable.from_interactions(logs, rows_of, popularity, successors,
+                                           backoff=backoff, decay=0.5, prior_weight=1.0)
 
 
 def test_follower_counts_keep_the_totals_of_truncated_sources():
