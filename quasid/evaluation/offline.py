@@ -17,7 +17,10 @@ go in parallel processes sharing one GPU (`jobs`).
 The tokenizer name "sasrec" runs the ID-based SASRec baseline instead (`quasid.stack.sasrec`:
 no tokenizer, no stack; its settings are `sasrec_overrides`), trained on the same training
 part, early-stopped on the same validation requests and scored by the same code; being one
-model, its slates fill both the stack and the retrieval entries. The name "transition" runs
+model, its slates fill both the stack and the retrieval entries. The name
+"sasrec+transitions" is that SASRec with the stack's transition counts blended into its
+score (`SasrecConfig.transitions`: the stack config's `transitions` settings, its weight
+fitted on the same validation requests), the fair opponent of a stack that uses them. The name "transition" runs
 the model-free first-order transition baseline (`quasid.stack.transitions`: the last items'
 most frequent followers in the same training part, then popularity) the same way: the floor
 of the tables; it is deterministic, so its seeds repeat one figure (std 0).
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from quasid.core.config import ConfigError
 from quasid.core.io import staged_dir, write_text_atomic
 from quasid.core.layout import RUN_METRICS_FILE, SASREC_FILE, TOKENIZER_SETTINGS_FILE
 from quasid.core.schemas import SID_TABLE, read_parquet
@@ -46,6 +50,9 @@ METRICS = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS)
 SEGMENTS = ("all", "cold")
 SASREC = "sasrec"
 """The tokenizer name that runs the SASRec baseline (`quasid.stack.sasrec.NAME`)."""
+SASREC_TRANSITIONS = "sasrec+transitions"
+"""The tokenizer name of SASRec with transition counts (`quasid.stack.sasrec.TRANSITIONS_NAME`)."""
+SASRECS = (SASREC, SASREC_TRANSITIONS)
 TRANSITION = "transition"
 """The tokenizer name that runs the transition baseline (`quasid.stack.transitions.NAME`)."""
 TRANSITION_HISTORY = 50
@@ -161,7 +168,9 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
     metrics raises `FileNotFoundError`. `progress`: log the stack's epochs to stderr.
     Tokenizer "sasrec": the SASRec baseline with `sasrec_overrides`
     (`quasid.stack.sasrec.SasrecConfig` fields; the stack and tokenizer settings do not apply
-    and are not recorded), saved as `run_dir/sasrec.pt`.
+    and are not recorded), saved as `run_dir/sasrec.pt`. "sasrec+transitions": the same with
+    the `transitions` settings of the stack config `overrides` (recorded) as its
+    `SasrecConfig.transitions`.
     """
     import torch
 
@@ -174,7 +183,8 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     settings = {"data": str(data_dir), "tokenizer": tokenizer, "seed": seed,
-                **(sasrec_settings(sasrec_overrides, split) if tokenizer == SASREC else
+                **(sasrec_settings(sasrec_overrides, split, tokenizer, overrides)
+                   if tokenizer in SASRECS else
                    {"split": split} if tokenizer == TRANSITION else
                    eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split))}
     metrics_path = run_dir / RUN_METRICS_FILE
@@ -184,7 +194,7 @@ def eval_run(data_dir: str | Path, tokenizer: str, seed: int, run_dir: str | Pat
             return cached
     if reuse_only:
         raise FileNotFoundError(f"{metrics_path}: no finished run with these settings")
-    if tokenizer == SASREC:
+    if tokenizer in SASRECS:
         return _sasrec_run(data_dir, seed, run_dir, settings, device=device, save_model=save_stack,
                            progress=progress)
     if tokenizer == TRANSITION:
@@ -232,7 +242,8 @@ def _sasrec_run(data_dir: str | Path, seed: int, run_dir: Path, settings: dict, 
     scoring as a stack run; writes and returns `run_dir/metrics.json`'s content."""
     from quasid.stack.sasrec import sasrec_config, train_sasrec
 
-    cfg = sasrec_config(settings["sasrec_overrides"])
+    cfg = sasrec_config({**settings["sasrec_overrides"],
+                         "transitions": settings.get("transitions")})
 
     def fit(ds, train: pl.DataFrame):
         valid = validation_requests(ds.interactions, cfg.max_history)
@@ -406,7 +417,7 @@ def offline_eval(
                             {"threads": threads, **kwargs}) for tok, s in tasks}
         run_parallel(eval_run, calls, jobs, device, report=record, started=started)
     settings = eval_settings(overrides, tokenizer_epochs, tokenizer_overrides, split)
-    if SASREC in tokenizers:
+    if any(tok in SASRECS for tok in tokenizers):
         settings["sasrec_overrides"] = sasrec_overrides or {}
     return write_results(out_dir, data_dir, tasks, done, failed, seeds, device, settings)
 
@@ -426,9 +437,19 @@ def eval_settings(overrides: dict | None, tokenizer_epochs: int | None,
             "tokenizer_overrides": tokenizer_overrides or {}, "split": split}
 
 
-def sasrec_settings(sasrec_overrides: dict | None, split: str = "test") -> dict:
-    """The settings a SASRec run records (None overrides as {})."""
-    return {"sasrec_overrides": sasrec_overrides or {}, "split": split}
+def sasrec_settings(sasrec_overrides: dict | None, split: str = "test", tokenizer: str = SASREC,
+                    overrides: dict | None = None) -> dict:
+    """The settings a SASRec run records (None overrides as {}); "sasrec+transitions" adds
+    the full `transitions` settings of the stack config `overrides`."""
+    if "transitions" in (sasrec_overrides or {}):
+        raise ConfigError("sasrec_overrides.transitions: not a SASRec override (the tokenizer "
+                          f"name {SASREC_TRANSITIONS!r} takes the stack overrides' transitions)")
+    settings = {"sasrec_overrides": sasrec_overrides or {}, "split": split}
+    if tokenizer == SASREC_TRANSITIONS:
+        from quasid.stack.config import stack_config
+
+        settings["transitions"] = stack_config(overrides).transitions.model_dump()
+    return settings
 
 
 def write_results(out_dir: str | Path, data_dir: str | Path, tasks: list[tuple[str, int]],

@@ -103,10 +103,7 @@ def train_stack(
     timings["ranker_cpu_s"] = time.process_time() - cpu  # all threads: robust to a shared box
 
     start = time.perf_counter()
-    t = cfg.transitions
-    transitions = FollowerTable.from_interactions(train, rows_of, popularity, t.successors,
-                                                  backoff=t.backoff, decay=t.decay,
-                                                  prior_weight=t.prior)
+    transitions = FollowerTable.from_config(train, rows_of, popularity, cfg.transitions)
     timings["transitions_s"] = time.perf_counter() - start
     stack = Stack(item_ids, retriever, ranker, popularity, price, cfg, tokenizer, device,
                   transitions)

@@ -26,6 +26,13 @@ the state at position t scores every item as <h_t, e_item> for the item at t + 1
 `SasrecRecommender` serves it (`quasid.core.recommender.Recommender`: item ids in, the top
 `k` items by score out, their logits as scores), saves and loads like
 `quasid.stack.serving.Stack`; `train_sasrec` trains one from training interactions.
+
+**With transition counts** (`SasrecConfig.transitions` set; the offline benchmark's name
+`sasrec+transitions`): the score of item b is logit_b + v * log p_T(b | history), with
+p_T the SID stack's smoothed back-off transition probability
+(`quasid.stack.transitions.FollowerTable`, the same counts on the same training part) and v
+fitted over `transitions.weight_grid` on the validation requests by NDCG@10, as the stack
+fits its own. The fair opponent of a stack that blends the same counts.
 """
 
 from __future__ import annotations
@@ -50,11 +57,16 @@ from quasid.core.recommender import PAD
 from quasid.core.schedule import lr_factor
 from quasid.core.schemas import ContractError
 from quasid.data.sequences import row_mapper, sample_windows, sequence_windows
+from quasid.stack.config import TransitionConfig
+from quasid.stack.metrics import hit_ndcg
 from quasid.stack.retriever import feed_forward
 from quasid.stack.training import History, autocast, train_epochs
+from quasid.stack.transitions import FollowerTable
 
 NAME = "sasrec"
 """The recommender's name, and the "tokenizer" name that selects it in the offline benchmark."""
+TRANSITIONS_NAME = "sasrec+transitions"
+"""The name of SASRec blended with transition counts (`SasrecConfig.transitions` set)."""
 
 INIT_STD = 0.02
 """Standard deviation of the item and position embeddings at initialization."""
@@ -98,6 +110,10 @@ class SasrecConfig(Config):
     """Never recommend an item already in the request's history (off, like the SID stack)."""
     serve_batch: int = 1024
     """Requests per device batch when scoring."""
+    transitions: TransitionConfig | None = None
+    """Transition counts blended into the score (logit + `transitions.weight` * log p_T, the
+    weight fitted over `transitions.weight_grid` on validation requests); `candidates` does
+    not apply, since every item is scored. None: plain SASRec."""
 
     @model_validator(mode="after")
     def _valid(self) -> SasrecConfig:
@@ -213,10 +229,16 @@ class Sasrec(nn.Module):
         with torch.autocast(states.device.type, enabled=False):
             return F.linear(states.float(), self.item_emb.weight[: self.n_items].float())
 
-    def top_k(self, histories: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows (B, k), logits (B, k)) of the best items, best first; with `exclude_history`
-        the items of the history are left out."""
+    def top_k(self, histories: torch.Tensor, k: int, extra: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows (B, k), scores (B, k)) of the best items by logit (plus `extra` (B, n_items)
+        when given), best first; with `exclude_history` the items of the history are left out."""
         scores = self.scores(histories)
+        return self.select(scores if extra is None else scores + extra, histories, k)
+
+    def select(self, scores: torch.Tensor, histories: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`top_k` of given scores (B, n_items) of the requests `histories` (B, H)."""
         if self.cfg.exclude_history:
             # PAD goes to an extra column that is dropped again, so it hides no real item
             col = torch.where(histories >= 0, histories, self.n_items)
@@ -345,9 +367,15 @@ def hit_rate(model: Sasrec, histories: np.ndarray, targets: np.ndarray, k: int =
 class SasrecRecommender:
     """A trained SASRec behind the `quasid.core.recommender.Recommender` interface."""
 
-    def __init__(self, item_ids: np.ndarray, model: Sasrec, device: str = "cpu"):
-        """item_ids: (n_items,) sorted item ids; row r of the model is item_ids[r]."""
-        self.name = NAME
+    def __init__(self, item_ids: np.ndarray, model: Sasrec, device: str = "cpu",
+                 transitions: FollowerTable | None = None):
+        """item_ids: (n_items,) sorted item ids; row r of the model is item_ids[r];
+        transitions: the training logs' follower counts over the same rows (needed when
+        `model.cfg.transitions` is set, and only then)."""
+        if (transitions is None) != (model.cfg.transitions is None):
+            raise ValueError("SasrecRecommender: expected a FollowerTable exactly when the "
+                             f"config's transitions are set (transitions={model.cfg.transitions})")
+        self.name = NAME if transitions is None else TRANSITIONS_NAME
         self.item_ids = np.array(item_ids, dtype=np.int64)
         if len(self.item_ids) != model.n_items or (np.diff(self.item_ids) <= 0).any():
             raise ValueError(f"item_ids: expected {model.n_items} strictly increasing ids (the "
@@ -355,6 +383,7 @@ class SasrecRecommender:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
+        self.transitions = None if transitions is None else transitions.to(self.device)
         self._ids = torch.as_tensor(self.item_ids, device=self.device)
         self._rows_of = row_mapper(self.item_ids, "histories")
 
@@ -378,12 +407,11 @@ class SasrecRecommender:
             raise ValueError(f"histories: expected an (n, H) matrix, got shape {histories.shape}")
         if not 1 <= k <= self.n_items:
             raise ValueError(f"k={k}: expected 1 <= k <= the catalog size ({self.n_items})")
-        rows = self.rows_of(histories[:, -self.cfg.max_history:])
         items, scores = [], []
-        for s in range(0, len(rows), self.cfg.serve_batch):
-            hist = torch.as_tensor(rows[s:s + self.cfg.serve_batch], device=self.device)
+        weight = 0.0 if self.transitions is None else self.cfg.transitions.weight
+        for hist, log_t in self._batches(histories):
             with autocast(self.device):
-                top, score = self.model.top_k(hist, k)
+                top, score = self.model.top_k(hist, k, None if log_t is None else weight * log_t)
             items.append(self._ids[top])
             scores.append(score)
         if not items:
@@ -391,8 +419,45 @@ class SasrecRecommender:
         return (torch.cat(items).cpu().numpy().astype(np.int64),
                 torch.cat(scores).float().cpu().numpy().astype(np.float32))
 
+    def _batches(self, histories: np.ndarray):
+        """(row histories (b, H) on the device, log p_T of every item (b, n_items) or None
+        without counts) per `serve_batch` requests of id histories (n, H)."""
+        rows = self.rows_of(histories[:, -self.cfg.max_history:])
+        # the counts look at the newest items only, which the truncation above keeps
+        for s in range(0, len(rows), self.cfg.serve_batch):
+            hist = torch.as_tensor(rows[s:s + self.cfg.serve_batch], device=self.device)
+            log_t = (None if self.transitions is None
+                     else self.transitions.request(hist).log_p_all(self.n_items))
+            yield hist, log_t
+
+    @torch.inference_mode()
+    def fit_transition_weight(self, histories: np.ndarray, targets: np.ndarray, k: int = 10
+                              ) -> dict[float, float]:
+        """Set `transitions.weight` to the `transitions.weight_grid` value with the best
+        NDCG@k on (history ids, target ids) requests (validation, never test); returns
+        {weight: NDCG@k}, ties to the earlier value. Each batch is scored once for all values."""
+        if self.transitions is None:
+            raise ValueError("fit_transition_weight: this SASRec has no transition counts "
+                             "(SasrecConfig.transitions is None)")
+        histories = np.asarray(histories, dtype=np.int64)
+        grid = self.cfg.transitions.weight_grid
+        ranked: dict[float, list[torch.Tensor]] = {w: [] for w in grid}
+        for hist, log_t in self._batches(histories):
+            with autocast(self.device):
+                logits = self.model.scores(hist)
+            for w in grid:  # the ranking `recommend` serves with weight w
+                ranked[w].append(self.model.select(logits + w * log_t, hist, k)[0])
+        targets = np.asarray(targets)
+        found = {w: float(hit_ndcg(self.item_ids[torch.cat(r).cpu().numpy()], targets, ks=(k,))
+                          [f"ndcg@{k}"].mean()) for w, r in ranked.items()}
+        best = max(grid, key=lambda w: found[w])  # max keeps the first of ties
+        self.cfg = merge(self.cfg, {"transitions": {"weight": best}}, "fit_transition_weight")
+        self.model.cfg = self.cfg
+        return found
+
     def save(self, path: str | Path) -> Path:
-        """Write the model to one file (config, item table, warm flags, weights), atomically."""
+        """Write the model to one file (config, item table, warm flags, weights, transition
+        counts when present), atomically."""
         state = {
             "format": 1,
             "name": NAME,
@@ -401,6 +466,8 @@ class SasrecRecommender:
             "warm": self.model.warm.cpu(),
             "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
         }
+        if self.transitions is not None:
+            state["transitions"] = self.transitions.state_dict()
         return write_atomic(Path(path), lambda fh: torch.save(state, fh))
 
     @classmethod
@@ -417,7 +484,9 @@ class SasrecRecommender:
         item_ids = state["item_ids"].numpy()
         model = Sasrec(len(item_ids), state["warm"].numpy(), cfg)
         model.load_state_dict(state["model"])
-        return cls(item_ids, model, device)
+        transitions = state.get("transitions")
+        return cls(item_ids, model, device,
+                   None if transitions is None else FollowerTable.from_state_dict(transitions))
 
 
 def train_sasrec(
@@ -433,9 +502,11 @@ def train_sasrec(
     """Train SASRec over the catalog `items` on `train` interactions: (recommender, summary).
 
     `valid` = (history ids, target ids) of validation requests, for early stopping (needed
-    when `cfg.patience` is set). `progress`: log each epoch to stderr, as `train_stack` does.
-    The summary holds the config, the counts, the training history and the time. Same seed,
-    same data: the same weights.
+    when `cfg.patience` is set) and, with `cfg.transitions`, the transition weight's fit
+    (`SasrecRecommender.fit_transition_weight`; without `valid` the configured weight stays).
+    `progress`: log each epoch to stderr, as `train_stack` does. The summary holds the config
+    (the fitted weight in it), the counts, the training history, the weight fit and the times.
+    Same seed, same data: the same weights.
     """
     from quasid.stack.build import _epoch_logger
     item_ids = np.sort(items["item_id"].to_numpy().astype(np.int64))
@@ -452,15 +523,30 @@ def train_sasrec(
     valid_rows = None if valid is None else (rows_of(valid[0]), rows_of(valid[1]))
     history = fit_sasrec(model, inputs, targets, seed=seed, valid=valid_rows,
                          progress=_epoch_logger(NAME, cfg.epochs, progress))
+    timings = {"train_s": round(time.perf_counter() - start, 2)}
+    transitions = weight_fit = None
+    if cfg.transitions is not None:
+        start = time.perf_counter()
+        popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
+        transitions = FollowerTable.from_config(train, rows_of, popularity, cfg.transitions)
+    recommender = SasrecRecommender(item_ids, model, device, transitions)
+    if transitions is not None and valid is not None:
+        weight_fit = [{"transition_weight": w, "ndcg@10": v}
+                      for w, v in recommender.fit_transition_weight(*valid).items()]
+    if transitions is not None:
+        timings["transitions_s"] = round(time.perf_counter() - start, 2)
     summary = {
-        "model": NAME,
+        "model": recommender.name,
         "seed": seed,
         "device": str(device),
-        "config": cfg.model_dump(),
+        "config": recommender.cfg.model_dump(),
         "counts": {"items": len(item_ids), "warm_items": int(warm.sum()),
                    "train_interactions": train.height, "sequences": len(inputs),
                    "train_positions": int((targets >= 0).sum())},
         "training": history.summary(),
-        "timings": {"train_s": round(time.perf_counter() - start, 2)},
+        "timings": timings,
     }
-    return SasrecRecommender(item_ids, model, device), summary
+    if cfg.transitions is not None:
+        summary["transition_weight"] = recommender.cfg.transitions.weight
+        summary["weight_fit_ndcg@10"] = weight_fit
+    return recommender, summary

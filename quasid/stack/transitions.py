@@ -189,6 +189,14 @@ class FollowerTable:
         return cls(torch.as_tensor(table), torch.as_tensor(table_counts),
                    torch.as_tensor(table_totals), torch.as_tensor(prior), **kwargs)
 
+    @classmethod
+    def from_config(cls, train: pl.DataFrame, rows_of, popularity: np.ndarray, cfg
+                    ) -> FollowerTable:
+        """`from_interactions` with the counting settings of a
+        `quasid.stack.config.TransitionConfig` (successors, backoff, decay, prior)."""
+        return cls.from_interactions(train, rows_of, popularity, cfg.successors,
+                                     backoff=cfg.backoff, decay=cfg.decay, prior_weight=cfg.prior)
+
     def to(self, device) -> FollowerTable:
         """This table on `device`."""
         return FollowerTable(*(t.to(device) for t in (self.followers, self.counts, self.totals,
@@ -246,6 +254,17 @@ class RequestFollowers:
         table = self.table
         prior = table.prior_weight * table.prior[rows.clamp(min=0)]
         return torch.log(self.counted(rows) + prior) - self.log_norm[:, None]
+
+    def log_p_all(self, n_items: int) -> torch.Tensor:
+        """log p_T(b | history) of every item row b: (B, n_items), what `log_p` gives for
+        rows 0 .. n_items - 1, by one scatter of the followers' counts (no search)."""
+        table = self.table
+        weight = self.cumulative.diff(dim=1)  # each sorted follower's weighted count
+        slot = torch.where(self.follow >= 0, self.follow, n_items)  # PAD: an extra column
+        counted = torch.zeros(len(slot), n_items + 1, dtype=weight.dtype, device=weight.device)
+        counted = counted.scatter_add_(1, slot, weight)[:, :n_items]
+        prior = table.prior_weight * table.prior[:n_items]
+        return torch.log(counted + prior) - self.log_norm[:, None]
 
     def top(self, m: int) -> torch.Tensor:
         """The `m` followers with the largest weighted counts per request (B, m), distinct,

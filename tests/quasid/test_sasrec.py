@@ -17,8 +17,10 @@ from quasid.core.recommender import PAD, Recommender
 from quasid.core.schemas import ContractError
 from quasid.data.sequences import drop_last, loo_requests, row_mapper
 from quasid.stack.metrics import hit_ndcg
+from quasid.stack.config import TransitionConfig
 from quasid.stack.sasrec import (
     NAME,
+    TRANSITIONS_NAME,
     Sasrec,
     SasrecConfig,
     SasrecRecommender,
@@ -28,6 +30,7 @@ from quasid.stack.sasrec import (
     train_sasrec,
     training_sequences,
 )
+from quasid.stack.transitions import FollowerTable
 from tests.quasid.sid_testing import one_thread  # noqa: F401 (autouse fixture)
 
 SMALL = SasrecConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0, max_history=6,
@@ -192,6 +195,47 @@ def test_recommend_matches_brute_force_scoring_with_distinct_valid_ids(tmp_path)
         rec.recommend(hist, 13)
 
 
+def _rule_table(log: pl.DataFrame, ids: np.ndarray) -> FollowerTable:
+    rows_of = row_mapper(ids, "log")
+    popularity = np.bincount(rows_of(log["item_id"].to_numpy()), minlength=len(ids))
+    return FollowerTable.from_config(log, rows_of, popularity, TransitionConfig())
+
+
+def test_transition_counts_blend_into_the_score_and_their_weight_is_fitted(tmp_path):
+    log, ids, perm = _rule_log()
+    table = _rule_table(log, ids)
+    cfg = {"transitions": TransitionConfig(weight_grid=(0.0, 1.0, 100.0), weight=1.0)}
+    rec = SasrecRecommender(ids, _random_model(len(ids), **cfg), transitions=table)
+    assert rec.name == TRANSITIONS_NAME
+    hist, targets = _probe(ids, perm)
+    items, scores = rec.recommend(hist, 5)
+    # brute force: each request's logits over every item plus 1 * log p_T of every item
+    rows = torch.as_tensor(rec.rows_of(hist))
+    with torch.no_grad():
+        logits = rec.model.scores(rows)
+    log_t = table.request(rows).log_p(torch.arange(len(ids)).expand(len(rows), -1))
+    brute = (logits + log_t).numpy()
+    order = np.argsort(-brute, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(items, ids[order])
+    assert np.allclose(scores, np.take_along_axis(brute, order, axis=1), atol=1e-5)
+
+    # an untrained SASRec ranks at random; the counts know the rule: the fit takes the top weight
+    found = rec.fit_transition_weight(hist, targets)
+    assert list(found) == [0.0, 1.0, 100.0] and rec.cfg.transitions.weight == 100.0
+    assert found[100.0] == 1.0 > found[0.0]  # every successor first once the counts dominate
+    for w, ndcg in found.items():  # each figure is what serving with that weight scores
+        served = SasrecRecommender(ids, _random_model(len(ids), transitions=TransitionConfig(
+            weight=w)), transitions=table).recommend(hist, 10)[0]
+        assert math.isclose(ndcg, hit_ndcg(served, targets)["ndcg@10"].mean())
+    again = SasrecRecommender.load(rec.save(tmp_path / "blend.pt"))
+    assert again.cfg.transitions.weight == 100.0 and np.array_equal(
+        again.recommend(hist, 5)[0], rec.recommend(hist, 5)[0])
+    with pytest.raises(ValueError, match="FollowerTable exactly when"):
+        SasrecRecommender(ids, _random_model(len(ids), **cfg))
+    with pytest.raises(ValueError, match="no transition counts"):
+        SasrecRecommender(ids, _random_model(len(ids))).fit_transition_weight(hist, targets)
+
+
 # the sampled loss learns slower; its misses are mostly the cold items, whose logit stays
 # near 0 (p = 0.5 under its binary loss) while the targets' rise above it
 @pytest.mark.parametrize(("loss", "epochs", "hr1"), [("full", 12, 0.95), ("sampled", 30, 0.9)])
@@ -294,6 +338,28 @@ def test_sasrec_in_the_offline_benchmark_fills_both_tables(tiny_world, tmp_path)
     with pytest.raises(RuntimeError, match="sasrec/seed0"):  # other settings: never reused
         offline_eval(tiny_world, ["sasrec"], 1, out, sasrec_overrides={**TINY, "epochs": 2},
                      reuse_only=True, progress=False)
+
+
+def test_sasrec_with_transitions_in_the_offline_benchmark_fits_its_weight(tiny_world, tmp_path):
+    from quasid.evaluation.offline import SASREC_TRANSITIONS, eval_run, sasrec_settings
+
+    assert SASREC_TRANSITIONS == TRANSITIONS_NAME
+    overrides = {"transitions": {"weight_grid": [0.0, 2.0]}}
+    run = eval_run(tiny_world, TRANSITIONS_NAME, 0, tmp_path / "run", sasrec_overrides=TINY,
+                   overrides=overrides)
+    assert run["settings"]["transitions"] == TransitionConfig(weight_grid=(0.0, 2.0)).model_dump()
+    summary = run["summary"]
+    assert summary["model"] == TRANSITIONS_NAME
+    assert [f["transition_weight"] for f in summary["weight_fit_ndcg@10"]] == [0.0, 2.0]
+    best = max(summary["weight_fit_ndcg@10"], key=lambda f: f["ndcg@10"])["transition_weight"]
+    assert summary["transition_weight"] == best == summary["config"]["transitions"]["weight"]
+    model = SasrecRecommender.load(tmp_path / "run" / "sasrec.pt")
+    assert model.transitions is not None and model.cfg.transitions.weight == best
+    plain = eval_run(tiny_world, NAME, 0, tmp_path / "plain", sasrec_overrides=TINY,
+                     overrides=overrides, save_stack=False)
+    assert "transitions" not in plain["settings"] and "transition_weight" not in plain["summary"]
+    with pytest.raises(ConfigError, match="sasrec_overrides.transitions"):
+        sasrec_settings({"transitions": {}})
 
 
 def test_the_tuning_script_scores_every_point_on_the_validation_split(tiny_world, tmp_path,

@@ -144,6 +144,7 @@ def test_transition_probability_of_the_stack_against_hand_counts():
     got = req.log_p(torch.arange(5)[None]).exp()[0].numpy()
     assert got == pytest.approx(expected, rel=1e-6)
     assert got.sum() == pytest.approx(1.0, rel=1e-6)  # a distribution when nothing is cut
+    assert req.log_p_all(5).exp()[0].numpy() == pytest.approx(expected, rel=1e-6)
     assert req.top(5).tolist() == [[2, 3, 4, PAD, PAD]]  # items 3, 4, 5 by weighted count
     cut = _table(LOGS, successors=1).request(rows).log_p(torch.arange(5)[None]).exp()[0].numpy()
     assert cut.sum() == pytest.approx(1 - 1 / 4.5, rel=1e-6)  # 2 -> 4 counts 0, N(2) still 3
@@ -158,6 +159,15 @@ def test_followers_of_several_history_items_add_up_and_rank_across_levels():
     assert req.top(2).tolist() == [[2, 3], [1, PAD], [PAD, PAD]]
     # an empty history: only the prior, which sums to 1 over the catalog
     assert req.log_p(torch.arange(5).expand(3, -1)).exp()[2].sum().item() == pytest.approx(1.0)
+
+
+def test_every_items_log_p_by_scatter_equals_the_searched_one():
+    table = _table(pl.concat([LOGS, _logs({4: [3, 4, 2, 4]})]), backoff=3)
+    rows = torch.tensor([[2, 1, 0], [PAD, 4, 1], [PAD, PAD, PAD], [3, 3, 3]])
+    req = table.request(rows)
+    dense = req.log_p_all(5)
+    assert dense.shape == (4, 5) and torch.isfinite(dense).all()
+    assert torch.allclose(dense, req.log_p(torch.arange(5).expand(4, -1)), atol=1e-6)
 
 
 def test_follower_table_round_trips_and_refuses_bad_settings():
