@@ -12,7 +12,7 @@ from quasid.core.cli import console, json_option
 
 def eval_cmd(
     data: Path = typer.Option(..., help="Dataset folder (leave-one-out: each user's last item is the test)."),
-    tokenizers: str = typer.Option(..., help="Comma-separated tokenizers, e.g. rqvae,quasid,rqvae+hamr; sasrec: the ID-based SASRec baseline."),
+    tokenizers: str = typer.Option(..., help="Comma-separated tokenizers, e.g. rqvae,quasid,rqvae+hamr; sasrec: the ID-based SASRec baseline; sasrec+transitions: SASRec blended with the transition counts."),
     seeds: int = typer.Option(3, help="Seeds per tokenizer (0..seeds-1): mean and std over them."),
     out: Path = typer.Option(..., help="Output folder: results.json, results.md, runs/."),
     device: str = typer.Option("cpu", help="Torch device (cpu, cuda)."),

@@ -20,10 +20,11 @@ part, early-stopped on the same validation requests and scored by the same code;
 model, its slates fill both the stack and the retrieval entries. The name
 "sasrec+transitions" is that SASRec with the stack's transition counts blended into its
 score (`SasrecConfig.transitions`: the stack config's `transitions` settings, its weight
-fitted on the same validation requests), the fair opponent of a stack that uses them. The name "transition" runs
-the model-free first-order transition baseline (`quasid.stack.transitions`: the last items'
-most frequent followers in the same training part, then popularity) the same way: the floor
-of the tables; it is deterministic, so its seeds repeat one figure (std 0).
+fitted on the same validation requests), the fair opponent of a stack that uses them. The
+name "transition" runs the model-free first-order transition baseline
+(`quasid.stack.transitions`: the last items' most frequent followers in the same training
+part, then popularity) the same way: the floor of the tables; it is deterministic, so its
+seeds repeat one figure (std 0).
 """
 
 from __future__ import annotations

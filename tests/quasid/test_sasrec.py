@@ -16,8 +16,8 @@ from quasid.core.config import ConfigError
 from quasid.core.recommender import PAD, Recommender
 from quasid.core.schemas import ContractError
 from quasid.data.sequences import drop_last, loo_requests, row_mapper
-from quasid.stack.metrics import hit_ndcg
 from quasid.stack.config import TransitionConfig
+from quasid.stack.metrics import hit_ndcg
 from quasid.stack.sasrec import (
     NAME,
     TRANSITIONS_NAME,
