@@ -449,7 +449,7 @@ def sasrec_settings(sasrec_overrides: dict | None, split: str = "test", tokenize
     if tokenizer == SASREC_TRANSITIONS:
         from quasid.stack.config import stack_config
 
-        settings["transitions"] = stack_config(overrides).transitions.model_dump()
+        settings["transitions"] = stack_config(overrides).transitions.model_dump(mode="json")
     return settings
 
 

@@ -347,7 +347,11 @@ def test_sasrec_with_transitions_in_the_offline_benchmark_fits_its_weight(tiny_w
     overrides = {"transitions": {"weight_grid": [0.0, 2.0]}}
     run = eval_run(tiny_world, TRANSITIONS_NAME, 0, tmp_path / "run", sasrec_overrides=TINY,
                    overrides=overrides)
-    assert run["settings"]["transitions"] == TransitionConfig(weight_grid=(0.0, 2.0)).model_dump()
+    assert run["settings"]["transitions"] == TransitionConfig(weight_grid=(0.0, 2.0)).model_dump(
+        mode="json")
+    again = eval_run(tiny_world, TRANSITIONS_NAME, 0, tmp_path / "run", sasrec_overrides=TINY,
+                     overrides=overrides, reuse_only=True)  # the settings read back from JSON match
+    assert again == json.loads(json.dumps(run))
     summary = run["summary"]
     assert summary["model"] == TRANSITIONS_NAME
     assert [f["transition_weight"] for f in summary["weight_fit_ndcg@10"]] == [0.0, 2.0]
