@@ -515,8 +515,8 @@ def train_sasrec(
     if len(inputs) == 0:
         raise ContractError("training interactions: no user has two (expected sequences to "
                             "train SASRec on)")
-    warm = np.zeros(len(item_ids), dtype=bool)
-    warm[rows_of(train["item_id"].to_numpy())] = True
+    popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
+    warm = popularity > 0
     start = time.perf_counter()
     torch.manual_seed(seed)  # the initial weights
     model = Sasrec(len(item_ids), warm, cfg).to(device)
@@ -527,13 +527,12 @@ def train_sasrec(
     transitions = weight_fit = None
     if cfg.transitions is not None:
         start = time.perf_counter()
-        popularity = np.bincount(rows_of(train["item_id"].to_numpy()), minlength=len(item_ids))
         transitions = FollowerTable.from_config(train, rows_of, popularity, cfg.transitions)
     recommender = SasrecRecommender(item_ids, model, device, transitions)
-    if transitions is not None and valid is not None:
-        weight_fit = [{"transition_weight": w, "ndcg@10": v}
-                      for w, v in recommender.fit_transition_weight(*valid).items()]
     if transitions is not None:
+        if valid is not None:
+            weight_fit = [{"transition_weight": w, "ndcg@10": v}
+                          for w, v in recommender.fit_transition_weight(*valid).items()]
         timings["transitions_s"] = round(time.perf_counter() - start, 2)
     summary = {
         "model": recommender.name,
