@@ -114,6 +114,27 @@ def _dense_and_sparse_batches(x: torch.Tensor, pairs: np.ndarray, device: str = 
     return out
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 300])
+def test_dense_mask_bit_table_equals_the_key_search(n, monkeypatch):
+    """The n x n bit table and the sorted-key search give the same P, for catalogue sizes on
+    and off a byte boundary, repeated rows and both pair orders; above the table's size cap
+    the search answers."""
+    import quasid.tokenizer.pairs as pairs_module
+
+    rng = np.random.default_rng(n)
+    index = PairIndex(rng.integers(0, n, size=(3 * n, 2)), n=n)
+    rows = torch.from_numpy(rng.integers(0, n, size=97))
+    searched = index.contains(rows[:, None], rows[None, :])
+    assert torch.equal(index.dense_mask(rows), searched)
+    assert index._bits is not None and index._bits.numel() == (n * n + 7) // 8
+    # the table holds exactly the pairs, both orders, and nothing on the diagonal
+    assert int(sum(bin(v).count("1") for v in index._bits.tolist())) == 2 * len(index)
+    small = PairIndex(rng.integers(0, n, size=(3 * n, 2)), n=n)
+    monkeypatch.setattr(pairs_module, "BIT_TABLE_MAX_BYTES", 0)
+    assert torch.equal(small.dense_mask(rows), small.contains(rows[:, None], rows[None, :]))
+    assert small._bits is None
+
+
 def test_dense_batches_carry_the_mask_the_pair_lists_give(small_world):
     """Off the CPU the dense path's batches (the accelerators' default) hold P as a B x B mask
     built on the device from the rows: equal to the sparse path's pair list as a mask, from
