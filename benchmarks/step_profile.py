@@ -38,14 +38,15 @@ def kernel_times(step, steps: int, device: torch.device) -> tuple[list[dict], fl
         for _ in range(steps):
             step()
         _sync(device)
-    events = prof.events()
-    # a `record_function` range (e.g. "Optimizer.step#AdamW.step") also shows on the device
-    # as an annotation spanning its kernels: named like a host event, it would count them twice
-    host = {e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU}
     rows: dict[str, dict] = {}
-    for event in events:
-        # device-side kernels only (the host-side op events would count their kernels twice)
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.name in host:
+    for event in prof.events():
+        # device-side kernels only (the host-side op events would count their kernels twice);
+        # a `record_function` range (e.g. "Optimizer.step#AdamW.step") also shows on the
+        # device, as a user annotation spanning its kernels, and would count them twice too.
+        # Matching device events against host names instead dropped every Triton kernel:
+        # inductor's launcher records a host range named like the kernel it launches.
+        if (event.device_type != torch.autograd.DeviceType.CUDA
+                or getattr(event, "is_user_annotation", False)):
             continue
         row = rows.setdefault(event.name, {"name": event.name, "calls": 0, "us": 0.0})
         row["calls"] += 1
